@@ -1,0 +1,408 @@
+// Fused row passes of the SRPO loss for the CPU (see srpo_kernels/backends/row_ops.py for the contract).
+//
+// Each row of a [C, V] fp32 chunk of logits is reduced (max, sum-exp, entropy, divergence) in a few passes that
+// stay in L2, and the gradient pass overwrites the row with dL/dlogits. Rows run in parallel on torch's OpenMP
+// pool; the inner loops are `omp simd` with a branch-free exp/log so they vectorise.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// The math helpers must inline into the simd loops, or the loops stay scalar.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail bucket's log-probability
+// Column layout shared with row_ops.py.
+enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
+
+ALWAYS_INLINE float as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
+ALWAYS_INLINE int32_t as_int(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
+
+// exp(x), ~1 ulp; 0 below log(FLT_MIN) (so -inf gives 0). Cephes polynomial after range reduction by ln 2.
+ALWAYS_INLINE float vexp(float x) {
+  const float lo = -87.33654475f, hi = 88.37626266f;
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = std::fma(k, -0.693359375f, xc);
+  r = std::fma(k, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p * r, r, r) + 1.0f;
+  float scale = as_float((static_cast<int32_t>(k) + 127) << 23);
+  return x < lo ? 0.0f : p * scale;
+}
+
+// log(x) for normal positive x (Cephes logf polynomial).
+ALWAYS_INLINE float vlog(float x) {
+  int32_t bits = as_int(x);
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  float m = as_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  float fe = static_cast<float>(big ? e + 1 : e);
+  float f = m - 1.0f;
+  float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = std::fma(y, f, -1.1514610310e-1f);
+  y = std::fma(y, f, 1.1676998740e-1f);
+  y = std::fma(y, f, -1.2420140846e-1f);
+  y = std::fma(y, f, 1.4249322787e-1f);
+  y = std::fma(y, f, -1.6668057665e-1f);
+  y = std::fma(y, f, 2.0000714765e-1f);
+  y = std::fma(y, f, -2.4999993993e-1f);
+  y = std::fma(y, f, 3.3333331174e-1f);
+  y = y * f * z;
+  y = std::fma(fe, -2.12194440e-4f, y);
+  y = std::fma(-0.5f, z, y);
+  return std::fma(fe, 0.693359375f, f + y);
+}
+
+// log(1 + t) for t in [0, 1], with the rounding of 1 + t corrected.
+ALWAYS_INLINE float vlog1p(float t) {
+  float u = 1.0f + t;
+  return vlog(u) - ((u - 1.0f) - t) / u;
+}
+
+// log((1-a) e^lp + a e^lq) from log(1-a), log(a), in log space so that underflowing p and q stay exact.
+ALWAYS_INLINE float log_mix(float lp, float lq, float log_1ma, float log_a) {
+  float a = lp + log_1ma, b = lq + log_a;
+  float mx = a > b ? a : b, d = a > b ? b - a : a - b;
+  return mx + vlog1p(vexp(d));
+}
+
+inline float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// lse and entropy of softmax(x), from shifted sums s = sum e^{x-m}, t = sum e^{x-m} (x-m) (no cancellation).
+inline void row_lse_entropy(const float* x, int64_t n, float& lse, float& entropy) {
+  float m = row_max(x, n), s = 0.f, t = 0.f;
+#pragma omp simd reduction(+ : s, t)
+  for (int64_t j = 0; j < n; ++j) {
+    float d = x[j] - m, e = vexp(d);
+    s += e;
+    t += e * d;
+  }
+  float log_s = std::log(s);
+  lse = m + log_s;
+  entropy = log_s - t / s;
+}
+
+// log sum exp over the row with `ids` excluded, minus `lse` (the log-probability of the tail bucket).
+inline float tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float lse) {
+  std::vector<float> saved(k);
+  for (int64_t i = 0; i < k; ++i) { saved[i] = x[ids[i]]; x[ids[i]] = -std::numeric_limits<float>::infinity(); }
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += vexp(x[j] - lse);
+  for (int64_t i = 0; i < k; ++i) x[ids[i]] = saved[i];
+  return s > 0.f ? std::max(std::log(s), kLogTiny) : kLogTiny;
+}
+
+// Indices of the k largest entries (partial selection with a min-heap; most entries fail one comparison).
+void topk_ids(const float* x, int64_t n, int64_t k, int64_t* out) {
+  std::vector<std::pair<float, int64_t>> heap;
+  heap.reserve(k);
+  auto cmp = std::greater<std::pair<float, int64_t>>();
+  for (int64_t j = 0; j < n; ++j) {
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.emplace_back(x[j], -j);  // -j: among equal values the lower index wins, as in torch.topk
+      std::push_heap(heap.begin(), heap.end(), cmp);
+    } else if (x[j] > heap.front().first) {
+      std::pop_heap(heap.begin(), heap.end(), cmp);
+      heap.back() = {x[j], -j};
+      std::push_heap(heap.begin(), heap.end(), cmp);
+    }
+  }
+  for (int64_t i = 0; i < k; ++i) out[i] = -heap[i].second;
+}
+
+inline float plogdiff(float p, float a, float b) { return p > 0.f ? p * (a - b) : 0.f; }
+
+struct Divergence {
+  float alpha, log_1ma, log_a;
+  explicit Divergence(double a) : alpha(static_cast<float>(a)),
+      log_1ma(a < 1.0 ? static_cast<float>(std::log1p(-a)) : 0.f), log_a(a > 0.0 ? static_cast<float>(std::log(a)) : 0.f) {}
+
+  // D and the KL its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets).
+  void value(const float* lp, const float* lq, int64_t n, float& d, float& aux) const {
+    double s1 = 0, s2 = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      float p = std::exp(lp[j]), q = std::exp(lq[j]);
+      if (alpha == 0.f) {
+        s1 += plogdiff(q, lq[j], lp[j]);
+      } else if (alpha == 1.f) {
+        s1 += plogdiff(p, lp[j], lq[j]);
+      } else {
+        float lm = std::log((1 - alpha) * p + alpha * q);
+        if (!(p > 0.f || q > 0.f)) continue;
+        s1 += plogdiff(p, lp[j], lm);
+        s2 += plogdiff(q, lq[j], lm);
+      }
+    }
+    if (alpha == 0.f) { d = s1; aux = 0.f; }
+    else if (alpha == 1.f) { d = s1; aux = s1; }
+    else { d = (1 - alpha) * s1 + alpha * s2; aux = s1; }
+  }
+
+  // dD/d(logit) of one support entry.
+  float grad(float lp, float lq, float aux) const {
+    float p = std::exp(lp);
+    if (alpha == 0.f) return p - std::exp(lq);
+    if (alpha == 1.f) return plogdiff(p, lp, lq + aux);
+    float lm = std::log((1 - alpha) * p + alpha * std::exp(lq));
+    return (1 - alpha) * plogdiff(p, lp, lm + aux);
+  }
+};
+
+// Full-vocabulary distillation gradient of one row: x <- c dD/dz - a p (the target's +a is added by the caller).
+void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float lse_z, float lse_u, float aux,
+                     float a, float c, const Divergence& div) {
+  const float al = div.alpha, l1 = div.log_1ma, la = div.log_a;
+  if (al == 0.f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      float p = vexp(x[j] - lse_z);
+      x[j] = c * (p - vexp(y[j] - lse_u)) - a * p;
+    }
+  } else if (al == 1.f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      float lpj = x[j] - lse_z, p = vexp(lpj);
+      x[j] = c * p * (lpj - (y[j] - lse_u) - aux) - a * p;
+    }
+  } else {
+    const float c1 = c * (1 - al);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = vexp(lpj);
+      x[j] = c1 * p * (lpj - log_mix(lpj, lqj, l1, la) - aux) - a * p;
+    }
+  }
+}
+
+// Top-K row, every entry treated as a tail member first: x <- g_tail p_j / p_tail - a p_j.
+void tail_grad(float* __restrict x, int64_t n, float lse_z, float g_tail, float shift, float a) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] = g_tail * vexp(x[j] - shift) - a * vexp(x[j] - lse_z);
+}
+
+float entropy_of(const float* lq, int64_t n) {
+  double h = 0;
+  for (int64_t j = 0; j < n; ++j) { float q = std::exp(lq[j]); if (q > 0.f) h -= q * lq[j]; }
+  return static_cast<float>(h);
+}
+
+// Student and teacher statistics of one row, and the divergence over the support (full vocab or top-K).
+void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int64_t target, int64_t K,
+                                bool tail, const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq) {
+  float lse_z, ent_z, lse_u, ent_u;
+  row_lse_entropy(x, V, lse_z, ent_z);
+  row_lse_entropy(y, V, lse_u, ent_u);
+  s[LSE] = lse_z; s[LOGP] = x[target] - lse_z; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
+  if (K == 0) {
+    float d1 = 0.f, d2 = 0.f;
+    const float a = div.alpha, l1 = div.log_1ma, la = div.log_a;
+    if (a == 0.f) {
+#pragma omp simd reduction(+ : d1)
+      for (int64_t j = 0; j < V; ++j) {
+        float lpj = x[j] - lse_z, lqj = y[j] - lse_u;
+        d1 += vexp(lqj) * (lqj - lpj);
+      }
+    } else if (a == 1.f) {
+#pragma omp simd reduction(+ : d1)
+      for (int64_t j = 0; j < V; ++j) {
+        float lpj = x[j] - lse_z, lqj = y[j] - lse_u;
+        d1 += vexp(lpj) * (lpj - lqj);
+      }
+    } else {
+#pragma omp simd reduction(+ : d1, d2)
+      for (int64_t j = 0; j < V; ++j) {
+        float lpj = x[j] - lse_z, lqj = y[j] - lse_u, lm = log_mix(lpj, lqj, l1, la);
+        d1 += vexp(lpj) * (lpj - lm);
+        d2 += vexp(lqj) * (lqj - lm);
+      }
+    }
+    s[T_ENTROPY] = ent_u;
+    s[DIVERGENCE] = a == 0.f || a == 1.f ? d1 : (1 - a) * d1 + a * d2;
+    s[AUX_KL] = a == 0.f ? 0.f : d1;
+    return;
+  }
+  topk_ids(x, V, K, row_ids);
+  int64_t n = K;
+  if (tail) {
+    for (int64_t k = 0; k < K; ++k) { lp[k] = x[row_ids[k]] - lse_z; lq[k] = y[row_ids[k]] - lse_u; }
+    s[P_NORM] = lp[K] = tail_logprob(x, V, row_ids, K, lse_z);
+    s[Q_NORM] = lq[K] = tail_logprob(y, V, row_ids, K, lse_u);
+    n = K + 1;
+  } else {
+    float mz = -INFINITY, mu = -INFINITY, sz = 0.f, su = 0.f;
+    for (int64_t k = 0; k < K; ++k) { mz = std::max(mz, x[row_ids[k]]); mu = std::max(mu, y[row_ids[k]]); }
+    for (int64_t k = 0; k < K; ++k) { sz += std::exp(x[row_ids[k]] - mz); su += std::exp(y[row_ids[k]] - mu); }
+    s[P_NORM] = mz + std::log(sz);
+    s[Q_NORM] = mu + std::log(su);
+    for (int64_t k = 0; k < K; ++k) { lp[k] = x[row_ids[k]] - s[P_NORM]; lq[k] = y[row_ids[k]] - s[Q_NORM]; }
+  }
+  s[T_ENTROPY] = entropy_of(lq, n);
+  div.value(lp, lq, n, s[DIVERGENCE], s[AUX_KL]);
+}
+
+// x <- c_logp (onehot(y) - p) + c_div dD/dx for one row.
+void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V, int64_t target, int64_t K,
+                               bool tail, const Divergence& div, const int64_t* row_ids, const float* s, float a,
+                               float c, float* gk, float* zk) {
+  const float lse_z = s[LSE], lse_u = s[T_LSE], aux = s[AUX_KL];
+  if (K == 0) {
+    full_vocab_grad(x, y, V, lse_z, lse_u, aux, a, c, div);
+  } else {
+    // Support gradients first (they need the original logits of the top-K entries).
+    const float pn = s[P_NORM], qn = s[Q_NORM];
+    for (int64_t k = 0; k < K; ++k) {
+      zk[k] = x[row_ids[k]];
+      float lpk = tail ? zk[k] - lse_z : zk[k] - pn;
+      float lqk = tail ? y[row_ids[k]] - lse_u : y[row_ids[k]] - qn;
+      gk[k] = c * div.grad(lpk, lqk, aux);
+    }
+    // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
+    tail_grad(x, V, lse_z, tail ? c * div.grad(pn, qn, aux) : 0.f, lse_z + pn, a);
+    for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp(zk[k] - lse_z);
+  }
+  x[target] += a;
+}
+
+void check_chunk(const at::Tensor& z, const char* name) {
+  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == at::kFloat && z.dim() == 2 && z.is_contiguous(),
+              name, " must be a contiguous fp32 CPU matrix");
+}
+
+
+void student_row_stats(const float* __restrict x, int64_t n, int64_t target, float* __restrict out) {
+  float lse, ent;
+  row_lse_entropy(x, n, lse, ent);
+  out[LSE] = lse;
+  out[LOGP] = x[target] - lse;
+  out[ENTROPY] = ent;
+}
+
+void student_row_grad(float* __restrict x, int64_t n, int64_t target, float lse, float h, float a,
+                               float c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float lp = x[j] - lse, p = vexp(lp);
+    x[j] = -a * p - c * p * (lp + h);
+  }
+  x[target] += a;
+}
+
+at::Tensor student_stats(const at::Tensor& z, const at::Tensor& targets) {
+  check_chunk(z, "z");
+  const int64_t C = z.size(0), V = z.size(1);
+  auto out = at::empty({C, 3}, z.options());
+  const float* zp = z.data_ptr<float>();
+  const int64_t* yp = targets.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) student_row_stats(zp + i * V, V, yp[i], op + i * 3);
+  });
+  return out;
+}
+
+// z <- c_logp (onehot(y) - p) - c_ent p (log p + H)
+void student_grad(at::Tensor z, const at::Tensor& targets, const at::Tensor& stats, const at::Tensor& c_logp,
+                  const c10::optional<at::Tensor>& c_ent) {
+  check_chunk(z, "z");
+  const int64_t C = z.size(0), V = z.size(1), ns = stats.size(1);
+  float* zp = z.data_ptr<float>();
+  const int64_t* yp = targets.data_ptr<int64_t>();
+  const float* sp = stats.data_ptr<float>();
+  const float* cl = c_logp.data_ptr<float>();
+  const float* ce = c_ent.has_value() ? c_ent->data_ptr<float>() : nullptr;
+  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      student_row_grad(zp + i * V, V, yp[i], sp[i * ns + LSE], sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_stats(at::Tensor z, at::Tensor u, const at::Tensor& targets,
+                                                 double alpha, int64_t topk, bool tail) {
+  check_chunk(z, "z");
+  check_chunk(u, "u");
+  const int64_t C = z.size(0), V = z.size(1);
+  const int64_t K = topk > 0 && topk < V ? topk : 0;  // 0: full vocabulary
+  auto stats = at::zeros({C, N_DISTILL}, z.options());
+  auto ids = at::empty({C, K}, targets.options());
+  float* zp = z.data_ptr<float>();
+  float* up = u.data_ptr<float>();
+  const int64_t* yp = targets.data_ptr<int64_t>();
+  float* sp = stats.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  const Divergence div(alpha);
+  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> lp(K + 1), lq(K + 1);
+    for (int64_t i = b; i < e; ++i)
+      distill_row_stats(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip + i * K, sp + i * N_DISTILL, lp.data(),
+                        lq.data());
+  });
+  return {stats, ids};
+}
+
+// z <- c_logp (onehot(y) - p) + c_div dD/dz
+void distill_grad(at::Tensor z, const at::Tensor& u, const at::Tensor& targets, const at::Tensor& stats,
+                  const c10::optional<at::Tensor>& topk_ids, const at::Tensor& c_logp, const at::Tensor& c_div,
+                  double alpha, bool tail) {
+  check_chunk(z, "z");
+  check_chunk(u, "u");
+  const int64_t C = z.size(0), V = z.size(1);
+  const int64_t K = topk_ids.has_value() ? topk_ids->size(1) : 0;
+  float* zp = z.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  const int64_t* yp = targets.data_ptr<int64_t>();
+  const float* sp = stats.data_ptr<float>();
+  const int64_t* ip = K ? topk_ids->data_ptr<int64_t>() : nullptr;
+  const float* cl = c_logp.data_ptr<float>();
+  const float* cd = c_div.data_ptr<float>();
+  const Divergence div(alpha);
+  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> gk(K + 1), zk(K + 1);
+    for (int64_t i = b; i < e; ++i)
+      distill_row_grad(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip ? ip + i * K : nullptr,
+                       sp + i * N_DISTILL, cl[i], cd[i], gk.data(), zk.data());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(srpo_kernels, m) {
+  m.def("student_stats(Tensor z, Tensor targets) -> Tensor");
+  m.def("student_grad(Tensor(a!) z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent) -> ()");
+  m.def("distill_stats(Tensor z, Tensor u, Tensor targets, float alpha, int topk, bool tail) -> (Tensor, Tensor)");
+  m.def("distill_grad(Tensor(a!) z, Tensor u, Tensor targets, Tensor stats, Tensor? topk_ids, Tensor c_logp, "
+        "Tensor c_div, float alpha, bool tail) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(srpo_kernels, CPU, m) {
+  m.impl("student_stats", &student_stats);
+  m.impl("student_grad", &student_grad);
+  m.impl("distill_stats", &distill_stats);
+  m.impl("distill_grad", &distill_grad);
+}

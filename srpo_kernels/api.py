@@ -1,0 +1,107 @@
+"""Public entry points: argument checks, backend dispatch, and reshaping of the outputs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import get_row_ops
+from .config import SRPOLossConfig
+from .function import LogprobParams, LogprobsFunction, SRPOLossFunction, SRPOParams
+from .inputs import check_projection, flatten_inputs, FlatInputs
+from .output import SRPOLossOutput, summarize
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=None, *, old_logprobs=None,
+                    ref_logprobs=None, loss_mask=None, is_weights=None, bias=None, temperature=1.0, eps_low=0.2,
+                    eps_high=0.28, dual_clip: Optional[float] = 3.0, alpha=0.5, topk=None, topk_tail=True,
+                    is_clip=2.0, entropy_beta=1.0, ref_beta=0.0, normalizer=None, weight_normalizer=None,
+                    reduction="mean", backend="auto", chunk_size=None) -> SRPOLossOutput:
+    """SRPO loss (SPEC §1) from hidden states and the lm_head weight, without materialising ``[N, V]`` logits.
+
+    Args:
+        hidden: student hidden states ``[..., H]`` (fp32/bf16/fp16).
+        weight: lm_head weight ``[V, H]``, same dtype; ``requires_grad=False`` skips its gradient GEMM.
+        token_ids: sampled tokens ``[...]``; every per-token tensor below has this shape.
+        advantages: per-token advantages (``[B, 1]`` per-sequence broadcasts, a float applies to all).
+        route: bool, True routes the token to the SDPO (self-distillation) branch; None = all GRPO.
+        teacher_hidden: ``[M, H]`` teacher hidden states, one row per route-True token in order (no gradient).
+        old_logprobs: behaviour-policy log-probs; None = on-policy (ratio 1, gradient of logp).
+        ref_logprobs: reference log-probs for the ``ref_beta * k3`` penalty.
+        loss_mask: bool, False drops a token from the loss and the metrics.
+        is_weights: per-token importance weight multiplying every token's loss (before the k3 penalty).
+        normalizer: the token count ``D`` of ``reduction="mean"`` (default: valid tokens here).
+        weight_normalizer: mean of ``exp(-entropy_beta * H_T)`` to divide by (default: over valid SDPO tokens here).
+        reduction: "mean" (sum / D), "sum", or "none" (per-token losses, 0 where masked).
+        backend: "auto" | "cpu" | "torch" | "triton". chunk_size: rows per chunk (default from V).
+        The other options are the fields of :class:`SRPOLossConfig`.
+    """
+    cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                         alpha=alpha, topk=topk, topk_tail=topk_tail, is_clip=is_clip, entropy_beta=entropy_beta,
+                         ref_beta=ref_beta, reduction=reduction)
+    _check_chunk_size(chunk_size)
+    x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
+                       ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
+                       normalizer=normalizer, weight_normalizer=weight_normalizer, ref_beta=ref_beta)
+    ops = get_row_ops(backend, x.hidden.device, x.hidden.dtype)
+    params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
+    loss, *per_token = SRPOLossFunction.apply(x.hidden, weight, bias, params)
+    logp, ent, t_ent, div, w, clipped = per_token
+    metrics = summarize(logp, ent, t_ent, div, w, clipped, x.route, x.valid)
+    shaped = [t.reshape(x.token_shape) for t in per_token]
+    if reduction == "none":
+        loss = loss.reshape(x.token_shape)
+    return SRPOLossOutput(loss, *shaped, metrics=metrics)
+
+
+def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy=False, backend="auto",
+                   chunk_size=None):
+    """Differentiable per-token log-probs ``log softmax((h W^T + b) / T)[y]`` shaped like ``token_ids``, and the
+    entropies too when ``with_entropy`` (returned as ``(logprobs, entropy)``). Never materialises ``[N, V]``."""
+    SRPOLossConfig(temperature=temperature)
+    _check_chunk_size(chunk_size)
+    flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
+    n = flat_ids.numel()
+    dtype = torch.float64 if flat_h.dtype == torch.float64 else torch.float32
+    device = flat_h.device
+    x = FlatInputs(hidden=flat_h, weight=weight, bias=bias, token_ids=flat_ids,
+                   advantages=torch.zeros(n, dtype=dtype, device=device),
+                   route=torch.zeros(n, dtype=torch.bool, device=device),
+                   valid=torch.ones(n, dtype=torch.bool, device=device), teacher_hidden=None, old_logprobs=None,
+                   ref_logprobs=None, is_weights=None, normalizer=None, weight_normalizer=None, token_shape=shape)
+    params = LogprobParams(inputs=x, temperature=temperature, ops=get_row_ops(backend, device, flat_h.dtype),
+                           chunk_size=chunk_size)
+    logp, ent = LogprobsFunction.apply(flat_h, weight, bias, params)
+    if with_entropy:
+        return logp.reshape(shape), ent.reshape(shape)
+    return logp.reshape(shape)
+
+
+class FusedSRPOLoss(torch.nn.Module):
+    """``nn.Module`` holding the loss options: ``FusedSRPOLoss(alpha=1.0)(hidden, weight, ids, adv, route, th)``.
+
+    Options are those of :func:`fused_srpo_loss` that are not per-batch tensors (``SRPOLossConfig`` fields plus
+    ``backend`` and ``chunk_size``); they are validated at construction.
+    """
+
+    def __init__(self, backend="auto", chunk_size=None, **options):
+        super().__init__()
+        self.config = SRPOLossConfig(**options)
+        _check_chunk_size(chunk_size)
+        if backend not in ("auto", "torch", "cpu", "triton"):
+            raise ValueError(f"backend must be one of ('auto', 'torch', 'cpu', 'triton'), got {backend!r}")
+        self.backend, self.chunk_size = backend, chunk_size
+
+    def forward(self, hidden, weight, token_ids, advantages, route=None, teacher_hidden=None,
+                **tensors) -> SRPOLossOutput:
+        options = {f: getattr(self.config, f) for f in self.config.__dataclass_fields__}
+        return fused_srpo_loss(hidden, weight, token_ids, advantages, route, teacher_hidden, **tensors, **options,
+                               backend=self.backend, chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return f"{self.config}, backend={self.backend!r}"

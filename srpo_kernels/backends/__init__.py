@@ -1,0 +1,57 @@
+"""Backend registry and the ``backend="auto"`` choice.
+
+A backend supplies the row passes of ``row_ops.RowOps``; the GEMMs around them are shared. ``"torch"`` runs
+anywhere, ``"cpu"`` is the C++ kernel of ``csrc/`` (compiled on first use), ``"triton"`` is reserved for CUDA.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .row_ops import RowOps
+from .torch_chunked import TorchRowOps
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
+_warned = set()
+
+
+def _warn_once(key: str, message: str):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> RowOps:
+    """The row passes for `backend` on `device`; "auto" picks the fastest available and says why if it falls back."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return TorchRowOps()
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+        if dtype == torch.float64:
+            raise ValueError("backend='cpu' computes in fp32; float64 inputs need backend='torch' (or 'auto')")
+        from .cpu import CpuRowOps, load_error
+
+        if load_error() is not None:
+            raise RuntimeError(f"backend='cpu' is unavailable: {load_error()}")
+        return CpuRowOps()
+    if backend == "triton":
+        raise ValueError("backend='triton' is not available in this build (use 'torch' or 'auto')")
+    # auto
+    if device.type == "cpu" and dtype != torch.float64:  # fp64 (gradcheck) stays exact in the torch backend
+        from .cpu import CpuRowOps, load_error
+
+        err = load_error()
+        if err is None:
+            return CpuRowOps()
+        _warn_once("cpu", f"srpo_kernels: the C++ CPU kernel is unavailable ({err}); using the chunked PyTorch "
+                          "backend (same results, slower)")
+        return TorchRowOps()
+    if device.type == "cpu":
+        return TorchRowOps()
+    _warn_once(f"auto-{device.type}", f"srpo_kernels: no fused kernel for {device.type} tensors; using the chunked "
+                                      "PyTorch backend")
+    return TorchRowOps()

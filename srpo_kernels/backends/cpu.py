@@ -1,0 +1,107 @@
+"""The C++ CPU backend: compiles ``csrc/srpo_cpu.cpp`` once per machine on first use and caches the library.
+
+The cache lives in ``$SRPO_KERNELS_CACHE`` (default ``~/.cache/srpo_kernels``), keyed by the source, the flags,
+the torch version and the CPU, so a changed kernel or machine rebuilds instead of loading a stale binary.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .row_ops import N_DISTILL_STATS  # noqa: F401  (the C++ layout mirrors row_ops)
+from .torch_chunked import effective_topk
+
+_FLAGS = ["-O3", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
+_state = {"loaded": False, "error": None}
+
+
+def source_dir() -> Path:
+    """csrc/ of a source checkout or editable install, else the copy installed as ``srpo_kernels/csrc``."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here.parent / "csrc", here / "csrc"):
+        if (candidate / "srpo_cpu.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"srpo_cpu.cpp not found next to {here}")
+
+
+def _cpu_tag() -> str:
+    model = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                model += line
+    except OSError:
+        pass
+    return model
+
+
+def _flags():
+    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+    return _FLAGS + native
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    src = source_dir() / "srpo_cpu.cpp"
+    flags = _flags()
+    key = hashlib.sha256(b"\0".join([src.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
+                                     sys.version.encode(), _cpu_tag().encode()])).hexdigest()[:16]
+    root = Path(os.environ.get("SRPO_KERNELS_CACHE", Path.home() / ".cache" / "srpo_kernels"))
+    build_dir = root / f"cpu-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lib = build_dir / "srpo_kernels_cpu.so"
+    if lib.is_file():
+        torch.ops.load_library(str(lib))
+        return
+    print(f"srpo_kernels: compiling the C++ CPU kernel into {build_dir} (once per machine, about a minute)...",
+          file=sys.stderr, flush=True)
+    cpp_extension.load(name="srpo_kernels_cpu", sources=[str(src)], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
+                       verbose=False)
+
+
+def load_error() -> Optional[str]:
+    """None when the kernel is loaded (building it if needed), else why it is not available."""
+    if not _state["loaded"] and _state["error"] is None:
+        if os.environ.get("SRPO_KERNELS_DISABLE_CPU") == "1":
+            _state["error"] = "disabled by SRPO_KERNELS_DISABLE_CPU=1"
+        else:
+            try:
+                _build()
+                _state["loaded"] = True
+            except Exception as exc:  # a missing compiler must not break the library: report and fall back
+                _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    return _state["error"]
+
+
+class CpuRowOps:
+    name = "cpu"
+
+    def __init__(self):
+        self._ops = torch.ops.srpo_kernels
+
+    @staticmethod
+    def _f32(t):
+        return None if t is None else t.contiguous().float()
+
+    def student_stats(self, z, targets):
+        return self._ops.student_stats(z, targets.contiguous())
+
+    def student_grad(self, z, targets, stats, c_logp, c_ent):
+        self._ops.student_grad(z, targets.contiguous(), stats.contiguous(), self._f32(c_logp), self._f32(c_ent))
+
+    def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
+        k = effective_topk(topk, z.shape[1])
+        stats, ids = self._ops.distill_stats(z, u, targets.contiguous(), float(alpha), k or 0, bool(topk_tail))
+        return stats, (ids if k else None)
+
+    def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
+        self._ops.distill_grad(z, u, targets.contiguous(), stats, topk_ids, self._f32(c_logp), self._f32(c_div),
+                               float(alpha), bool(topk_tail))

@@ -1,0 +1,38 @@
+"""What a backend implements: the vocabulary-wide passes over one chunk of fp32 logits rows.
+
+Everything before (the GEMMs) and after (per-token losses, coefficients) is backend-independent and lives in
+``chunk_loop.py`` / ``token_math.py``. Every method works on a chunk ``[C, V]`` of logits that are already divided
+by the temperature; ``*_grad`` methods overwrite ``z`` in place with ``dL/dz``:
+
+    dL/dz = c_logp * (onehot(y) - p) - c_ent * p * (log p + H) + c_div * dD/dz
+
+``distill_stats`` returns a ``[C, N_DISTILL_STATS]`` tensor whose columns are named below, and the top-K ids
+(``[C, K]`` int64) or None; ``distill_grad`` takes both back.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Tuple
+
+import torch
+
+# Columns of student_stats.
+LSE, LOGP, ENTROPY = 0, 1, 2
+# Extra columns of distill_stats: teacher lse, teacher entropy and divergence over the support, the KL that the
+# gradient of reverse KL / JSD needs, and each side's normaliser of the top-K support (tail log-prob when the
+# support has a tail bucket, else the log-sum-exp over the K logits).
+T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM = 3, 4, 5, 6, 7, 8
+N_STUDENT_STATS, N_DISTILL_STATS = 3, 9
+
+
+class RowOps(Protocol):
+    name: str
+
+    def student_stats(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def student_grad(self, z, targets, stats, c_logp, c_ent) -> None: ...
+
+    def distill_stats(self, z, u, targets, alpha: float, topk: Optional[int],
+                      topk_tail: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha: float, topk: Optional[int],
+                     topk_tail: bool) -> None: ...

@@ -1,0 +1,153 @@
+"""The chunk loop: GEMMs around a backend's row passes, never holding more than ``[C, V]`` logits.
+
+Rows are processed in two streams: the SDPO-routed rows (student and teacher logits side by side), then the GRPO
+rows. SDPO goes first so that the entropy-weight normaliser ``mean(exp(-beta H_T))``, known only once every teacher
+row has been seen, can be applied to the SDPO gradients already accumulated by one rescale, before any GRPO row adds
+to the same ``dW``. Within a stream, valid rows come first, so chunks of masked rows skip the gradient GEMMs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import token_math
+from .backends import row_ops as S
+from .backends.row_ops import RowOps
+from .config import SRPOLossConfig
+from .inputs import FlatInputs
+
+CHUNK_BYTES = 32 << 20  # one fp32 [C, V] logits buffer; C = CHUNK_BYTES / (4 V), kept in [16, 4096]
+
+
+def default_chunk_size(vocab: int) -> int:
+    return max(16, min(4096, (CHUNK_BYTES // (4 * vocab)) // 16 * 16))
+
+
+@dataclass
+class RowStats:
+    """Per-token results of the vocabulary passes (fp32/fp64, length N; zeros where a branch does not apply)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    teacher_entropy: torch.Tensor
+    divergence: torch.Tensor
+
+
+@dataclass
+class Grads:
+    hidden: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]  # fp32 accumulator whatever the input dtype
+    bias: Optional[torch.Tensor]
+
+
+class ChunkRunner:
+    """Runs the chunk loop over flat inputs with one backend; keeps the fp32 views of the operands."""
+
+    def __init__(self, x: FlatInputs, cfg: SRPOLossConfig, ops: RowOps, chunk_size: Optional[int]):
+        self.x, self.cfg, self.ops = x, cfg, ops
+        dtype = x.math_dtype
+        self.dtype = dtype
+        self.hidden = x.hidden.detach().to(dtype)
+        self.weight = x.weight.detach().to(dtype)
+        self.bias = None if x.bias is None else x.bias.detach().to(dtype)
+        self.vocab = self.weight.shape[0]
+        self.chunk = chunk_size or default_chunk_size(self.vocab)
+        self.inv_t = 1.0 / cfg.temperature
+        route, valid = x.route, x.valid
+        # Valid rows first inside each stream (stable, so teacher rows stay aligned with their tokens).
+        sd_rows = route.nonzero().squeeze(1)
+        sd_order = torch.argsort((~valid[sd_rows]).to(torch.int8), stable=True)
+        self.sd_rows, self.teacher_rows = sd_rows[sd_order], sd_order
+        g_rows = (~route).nonzero().squeeze(1)
+        self.g_rows = g_rows[torch.argsort((~valid[g_rows]).to(torch.int8), stable=True)]
+
+    # ---------------------------------------------------------------- GEMM helpers
+    def _logits(self, rows_hidden, out):
+        """out <- (h W^T + b) / T for one chunk, in place."""
+        if self.bias is None:
+            torch.mm(rows_hidden, self.weight.T, out=out)
+            out.mul_(self.inv_t)
+        else:
+            torch.addmm(self.bias, rows_hidden, self.weight.T, beta=self.inv_t, alpha=self.inv_t, out=out)
+        return out
+
+    def _backprop(self, dz, rows, rows_hidden, grads: Grads):
+        if grads.hidden is not None:
+            grads.hidden.index_copy_(0, rows, dz @ self.weight)
+        if grads.weight is not None:
+            grads.weight.addmm_(dz.T.to(grads.weight.dtype), rows_hidden.to(grads.weight.dtype))
+        if grads.bias is not None:
+            grads.bias.add_(dz.sum(0).to(grads.bias.dtype))
+
+    def new_grads(self, need_hidden, need_weight, need_bias) -> Grads:
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return Grads(
+            hidden=torch.zeros_like(self.hidden) if need_hidden else None,
+            weight=torch.zeros(self.weight.shape, dtype=acc, device=self.weight.device) if need_weight else None,
+            bias=torch.zeros(self.vocab, dtype=acc, device=self.weight.device) if need_bias else None)
+
+    def empty_stats(self) -> RowStats:
+        z = self.hidden.new_zeros(self.hidden.shape[0])
+        return RowStats(z.clone(), z.clone(), z.clone(), z.clone())
+
+    # ---------------------------------------------------------------- streams
+    def student_stream(self, rows, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
+        """Student-only rows (GRPO branch, plain log-probs). `coef(rows, chunk_stats) -> (c_logp, c_ent)`."""
+        buf = None
+        n_valid = int(self.x.valid[rows].sum())  # valid rows come first
+        for start in range(0, rows.numel(), self.chunk):
+            r = rows[start:start + self.chunk]
+            if buf is None:
+                buf = self.hidden.new_empty(min(self.chunk, rows.numel()), self.vocab)
+            h = self.hidden.index_select(0, r)
+            z = self._logits(h, buf[:r.numel()])
+            targets = self.x.token_ids.index_select(0, r)
+            st = self.ops.student_stats(z, targets)
+            stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
+            if grads is None or start >= n_valid:  # only masked rows left: nothing to back-propagate
+                continue
+            c_logp, c_ent = coef(r, st)
+            self.ops.student_grad(z, targets, st, c_logp, c_ent)
+            self._backprop(z, r, h, grads)
+
+    def distill_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
+        """SDPO rows: student and teacher logits of the same tokens. `coef(rows, chunk_stats) -> (c_logp, c_div)`."""
+        rows, cfg = self.sd_rows, self.cfg
+        teacher = self.x.teacher_hidden
+        zbuf = ubuf = None
+        n_valid = int(self.x.valid[rows].sum())
+        for start in range(0, rows.numel(), self.chunk):
+            r = rows[start:start + self.chunk]
+            if zbuf is None:
+                size = min(self.chunk, rows.numel())
+                zbuf = self.hidden.new_empty(size, self.vocab)
+                ubuf = self.hidden.new_empty(size, self.vocab)
+            h = self.hidden.index_select(0, r)
+            z = self._logits(h, zbuf[:r.numel()])
+            t_rows = self.teacher_rows[start:start + self.chunk]
+            u = self._logits(teacher.index_select(0, t_rows).to(self.dtype), ubuf[:r.numel()])
+            targets = self.x.token_ids.index_select(0, r)
+            st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)
+            stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
+            stats.teacher_entropy[r], stats.divergence[r] = st[:, S.T_ENTROPY], st[:, S.DIVERGENCE]
+            if grads is None or start >= n_valid:
+                continue
+            c_logp, c_div = coef(r, st)
+            self.ops.distill_grad(z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail)
+            self._backprop(z, r, h, grads)
+
+
+def weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: torch.Tensor) -> float:
+    """The mean of exp(-beta H_T) over valid SDPO tokens, unless the caller supplied it (1.0 when there are none)."""
+    if x.weight_normalizer is not None:
+        return x.weight_normalizer
+    sel = x.valid & x.route
+    if cfg.entropy_beta == 0 or not bool(sel.any()):
+        return 1.0
+    return float(token_math.entropy_weight(teacher_entropy[sel], cfg).double().mean())
+
+
+def normalizer_known_upfront(x: FlatInputs, cfg: SRPOLossConfig) -> bool:
+    return x.weight_normalizer is not None or cfg.entropy_beta == 0 or not bool((x.valid & x.route).any())

@@ -1,0 +1,199 @@
+"""The autograd Functions. Each takes the differentiable tensors plus one params object and returns a fixed tuple.
+
+Scalar reductions ("mean"/"sum") compute the gradients during the forward pass (the chunk's logits are on hand,
+so backward costs no second student GEMM) and backward only scales them. ``reduction="none"`` cannot know the
+per-token upstream gradient in forward, so its backward re-runs the chunk loop with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import token_math
+from .backends import row_ops as S
+from .backends.row_ops import RowOps
+from .chunk_loop import ChunkRunner, Grads, RowStats, normalizer_known_upfront, weight_normalizer
+from .config import SRPOLossConfig
+from .inputs import FlatInputs
+
+
+@dataclass
+class SRPOParams:
+    inputs: FlatInputs  # its hidden/weight/bias are replaced by the Function's own arguments
+    config: SRPOLossConfig
+    ops: RowOps
+    chunk_size: Optional[int] = None
+
+
+def _opt(t: Optional[torch.Tensor], rows):
+    return None if t is None else t[rows]
+
+
+class _Coefficients:
+    """Per-row gradient coefficients of one run: ``row_scale`` is dL/d(per-token loss), 0 on masked tokens."""
+
+    def __init__(self, x: FlatInputs, cfg: SRPOLossConfig, row_scale: torch.Tensor, mu: float):
+        self.x, self.cfg, self.mu = x, cfg, mu
+        self.scale = row_scale / cfg.temperature  # chain rule through z = raw_logits / T
+
+    def _ref_term(self, logp, rows):
+        if self.cfg.ref_beta == 0:
+            return torch.zeros_like(logp)
+        return self.cfg.ref_beta * token_math.k3_penalty(logp, self.x.ref_logprobs[rows])[1]
+
+    def _isw(self, rows):
+        return 1.0 if self.x.is_weights is None else self.x.is_weights[rows]
+
+    def grpo(self, rows, st):
+        logp = st[:, S.LOGP]
+        terms = token_math.grpo_surrogate(logp, _opt(self.x.old_logprobs, rows), self.x.advantages[rows], self.cfg)
+        c_logp = self.scale[rows] * (self._isw(rows) * terms.dloss_dlogp + self._ref_term(logp, rows))
+        return c_logp, None
+
+    def distill(self, rows, st):
+        logp = st[:, S.LOGP]
+        is_w = token_math.sdpo_is_weight(logp, _opt(self.x.old_logprobs, rows), self.cfg)
+        weight = token_math.entropy_weight(st[:, S.T_ENTROPY], self.cfg) / self.mu
+        scale = self.scale[rows]
+        return scale * self._ref_term(logp, rows), scale * self._isw(rows) * weight * is_w
+
+
+def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], mu: Optional[float], grads: Optional[Grads]):
+    """One pass over all rows; returns (stats, mu). With `mu` unknown, SDPO gradients are rescaled once it is."""
+    x, cfg = runner.x, runner.cfg
+    stats = runner.empty_stats()
+    if grads is not None and mu is None and cfg.ref_beta > 0:
+        # The k3 part of an SDPO row's gradient does not scale with 1/mu: learn mu first (extra teacher pass).
+        runner.distill_stream(stats, None, None)
+        mu = weight_normalizer(x, cfg, stats.teacher_entropy)
+    coef = None if grads is None else _Coefficients(x, cfg, row_scale, mu if mu is not None else 1.0)
+    runner.distill_stream(stats, None if coef is None else coef.distill, grads)
+    if mu is None:
+        mu = weight_normalizer(x, cfg, stats.teacher_entropy)
+        if grads is not None and mu != 1.0:  # so far only SDPO rows have contributed
+            if grads.hidden is not None:
+                grads.hidden[runner.sd_rows] /= mu
+            for g in (grads.weight, grads.bias):
+                if g is not None:
+                    g.div_(mu)
+    runner.student_stream(runner.g_rows, stats, None if coef is None else coef.grpo, grads)
+    return stats, mu
+
+
+def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, mu: float):
+    """Per-token loss (0 where masked), the normalised distillation weight, and the clipped flag."""
+    route = x.route
+    grpo = token_math.grpo_surrogate(stats.logp, x.old_logprobs, x.advantages, cfg)
+    is_w = token_math.sdpo_is_weight(stats.logp, x.old_logprobs, cfg)
+    zero = torch.zeros_like(stats.logp)
+    weight = torch.where(route, token_math.entropy_weight(stats.teacher_entropy, cfg) / mu, zero)
+    loss = torch.where(route, weight * is_w * stats.divergence, grpo.loss)
+    if x.is_weights is not None:
+        loss = loss * x.is_weights
+    if cfg.ref_beta > 0:
+        loss = loss + cfg.ref_beta * token_math.k3_penalty(stats.logp, x.ref_logprobs)[0]
+    return torch.where(x.valid, loss, zero), weight, grpo.clipped & ~route
+
+
+def _cast(grad: Optional[torch.Tensor], dtype, scale=None):
+    if grad is None:
+        return None
+    if scale is not None:
+        grad = grad * scale
+    return grad.to(dtype)
+
+
+class SRPOLossFunction(torch.autograd.Function):
+    """(hidden [N,H], weight [V,H], bias [V]|None, params) -> (loss, logprobs, entropy, teacher_entropy,
+    divergence, distill_weight, clipped); only ``loss`` is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, params: SRPOParams):
+        cfg = params.config
+        x = dataclasses.replace(params.inputs, hidden=hidden, weight=weight, bias=bias)
+        runner = ChunkRunner(x, cfg, params.ops, params.chunk_size)
+        needs = ctx.needs_input_grad[:3]
+        in_forward = cfg.reduction != "none" and any(needs)
+        n_valid = int(x.valid.sum())
+        denom = x.normalizer if x.normalizer is not None else max(n_valid, 1)
+        row_scale = grads = None
+        if in_forward:
+            row_scale = x.valid.to(runner.dtype) / (denom if cfg.reduction == "mean" else 1.0)
+            grads = runner.new_grads(*needs)
+        mu = weight_normalizer(x, cfg, None) if normalizer_known_upfront(x, cfg) else None
+        stats, mu = _run(runner, row_scale, mu, grads)
+        loss_tok, weight_tok, clipped = per_token_loss(x, cfg, stats, mu)
+        if cfg.reduction == "none":
+            loss = loss_tok
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.params, ctx.mu = params, mu
+        else:
+            loss = loss_tok.sum() / (denom if cfg.reduction == "mean" else 1.0)
+            ctx.grads = grads
+        ctx.reduction = cfg.reduction
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        outs = (stats.logp, stats.entropy, stats.teacher_entropy, stats.divergence, weight_tok, clipped)
+        ctx.mark_non_differentiable(*outs)
+        return (loss,) + outs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        if ctx.reduction != "none":
+            g, (dh, dw, db) = ctx.grads, ctx.dtypes
+            scale = None if bool(grad_loss == 1) else grad_loss
+            return _cast(g.hidden, dh, scale), _cast(g.weight, dw, scale), _cast(g.bias, db, scale), None
+        hidden, weight, bias = ctx.saved_tensors
+        params = ctx.params
+        x = dataclasses.replace(params.inputs, hidden=hidden, weight=weight, bias=bias)
+        runner = ChunkRunner(x, params.config, params.ops, params.chunk_size)
+        grads = runner.new_grads(*ctx.needs_input_grad[:3])
+        row_scale = grad_loss.reshape(-1).to(runner.dtype) * x.valid
+        _run(runner, row_scale, ctx.mu, grads)
+        dh, dw, db = ctx.dtypes
+        return _cast(grads.hidden, dh), _cast(grads.weight, dw), _cast(grads.bias, db), None
+
+
+@dataclass
+class LogprobParams:
+    inputs: FlatInputs  # all rows valid and GRPO-routed; hidden/weight/bias replaced as above
+    temperature: float
+    ops: RowOps
+    chunk_size: Optional[int] = None
+
+
+class LogprobsFunction(torch.autograd.Function):
+    """(hidden [N,H], weight [V,H], bias|None, params) -> (logprobs [N], entropy [N]); both differentiable.
+    Backward recomputes each chunk's logits (the upstream gradients are per token)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, params: LogprobParams):
+        runner = _logprob_runner(hidden, weight, bias, params)
+        stats = runner.empty_stats()
+        runner.student_stream(runner.g_rows, stats, None, None)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.params = params
+        return stats.logp, stats.entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias = ctx.saved_tensors
+        runner = _logprob_runner(hidden, weight, bias, ctx.params)
+        grads = runner.new_grads(*ctx.needs_input_grad[:3])
+        inv_t = 1.0 / ctx.params.temperature
+        g_lp = grad_logp.to(runner.dtype) * inv_t
+        g_ent = None if grad_entropy is None else grad_entropy.to(runner.dtype) * inv_t
+
+        def coef(rows, _stats):
+            return g_lp[rows], None if g_ent is None else g_ent[rows]
+
+        runner.student_stream(runner.g_rows, runner.empty_stats(), coef, grads)
+        return (_cast(grads.hidden, hidden.dtype), _cast(grads.weight, weight.dtype),
+                _cast(grads.bias, None if bias is None else bias.dtype), None)
+
+
+def _logprob_runner(hidden, weight, bias, params: LogprobParams) -> ChunkRunner:
+    x = dataclasses.replace(params.inputs, hidden=hidden, weight=weight, bias=bias)
+    return ChunkRunner(x, SRPOLossConfig(temperature=params.temperature), params.ops, params.chunk_size)

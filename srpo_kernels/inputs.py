@@ -1,0 +1,176 @@
+"""Argument checks and flattening: every public entry point funnels its tensors through here.
+
+Bad input is rejected with a ValueError/TypeError that names the argument and says what was expected, so a wrong
+shape or an out-of-range token id never turns into a silently wrong number.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+Number = Union[int, float]
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class FlatInputs:
+    """The loss inputs flattened to ``N`` tokens; per-token tensors are 1-D, floats are fp32 (fp64 kept)."""
+
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: Optional[torch.Tensor]  # [V]
+    token_ids: torch.Tensor  # [N] int64
+    advantages: torch.Tensor  # [N]
+    route: torch.Tensor  # [N] bool, True = SDPO branch
+    valid: torch.Tensor  # [N] bool
+    teacher_hidden: Optional[torch.Tensor]  # [M, H], one row per route-True token, detached
+    old_logprobs: Optional[torch.Tensor]
+    ref_logprobs: Optional[torch.Tensor]
+    is_weights: Optional[torch.Tensor]
+    normalizer: Optional[float]
+    weight_normalizer: Optional[float]
+    token_shape: torch.Size
+
+    @property
+    def math_dtype(self) -> torch.dtype:
+        """fp32 math for fp32/bf16/fp16 inputs; fp64 stays fp64 (for gradcheck)."""
+        return torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
+
+
+def _tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _float_tensor(name: str, value, device) -> torch.Tensor:
+    t = _tensor(name, value)
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like hidden, got {t.device}")
+    return t
+
+
+def _per_token(name: str, value, shape: torch.Size, device, dtype, *, broadcast=False) -> torch.Tensor:
+    """A per-token float tensor of `shape` (or, with `broadcast`, one with the same ndim that expands to it)."""
+    t = _float_tensor(name, value, device)
+    if t.shape != shape:
+        ok = broadcast and t.dim() == len(shape) and all(a in (1, b) for a, b in zip(t.shape, shape))
+        if not ok:
+            extra = " (or broadcastable with the same number of dims, e.g. [B, 1])" if broadcast else ""
+            raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(t.shape)}")
+        t = t.expand(shape)
+    t = t.reshape(-1).to(dtype)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite everywhere")
+    return t
+
+
+def _bool_per_token(name: str, value, shape: torch.Size, device, *, broadcast=False) -> torch.Tensor:
+    t = _tensor(name, value)
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like hidden, got {t.device}")
+    if t.dtype != torch.bool:
+        if t.is_complex() or not ((t == 0) | (t == 1)).all():
+            raise ValueError(f"{name} must be a bool tensor (or hold only 0 and 1), got {t.dtype} with other values")
+        t = t != 0
+    if t.shape != shape:
+        ok = broadcast and t.dim() == len(shape) and all(a in (1, b) for a, b in zip(t.shape, shape))
+        if not ok:
+            extra = " (or broadcastable with the same number of dims, e.g. [B, 1])" if broadcast else ""
+            raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(t.shape)}")
+        t = t.expand(shape)
+    return t.reshape(-1)
+
+
+def _positive_scalar(name: str, value) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def check_projection(hidden, weight, token_ids, bias):
+    """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape)."""
+    hidden = _tensor("hidden", hidden)
+    if hidden.dtype not in _FLOATS:
+        raise TypeError(f"hidden must be a floating-point tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a 0-dim tensor")
+    weight = _float_tensor("weight", weight, hidden.device)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    if bias is not None:
+        bias = _float_tensor("bias", bias, hidden.device)
+        if bias.shape != (vocab,):
+            raise ValueError(f"bias must have shape [V] = ({vocab},), got {tuple(bias.shape)}")
+    token_ids = _tensor("token_ids", token_ids)
+    if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+    if token_ids.device != hidden.device:
+        raise ValueError(f"token_ids must be on {hidden.device} like hidden, got {token_ids.device}")
+    if token_ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"token_ids must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(token_ids.shape)}")
+    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
+        raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in "
+                         f"[{int(token_ids.min())}, {int(token_ids.max())}]")
+    return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape
+
+
+def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
+                   loss_mask, is_weights, bias, normalizer, weight_normalizer, ref_beta: float) -> FlatInputs:
+    flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
+    device = flat_hidden.device
+    dtype = torch.float64 if flat_hidden.dtype == torch.float64 else torch.float32
+    if isinstance(advantages, (int, float)) and not isinstance(advantages, bool):
+        advantages = torch.full(shape, float(advantages), device=device, dtype=dtype)
+    adv = _per_token("advantages", advantages, shape, device, dtype, broadcast=True)
+    n = flat_ids.numel()
+    if route is None:
+        route_flat = torch.zeros(n, dtype=torch.bool, device=device)
+    else:
+        route_flat = _bool_per_token("route", route, shape, device, broadcast=True)
+    valid = (torch.ones(n, dtype=torch.bool, device=device) if loss_mask is None
+             else _bool_per_token("loss_mask", loss_mask, shape, device))
+    n_sd = int(route_flat.sum())
+    if teacher_hidden is None:
+        if n_sd:
+            raise ValueError(f"teacher_hidden is required: route marks {n_sd} tokens for the SDPO branch")
+    else:
+        teacher_hidden = _float_tensor("teacher_hidden", teacher_hidden, device)
+        if teacher_hidden.dim() != 2 or teacher_hidden.shape != (n_sd, flat_hidden.shape[1]):
+            raise ValueError(f"teacher_hidden must have shape [M, H] = ({n_sd}, {flat_hidden.shape[1]}) "
+                             f"(one row per route-True token), got {tuple(teacher_hidden.shape)}")
+        teacher_hidden = teacher_hidden.detach()
+    old = None if old_logprobs is None else _per_token("old_logprobs", old_logprobs, shape, device, dtype)
+    if ref_beta > 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when ref_beta > 0")
+    ref = None if ref_logprobs is None else _per_token("ref_logprobs", ref_logprobs, shape, device, dtype)
+    isw = None
+    if is_weights is not None:
+        isw = _per_token("is_weights", is_weights, shape, device, dtype)
+        if (isw < 0).any():
+            raise ValueError("is_weights must be >= 0 everywhere")
+    return FlatInputs(
+        hidden=flat_hidden, weight=weight, bias=bias, token_ids=flat_ids, advantages=adv, route=route_flat,
+        valid=valid, teacher_hidden=teacher_hidden, old_logprobs=old, ref_logprobs=ref, is_weights=isw,
+        normalizer=_positive_scalar("normalizer", normalizer),
+        weight_normalizer=_positive_scalar("weight_normalizer", weight_normalizer), token_shape=shape)

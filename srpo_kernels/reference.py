@@ -1,0 +1,138 @@
+"""Plain PyTorch SRPO loss that materialises ``[N, V]`` logits: the ground truth of the tests and the baseline of
+the benchmarks. Gradients come from autograd, so it shares no gradient code with the fused kernels.
+
+Like a typical trainer it runs the lm_head GEMM in the input dtype and the rest in fp32 (fp64 stays fp64), which
+makes ``srpo_loss`` on bf16 inputs the "naive bf16" baseline of the precision tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .config import SRPOLossConfig
+from .inputs import check_projection, flatten_inputs
+from .output import SRPOLossOutput, summarize
+
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)  # floor of a tail bucket's log-probability
+
+
+def _logits(hidden, weight, bias, temperature, dtype):
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    return z.to(dtype) / temperature
+
+
+def logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy=False):
+    """Per-token log-probs (and entropies) from materialised logits; differentiable."""
+    SRPOLossConfig(temperature=temperature)
+    flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
+    dtype = torch.float64 if flat_h.dtype == torch.float64 else torch.float32
+    log_p = _logits(flat_h, weight, bias, temperature, dtype).log_softmax(-1)
+    lp = log_p.gather(-1, flat_ids[:, None]).squeeze(-1).reshape(shape)
+    if not with_entropy:
+        return lp
+    return lp, -(log_p.exp() * log_p).sum(-1).reshape(shape)
+
+
+def support_logprobs(log_p, log_q, student_logits, cfg: SRPOLossConfig):
+    """Student/teacher log-probs over the divergence support: full vocab, or top-K (student) + tail / renormalised."""
+    if cfg.topk is None:
+        return log_p, log_q
+    k = min(cfg.topk, log_p.shape[-1])
+    idx = student_logits.detach().topk(k, dim=-1).indices
+    lp, lq = log_p.gather(-1, idx), log_q.gather(-1, idx)
+    if not cfg.topk_tail or k == log_p.shape[-1]:  # an empty tail is the renormalised support
+        return lp - lp.logsumexp(-1, keepdim=True), lq - lq.logsumexp(-1, keepdim=True)
+    in_topk = torch.zeros_like(log_p, dtype=torch.bool).scatter(-1, idx, True)
+    tail_p = log_p.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_TINY)
+    tail_q = log_q.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_TINY)
+    return torch.cat([lp, tail_p], -1), torch.cat([lq, tail_q], -1)
+
+
+def divergence(lp, lq, alpha: float):
+    """``D_alpha(p, q)`` over the last dim from log-probs: 0 forward KL(q||p), 1 reverse KL(p||q), else gen. JSD."""
+    p, q = lp.exp(), lq.exp()
+    if alpha == 0.0:
+        return (q * (lq - lp)).sum(-1)
+    if alpha == 1.0:
+        return (p * (lp - lq)).sum(-1)
+    lm = torch.logsumexp(torch.stack([lp + math.log(1 - alpha), lq + math.log(alpha)]), 0)
+    return (1 - alpha) * (p * (lp - lm)).sum(-1) + alpha * (q * (lq - lm)).sum(-1)
+
+
+def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=None, *, old_logprobs=None,
+              ref_logprobs=None, loss_mask=None, is_weights=None, bias=None, temperature=1.0, eps_low=0.2,
+              eps_high=0.28, dual_clip: Optional[float] = 3.0, alpha=0.5, topk=None, topk_tail=True, is_clip=2.0,
+              entropy_beta=1.0, ref_beta=0.0, normalizer=None, weight_normalizer=None,
+              reduction="mean") -> SRPOLossOutput:
+    """Same arguments and output as :func:`srpo_kernels.fused_srpo_loss` (without ``backend``/``chunk_size``)."""
+    cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                         alpha=alpha, topk=topk, topk_tail=topk_tail, is_clip=is_clip, entropy_beta=entropy_beta,
+                         ref_beta=ref_beta, reduction=reduction)
+    x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
+                       ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
+                       normalizer=normalizer, weight_normalizer=weight_normalizer, ref_beta=ref_beta)
+    dtype = x.math_dtype
+    z = _logits(x.hidden, weight, bias, temperature, dtype)
+    log_p = z.log_softmax(-1)
+    logp = log_p.gather(-1, x.token_ids[:, None]).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    zeros = torch.zeros_like(logp)
+
+    # GRPO branch (every token computed; routing selects below).
+    old = x.old_logprobs if x.old_logprobs is not None else logp.detach()
+    ratio = torch.exp(logp - old)
+    adv = x.advantages
+    unclipped = -adv * ratio
+    clipped_loss = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss_g = torch.maximum(unclipped, clipped_loss)
+    clipped = clipped_loss > unclipped
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        dual = (adv < 0) & (loss_g > cap)
+        loss_g = torch.where(adv < 0, torch.minimum(loss_g, cap), loss_g)
+        clipped = clipped | dual
+
+    # SDPO branch, teacher only on the routed rows.
+    sd = x.route
+    loss_sd = zeros
+    t_ent, div, w = zeros, zeros, zeros
+    if int(sd.sum()):
+        log_q = _logits(x.teacher_hidden, weight, bias, temperature, dtype).log_softmax(-1).detach()
+        lp_s, lq_s = support_logprobs(log_p[sd], log_q, z[sd], cfg)
+        d = divergence(lp_s, lq_s, alpha)
+        h_t = -(lq_s.exp() * lq_s).sum(-1)
+        w_raw = torch.exp(-entropy_beta * h_t)
+        valid_sd = x.valid[sd]
+        if x.weight_normalizer is not None:
+            mu = x.weight_normalizer
+        else:
+            mu = w_raw[valid_sd].mean() if int(valid_sd.sum()) else 1.0
+        w_sd = w_raw / mu
+        ratio_sd = torch.exp(logp[sd] - old[sd]).detach()
+        is_sd = ratio_sd if is_clip is None else ratio_sd.clamp(max=is_clip)
+        loss_sd = zeros.index_put((sd.nonzero().squeeze(1),), w_sd * is_sd * d)
+        t_ent = zeros.index_put((sd.nonzero().squeeze(1),), h_t)
+        div = zeros.index_put((sd.nonzero().squeeze(1),), d.detach())
+        w = zeros.index_put((sd.nonzero().squeeze(1),), w_sd)
+
+    per_token = torch.where(sd, loss_sd, loss_g)
+    if x.is_weights is not None:
+        per_token = per_token * x.is_weights
+    if ref_beta > 0:
+        r = x.ref_logprobs - logp
+        per_token = per_token + ref_beta * (torch.exp(r) - r - 1)
+    per_token = torch.where(x.valid, per_token, zeros)
+    if reduction == "none":
+        loss = per_token.reshape(x.token_shape)
+    else:
+        loss = per_token.sum()
+        if reduction == "mean":
+            loss = loss / (x.normalizer if x.normalizer is not None else max(int(x.valid.sum()), 1))
+    clipped = clipped & ~sd
+    shaped = [t.detach().reshape(x.token_shape) for t in (logp, entropy, t_ent, div, w)]
+    metrics = summarize(logp.detach(), entropy.detach(), t_ent.detach(), div, w.detach(), clipped, sd, x.valid)
+    return SRPOLossOutput(loss, *shaped, clipped.reshape(x.token_shape), metrics)

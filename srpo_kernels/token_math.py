@@ -1,0 +1,56 @@
+"""Per-token math that lives after the vocabulary reduction (SPEC §1), shared by every backend.
+
+The backends reduce each row of logits to a few numbers (log-prob of the target, entropies, divergence); this
+module turns those into per-token losses and into the two coefficients the gradient pass needs:
+``dL/dlogits = c_logp * (onehot(y) - p) + c_div * dD/dlogits``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import SRPOLossConfig
+
+
+@dataclass
+class GRPOTerms:
+    loss: torch.Tensor  # clipped surrogate per token
+    dloss_dlogp: torch.Tensor
+    clipped: torch.Tensor  # bool: the clip (or dual clip) is what set the loss, so no gradient flows
+
+
+def grpo_surrogate(logp, old_logp: Optional[torch.Tensor], adv, cfg: SRPOLossConfig) -> GRPOTerms:
+    """``max(-A rho, -A clip(rho))`` with dual clip for ``A < 0``; on-policy (no old) means rho = 1, grad = -A."""
+    ratio = torch.ones_like(logp) if old_logp is None else torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped_loss = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    # In range the two are equal and both carry -A*rho; out of range only the unclipped side has a gradient.
+    flows = unclipped >= clipped_loss
+    loss = torch.maximum(unclipped, clipped_loss)
+    if cfg.dual_clip is not None:
+        cap = -cfg.dual_clip * adv
+        dual = (adv < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+        flows = flows & ~dual
+    grad = torch.where(flows, -adv * ratio, torch.zeros_like(loss))
+    return GRPOTerms(loss=loss, dloss_dlogp=grad, clipped=~flows)
+
+
+def sdpo_is_weight(logp, old_logp: Optional[torch.Tensor], cfg: SRPOLossConfig) -> torch.Tensor:
+    """Detached ``min(exp(logp - old), is_clip)`` (ratio 1 when on-policy)."""
+    ratio = torch.ones_like(logp) if old_logp is None else torch.exp(logp - old_logp)
+    return ratio if cfg.is_clip is None else ratio.clamp(max=cfg.is_clip)
+
+
+def entropy_weight(teacher_entropy, cfg: SRPOLossConfig) -> torch.Tensor:
+    """Unnormalised SRPO weight ``exp(-beta * H_T)``: confident teacher targets count more."""
+    return torch.exp(-cfg.entropy_beta * teacher_entropy)
+
+
+def k3_penalty(logp, ref_logp):
+    """``k3 = exp(r) - r - 1`` with ``r = ref - logp``, and its derivative wrt logp."""
+    r = ref_logp - logp
+    er = torch.exp(r)
+    return er - r - 1.0, 1.0 - er
