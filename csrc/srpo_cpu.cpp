@@ -80,11 +80,14 @@ ALWAYS_INLINE float vlog1p(float t) {
   return vlog(u) - ((u - 1.0f) - t) / u;
 }
 
-// log((1-a) e^lp + a e^lq) from log(1-a), log(a), in log space so that underflowing p and q stay exact.
-ALWAYS_INLINE float log_mix(float lp, float lq, float log_1ma, float log_a) {
-  float a = lp + log_1ma, b = lq + log_a;
-  float mx = a > b ? a : b, d = a > b ? b - a : a - b;
-  return mx + vlog1p(vexp(d));
+// JSD terms d = log p - log m + log(1-a), e = log q - log m + log a, through softplus of s = log(a q / ((1-a) p)):
+// neither loses digits where p and q are far apart, which is where the gradient (1-a) p (d - sum p d) of sharp,
+// disagreeing distributions lives. Mirrors torch_chunked._jsd_terms.
+ALWAYS_INLINE void jsd_terms(float lp, float lq, float log_beta, float& d, float& e) {
+  float s = lq - lp + log_beta;
+  float soft = vlog1p(vexp(s > 0.f ? -s : s));
+  d = -((s > 0.f ? s : 0.f) + soft);
+  e = -((s < 0.f ? -s : 0.f) + soft);
 }
 
 inline float row_max(const float* x, int64_t n) {
@@ -92,6 +95,23 @@ inline float row_max(const float* x, int64_t n) {
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
+}
+
+inline int64_t row_argmax(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t j = 1; j < n; ++j) best = x[j] > x[best] ? j : best;
+  return best;
+}
+
+// dL/dz sums to zero over a row (shift invariance). Where one token holds almost all the probability its entry is a
+// difference of nearly equal terms (e.g. p (log p - log m - KL)) that loses every digit in fp32; the other entries
+// carry no such cancellation, so the argmax entry is set to minus their sum.
+inline void rebalance(float* x, int64_t n, int64_t top) {
+  x[top] = 0.f;
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  x[top] = -s;
 }
 
 // lse and entropy of softmax(x), from shifted sums s = sum e^{x-m}, t = sum e^{x-m} (x-m) (no cancellation).
@@ -140,13 +160,14 @@ void topk_ids(const float* x, int64_t n, int64_t k, int64_t* out) {
 inline float plogdiff(float p, float a, float b) { return p > 0.f ? p * (a - b) : 0.f; }
 
 struct Divergence {
-  float alpha, log_1ma, log_a;
+  float alpha, log_beta, c0, c1;  // log(a / (1-a)), -log(1-a), -log(a)
   explicit Divergence(double a) : alpha(static_cast<float>(a)),
-      log_1ma(a < 1.0 ? static_cast<float>(std::log1p(-a)) : 0.f), log_a(a > 0.0 ? static_cast<float>(std::log(a)) : 0.f) {}
+      log_beta(a > 0.0 && a < 1.0 ? static_cast<float>(std::log(a / (1 - a))) : 0.f),
+      c0(a < 1.0 ? static_cast<float>(-std::log1p(-a)) : 0.f), c1(a > 0.0 ? static_cast<float>(-std::log(a)) : 0.f) {}
 
-  // D and the KL its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets).
+  // D and the sum its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets).
   void value(const float* lp, const float* lq, int64_t n, float& d, float& aux) const {
-    double s1 = 0, s2 = 0;
+    double s1 = 0, s2 = 0, s3 = 0;
     for (int64_t j = 0; j < n; ++j) {
       float p = std::exp(lp[j]), q = std::exp(lq[j]);
       if (alpha == 0.f) {
@@ -154,15 +175,15 @@ struct Divergence {
       } else if (alpha == 1.f) {
         s1 += plogdiff(p, lp[j], lq[j]);
       } else {
-        float lm = std::log((1 - alpha) * p + alpha * q);
-        if (!(p > 0.f || q > 0.f)) continue;
-        s1 += plogdiff(p, lp[j], lm);
-        s2 += plogdiff(q, lq[j], lm);
+        float dj, ej;
+        jsd_terms(lp[j], lq[j], log_beta, dj, ej);
+        if (p > 0.f) { s1 += p * (dj + c0); s3 += p * dj; }
+        if (q > 0.f) s2 += q * (ej + c1);
       }
     }
     if (alpha == 0.f) { d = s1; aux = 0.f; }
     else if (alpha == 1.f) { d = s1; aux = s1; }
-    else { d = (1 - alpha) * s1 + alpha * s2; aux = s1; }
+    else { d = (1 - alpha) * s1 + alpha * s2; aux = s3; }
   }
 
   // dD/d(logit) of one support entry.
@@ -170,15 +191,16 @@ struct Divergence {
     float p = std::exp(lp);
     if (alpha == 0.f) return p - std::exp(lq);
     if (alpha == 1.f) return plogdiff(p, lp, lq + aux);
-    float lm = std::log((1 - alpha) * p + alpha * std::exp(lq));
-    return (1 - alpha) * plogdiff(p, lp, lm + aux);
+    float dj, ej;
+    jsd_terms(lp, lq, log_beta, dj, ej);
+    return (1 - alpha) * plogdiff(p, dj, aux);
   }
 };
 
 // Full-vocabulary distillation gradient of one row: x <- c dD/dz - a p (the target's +a is added by the caller).
 void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float lse_z, float lse_u, float aux,
                      float a, float c, const Divergence& div) {
-  const float al = div.alpha, l1 = div.log_1ma, la = div.log_a;
+  const float al = div.alpha, lb = div.log_beta;
   if (al == 0.f) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
@@ -195,8 +217,9 @@ void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, 
     const float c1 = c * (1 - al);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = vexp(lpj);
-      x[j] = c1 * p * (lpj - log_mix(lpj, lqj, l1, la) - aux) - a * p;
+      float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = vexp(lpj), dj, ej;
+      jsd_terms(lpj, lqj, lb, dj, ej);
+      x[j] = c1 * p * (dj - aux) - a * p;
     }
   }
 }
@@ -221,8 +244,8 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
   row_lse_entropy(y, V, lse_u, ent_u);
   s[LSE] = lse_z; s[LOGP] = x[target] - lse_z; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
   if (K == 0) {
-    float d1 = 0.f, d2 = 0.f;
-    const float a = div.alpha, l1 = div.log_1ma, la = div.log_a;
+    float d1 = 0.f, d2 = 0.f, d3 = 0.f;
+    const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1;
     if (a == 0.f) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
@@ -236,16 +259,18 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
         d1 += vexp(lpj) * (lpj - lqj);
       }
     } else {
-#pragma omp simd reduction(+ : d1, d2)
+#pragma omp simd reduction(+ : d1, d2, d3)
       for (int64_t j = 0; j < V; ++j) {
-        float lpj = x[j] - lse_z, lqj = y[j] - lse_u, lm = log_mix(lpj, lqj, l1, la);
-        d1 += vexp(lpj) * (lpj - lm);
-        d2 += vexp(lqj) * (lqj - lm);
+        float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = vexp(lpj), dj, ej;
+        jsd_terms(lpj, lqj, lb, dj, ej);
+        d1 += p * (dj + c0);
+        d2 += vexp(lqj) * (ej + c1);
+        d3 += p * dj;
       }
     }
     s[T_ENTROPY] = ent_u;
     s[DIVERGENCE] = a == 0.f || a == 1.f ? d1 : (1 - a) * d1 + a * d2;
-    s[AUX_KL] = a == 0.f ? 0.f : d1;
+    s[AUX_KL] = a == 0.f ? 0.f : (a == 1.f ? d1 : d3);
     return;
   }
   topk_ids(x, V, K, row_ids);
@@ -272,6 +297,7 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
                                bool tail, const Divergence& div, const int64_t* row_ids, const float* s, float a,
                                float c, float* gk, float* zk) {
   const float lse_z = s[LSE], lse_u = s[T_LSE], aux = s[AUX_KL];
+  const int64_t top = row_argmax(x, V);
   if (K == 0) {
     full_vocab_grad(x, y, V, lse_z, lse_u, aux, a, c, div);
   } else {
@@ -288,6 +314,7 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
     for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp(zk[k] - lse_z);
   }
   x[target] += a;
+  rebalance(x, V, top);
 }
 
 void check_chunk(const at::Tensor& z, const char* name) {
@@ -306,12 +333,14 @@ void student_row_stats(const float* __restrict x, int64_t n, int64_t target, flo
 
 void student_row_grad(float* __restrict x, int64_t n, int64_t target, float lse, float h, float a,
                                float c) {
+  const int64_t top = row_argmax(x, n);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float lp = x[j] - lse, p = vexp(lp);
     x[j] = -a * p - c * p * (lp + h);
   }
   x[target] += a;
+  rebalance(x, n, top);
 }
 
 at::Tensor student_stats(const at::Tensor& z, const at::Tensor& targets) {

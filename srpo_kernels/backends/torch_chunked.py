@@ -21,12 +21,19 @@ def _xlogy_diff(p, a, b):
     return torch.where(p > 0, p * (a - b), torch.zeros_like(p))
 
 
-def _log_mix(lp, lq, alpha):
-    return torch.logaddexp(lp + math.log1p(-alpha), lq + math.log(alpha))
+def _jsd_terms(lp, lq, alpha):
+    """``d = log p - log m + log(1-a)`` and ``e = log q - log m + log a`` via softplus of ``s = log(a q / ((1-a) p))``.
+
+    Written this way neither loses digits where p and q are far apart (d -> 0 as q/p -> 0), which is where the
+    gradient ``(1-a) p (d - sum p d)`` of sharp, disagreeing distributions lives.
+    """
+    s = lq - lp + math.log(alpha / (1 - alpha))
+    soft = torch.log1p(torch.exp(-s.abs()))
+    return -(s.clamp_min(0) + soft), -((-s).clamp_min(0) + soft)
 
 
 def divergence_and_aux(lp, lq, alpha):
-    """D_alpha over the last dim and the KL its gradient needs (KL(p||q) for alpha=1, KL(p||m) in between)."""
+    """D_alpha over the last dim and the sum its gradient needs (KL(p||q) for alpha=1, sum p d for the JSD)."""
     p, q = lp.exp(), lq.exp()
     if alpha == 0.0:
         d = _xlogy_diff(q, lq, lp).sum(-1)
@@ -34,9 +41,11 @@ def divergence_and_aux(lp, lq, alpha):
     if alpha == 1.0:
         d = _xlogy_diff(p, lp, lq).sum(-1)
         return d, d
-    lm = _log_mix(lp, lq, alpha)
-    kl_pm = _xlogy_diff(p, lp, lm).sum(-1)
-    return (1 - alpha) * kl_pm + alpha * _xlogy_diff(q, lq, lm).sum(-1), kl_pm
+    d, e = _jsd_terms(lp, lq, alpha)
+    zero = torch.zeros_like(p)
+    kl_pm = torch.where(p > 0, p * (d - math.log1p(-alpha)), zero).sum(-1)
+    kl_qm = torch.where(q > 0, q * (e - math.log(alpha)), zero).sum(-1)
+    return (1 - alpha) * kl_pm + alpha * kl_qm, torch.where(p > 0, p * d, zero).sum(-1)
 
 
 def divergence_grad(lp, lq, aux, alpha):
@@ -46,7 +55,8 @@ def divergence_grad(lp, lq, aux, alpha):
         return p - lq.exp()
     if alpha == 1.0:
         return _xlogy_diff(p, lp, lq + aux[..., None])
-    return (1 - alpha) * _xlogy_diff(p, lp, _log_mix(lp, lq, alpha) + aux[..., None])
+    d, _ = _jsd_terms(lp, lq, alpha)
+    return (1 - alpha) * _xlogy_diff(p, d, aux[..., None])
 
 
 def bucket_logprobs(zk, uk, stats, tail: bool):
@@ -56,6 +66,18 @@ def bucket_logprobs(zk, uk, stats, tail: bool):
         lq = torch.cat([uk - stats[:, S.T_LSE, None], stats[:, S.Q_NORM, None]], -1)
         return lp, lq
     return zk - stats[:, S.P_NORM, None], uk - stats[:, S.Q_NORM, None]
+
+
+def rebalance_(grad, z):
+    """Set the argmax entry of each row to minus the sum of the others, in place.
+
+    dL/dz sums to zero over a row (the loss is invariant to shifting the logits). Where one token holds almost all
+    the probability, its entry is a difference of nearly equal terms, e.g. ``p (log p - log m - KL)``, and loses
+    every digit in fp32; the other entries carry no such cancellation, so their sum restores it.
+    """
+    top = z.argmax(1, keepdim=True)
+    grad.scatter_(1, top, 0.0)
+    grad.scatter_(1, top, -grad.sum(1, keepdim=True))
 
 
 def _entropy(z, lse):
@@ -77,8 +99,9 @@ class TorchRowOps:
         grad = -c_logp[:, None] * p
         if c_ent is not None:
             grad -= c_ent[:, None] * p * (log_p + stats[:, S.ENTROPY, None])
+        grad.scatter_add_(1, targets[:, None], c_logp[:, None])
+        rebalance_(grad, z)
         z.copy_(grad)
-        z.scatter_add_(1, targets[:, None], c_logp[:, None])
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
         stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS)
@@ -119,5 +142,6 @@ class TorchRowOps:
             else:
                 grad = torch.zeros_like(z).scatter_(1, topk_ids, g)
         grad -= c_logp[:, None] * p
+        grad.scatter_add_(1, targets[:, None], c_logp[:, None])
+        rebalance_(grad, z)
         z.copy_(grad)
-        z.scatter_add_(1, targets[:, None], c_logp[:, None])

@@ -1,0 +1,104 @@
+"""Random SRPO problems and a runner that returns the loss, the per-token outputs and every gradient."""
+from __future__ import annotations
+
+import torch
+
+import srpo_kernels as sk
+from srpo_kernels import reference
+
+PER_TOKEN = ("logprobs", "entropy", "teacher_entropy", "divergence", "distill_weight")
+FLOAT_ARGS = ("old_logprobs", "ref_logprobs", "is_weights")
+
+
+def make_case(seed=0, n=37, h=16, v=203, sd_frac=0.5, mask_frac=0.2, bias=True, old=True, ref=False, isw=True,
+              scale=1.0, shape=None, weight_grad=True):
+    """A random problem in fp64; `shape` reshapes the tokens (e.g. (B, T))."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.float64
+    hidden = torch.randn(n, h, generator=g, dtype=d)
+    weight = scale * torch.randn(v, h, generator=g, dtype=d) / h ** 0.5 * 3
+    token_ids = torch.randint(0, v, (n,), generator=g)
+    route = torch.rand(n, generator=g) < sd_frac
+    case = dict(hidden=hidden, weight=weight, token_ids=token_ids,
+                advantages=torch.randn(n, generator=g, dtype=d), route=route,
+                teacher_hidden=torch.randn(int(route.sum()), h, generator=g, dtype=d) if route.any() else None,
+                loss_mask=torch.rand(n, generator=g) >= mask_frac,
+                bias=torch.randn(v, generator=g, dtype=d) if bias else None)
+    if old:
+        case["old_logprobs"] = torch.randn(n, generator=g, dtype=d) * 0.3 - 5.0
+    if ref:
+        case["ref_logprobs"] = torch.randn(n, generator=g, dtype=d) * 0.3 - 5.0
+    if isw:
+        case["is_weights"] = torch.rand(n, generator=g, dtype=d) + 0.5
+    if shape is not None:
+        for k in ("token_ids", "advantages", "route", "loss_mask") + FLOAT_ARGS:
+            if case.get(k) is not None:
+                case[k] = case[k].reshape(shape)
+        case["hidden"] = hidden.reshape(*shape, h)
+    case["_weight_grad"] = weight_grad
+    return case
+
+
+def run(fn, case, dtype=torch.float64, upstream_seed=123, **options):
+    """Call `fn` (fused_srpo_loss or reference.srpo_loss) on `case` cast to `dtype`; returns a dict with the loss,
+    per-token outputs, metrics and the gradients of hidden, weight, bias (fp64 for comparison)."""
+    c = {k: v for k, v in case.items() if not k.startswith("_")}
+    leaves = {}
+    for k in ("hidden", "weight", "bias"):
+        if c.get(k) is not None:
+            t = c[k].detach().to(dtype)
+            if k != "weight" or case["_weight_grad"]:
+                t.requires_grad_(True)
+            c[k] = leaves[k] = t
+    if c.get("teacher_hidden") is not None:
+        c["teacher_hidden"] = c["teacher_hidden"].to(dtype)
+    for k in ("advantages",) + FLOAT_ARGS:
+        if c.get(k) is not None:
+            c[k] = c[k].to(torch.float64 if dtype == torch.float64 else torch.float32)
+    args = [c.pop(k) for k in ("hidden", "weight", "token_ids", "advantages", "route", "teacher_hidden")]
+    out = fn(*args, **c, **options)
+    loss = out.loss
+    if loss.dim():
+        g = torch.Generator().manual_seed(upstream_seed)
+        upstream = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
+    else:
+        upstream = torch.tensor(1.7, dtype=loss.dtype)
+    wrt = [t for t in leaves.values() if t.requires_grad]
+    grads = torch.autograd.grad(loss, wrt, upstream, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+    res = {"loss": loss.detach().double(), "metrics": out.metrics, "clipped": out.clipped}
+    for name in PER_TOKEN:
+        res[name] = getattr(out, name).double()
+    for name, grad in zip([k for k, t in leaves.items() if t.requires_grad], grads):
+        res["grad_" + name] = None if grad is None else grad.double()
+    return res
+
+
+def fused(backend, **kw):
+    return lambda *a, **k: sk.fused_srpo_loss(*a, **k, backend=backend, **kw)
+
+
+ref_loss = reference.srpo_loss
+
+
+def max_rel_err(actual, expected):
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((actual - expected).abs().max() / scale)
+
+
+def assert_agree(actual, expected, rtol=1e-5, keys=None):
+    """Every tensor of `expected` matches `actual` to `rtol` relative to its largest magnitude."""
+    for k in keys or expected:
+        e, a = expected[k], actual[k]
+        if k == "metrics":
+            for m, ev in e.items():
+                assert abs(a[m] - ev) <= rtol * max(1.0, abs(ev)) * 10, (m, a[m], ev)
+            continue
+        if e is None or a is None:
+            assert e is None and a is None, k
+            continue
+        if e.dtype == torch.bool:
+            assert torch.equal(a, e), k
+            continue
+        assert a.shape == e.shape, (k, a.shape, e.shape)
+        err = max_rel_err(a, e)
+        assert err <= rtol, f"{k}: max relative error {err:.2e} > {rtol:.0e}"
