@@ -1,0 +1,82 @@
+"""Autograd behaviour: float64 gradcheck of both Functions, per-token upstream gradients, fused_logprobs."""
+import pytest
+import torch
+
+import srpo_kernels as sk
+from cases import make_case
+
+
+def _loss_fn(case, **options):
+    def f(hidden, weight=case["weight"], bias=case["bias"]):
+        out = sk.fused_srpo_loss(hidden, weight, case["token_ids"], case["advantages"], case["route"],
+                                 case["teacher_hidden"], loss_mask=case["loss_mask"],
+                                 old_logprobs=case.get("old_logprobs"), ref_logprobs=case.get("ref_logprobs"),
+                                 is_weights=case["is_weights"], bias=bias, backend="torch", chunk_size=3, **options)
+        return out.loss
+    return f
+
+
+# Stop-gradients limit what a finite difference can check: the GRPO rows need old log-probs (on-policy the ratio is
+# exp(logp - sg(logp)), constant under perturbation) and are checked w.r.t. hidden, weight and bias; the SDPO rows
+# are checked w.r.t. hidden only and on-policy (the teacher, its entropy weight and the IS weight are detached).
+# atol 1e-6: the clip kinks make central differences that coarse; exactness against autograd is in test_api.
+@pytest.mark.parametrize("options", [
+    dict(), dict(reduction="sum"), dict(reduction="none", dual_clip=None), dict(ref_beta=0.2, temperature=0.8),
+    dict(ref_beta=0.2, reduction="none", eps_low=0.05, eps_high=0.05),
+], ids=str)
+def test_gradcheck_grpo_float64(options):
+    case = make_case(seed=2, n=7, h=3, v=11, ref=True, sd_frac=0.0)
+    inputs = tuple(case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    assert torch.autograd.gradcheck(_loss_fn(case, **options), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(alpha=0.0, reduction="sum"), dict(alpha=1.0, reduction="none"), dict(topk=3),
+    dict(topk=3, topk_tail=False, alpha=0.3, reduction="none"), dict(ref_beta=0.2, temperature=0.8, alpha=1.0),
+    dict(topk=4, alpha=0.0, weight_normalizer=0.7, normalizer=3.0),
+], ids=str)
+def test_gradcheck_sdpo_float64(options):
+    case = make_case(seed=3, n=7, h=3, v=11, ref=True, sd_frac=1.0, old=False)
+    hidden = case["hidden"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(_loss_fn(case, **options), (hidden,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_logprobs_matches_reference_with_entropy_grads(backend, with_bias):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 13, 8, generator=g)
+    weight = torch.randn(157, 8, generator=g)
+    bias = torch.randn(157, generator=g) if with_bias else None
+    ids = torch.randint(0, 157, (3, 13), generator=g)
+    up_lp, up_ent = torch.randn(3, 13, generator=g), torch.randn(3, 13, generator=g)
+    results = []
+    for fn, dtype in ((sk.reference.logprobs, torch.float64),
+                      (lambda *a, **k: sk.fused_logprobs(*a, **k, backend=backend, chunk_size=5), torch.float32)):
+        leaves = [t.to(dtype).requires_grad_() for t in (hidden, weight)] + \
+                 ([bias.to(dtype).requires_grad_()] if with_bias else [])
+        lp, ent = fn(leaves[0], leaves[1], ids, bias=leaves[2] if with_bias else None, temperature=0.9,
+                     with_entropy=True)
+        grads = torch.autograd.grad((lp * up_lp.to(dtype)).sum() + (ent * up_ent.to(dtype)).sum(), leaves)
+        results.append([lp, ent, *grads])
+    for expected, actual in zip(*results):
+        assert actual.shape == expected.shape
+        err = (actual.double() - expected.double()).abs().max() / expected.abs().max()
+        assert err < 1e-5, err
+
+
+def test_fused_logprobs_without_entropy_returns_a_tensor():
+    lp = sk.fused_logprobs(torch.randn(5, 4), torch.randn(9, 4), torch.arange(5))
+    assert isinstance(lp, torch.Tensor) and lp.shape == (5,)
+    assert torch.allclose(lp, sk.reference.logprobs(torch.randn(0, 4), torch.randn(9, 4), torch.arange(0)).new_tensor(
+        lp.tolist()), atol=0)
+
+
+def test_frozen_weight_skips_its_gradient():
+    case = make_case(seed=3)
+    h = case["hidden"].float().requires_grad_()
+    w = case["weight"].float()  # frozen (LoRA-style)
+    out = sk.fused_srpo_loss(h, w, case["token_ids"], case["advantages"].float(), case["route"],
+                             case["teacher_hidden"].float())
+    out.loss.backward()
+    assert w.grad is None and h.grad is not None and torch.isfinite(h.grad).all()

@@ -1,0 +1,91 @@
+"""Bad input is rejected with an error that names the argument."""
+import math
+
+import pytest
+import torch
+
+import srpo_kernels as sk
+from cases import make_case
+
+
+def _args(**over):
+    c = make_case(seed=1, n=12, v=31, h=8)
+    a = dict(hidden=c["hidden"].float(), weight=c["weight"].float(), token_ids=c["token_ids"],
+             advantages=c["advantages"].float(), route=c["route"], teacher_hidden=c["teacher_hidden"].float())
+    a.update(over)
+    return a
+
+
+def _call(**over):
+    a = _args(**over)
+    return sk.fused_srpo_loss(a.pop("hidden"), a.pop("weight"), a.pop("token_ids"), a.pop("advantages"),
+                              a.pop("route"), a.pop("teacher_hidden"), **a)
+
+
+BAD = {
+    "hidden_not_tensor": (dict(hidden=[[1.0]]), TypeError, "hidden"),
+    "hidden_int": (dict(hidden=torch.ones(12, 8, dtype=torch.int64)), TypeError, "hidden"),
+    "weight_wrong_h": (dict(weight=torch.randn(31, 7)), ValueError, "weight"),
+    "weight_dtype": (dict(weight=torch.randn(31, 8, dtype=torch.float64)), TypeError, "weight"),
+    "ids_float": (dict(token_ids=torch.zeros(12)), TypeError, "token_ids"),
+    "ids_shape": (dict(token_ids=torch.zeros(11, dtype=torch.long)), ValueError, "token_ids"),
+    "ids_negative": (dict(token_ids=torch.full((12,), -1)), ValueError, "token_ids"),
+    "ids_too_big": (dict(token_ids=torch.full((12,), 31)), ValueError, "token_ids"),
+    "adv_shape": (dict(advantages=torch.zeros(5)), ValueError, "advantages"),
+    "adv_nan": (dict(advantages=torch.full((12,), math.nan)), ValueError, "advantages"),
+    "route_values": (dict(route=torch.full((12,), 2)), ValueError, "route"),
+    "teacher_missing": (dict(teacher_hidden=None), ValueError, "teacher_hidden"),
+    "teacher_rows": (dict(teacher_hidden=torch.randn(1, 8)), ValueError, "teacher_hidden"),
+    "mask_shape": (dict(loss_mask=torch.ones(3, dtype=torch.bool)), ValueError, "loss_mask"),
+    "old_shape": (dict(old_logprobs=torch.zeros(3)), ValueError, "old_logprobs"),
+    "old_inf": (dict(old_logprobs=torch.full((12,), -math.inf)), ValueError, "old_logprobs"),
+    "ref_missing": (dict(ref_beta=0.1), ValueError, "ref_logprobs"),
+    "is_negative": (dict(is_weights=-torch.ones(12)), ValueError, "is_weights"),
+    "bias_shape": (dict(bias=torch.zeros(30)), ValueError, "bias"),
+    "normalizer_zero": (dict(normalizer=0), ValueError, "normalizer"),
+    "weight_normalizer_nan": (dict(weight_normalizer=math.nan), ValueError, "weight_normalizer"),
+    "temperature_zero": (dict(temperature=0.0), ValueError, "temperature"),
+    "temperature_inf": (dict(temperature=math.inf), ValueError, "temperature"),
+    "alpha_range": (dict(alpha=1.5), ValueError, "alpha"),
+    "eps_nan": (dict(eps_low=math.nan), ValueError, "eps_low"),
+    "dual_clip_low": (dict(dual_clip=0.5), ValueError, "dual_clip"),
+    "topk_zero": (dict(topk=0), ValueError, "topk"),
+    "is_clip_neg": (dict(is_clip=-1.0), ValueError, "is_clip"),
+    "entropy_beta_neg": (dict(entropy_beta=-1.0), ValueError, "entropy_beta"),
+    "reduction": (dict(reduction="avg"), ValueError, "reduction"),
+    "backend": (dict(backend="cuda"), ValueError, "backend"),
+    "chunk_size": (dict(chunk_size=0), ValueError, "chunk_size"),
+    "cpu_backend_fp64": (dict(hidden=torch.randn(12, 8, dtype=torch.float64),
+                              weight=torch.randn(31, 8, dtype=torch.float64),
+                              teacher_hidden=torch.randn(int(make_case(seed=1, n=12, v=31, h=8)["route"].sum()), 8,
+                                                         dtype=torch.float64), backend="cpu"), ValueError, "float64"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_named(name):
+    over, exc, word = BAD[name]
+    with pytest.raises(exc, match=word):
+        _call(**over)
+
+
+def test_device_mismatch_is_named():
+    meta = torch.empty(31, 8, device="meta")
+    with pytest.raises(ValueError, match="weight must be on"):
+        _call(weight=meta)
+
+
+def test_fused_logprobs_checks_its_arguments():
+    with pytest.raises(ValueError, match="token_ids"):
+        sk.fused_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="temperature"):
+        sk.fused_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 2, 3]), temperature=-1.0)
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match="alpha"):
+        sk.FusedSRPOLoss(alpha=2.0)
+    with pytest.raises(ValueError, match="backend"):
+        sk.FusedSRPOLoss(backend="gpu")
+    with pytest.raises(TypeError):
+        sk.FusedSRPOLoss(not_an_option=1)
