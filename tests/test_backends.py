@@ -1,0 +1,76 @@
+"""Backend choice and the C++ row passes against the PyTorch ones on awkward rows."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from srpo_kernels.backends import get_row_ops
+from srpo_kernels.backends.cpu import CpuRowOps, load_error
+from srpo_kernels.backends.torch_chunked import TorchRowOps
+
+
+def test_auto_picks_cpu_kernel_for_cpu_fp32_and_torch_for_fp64():
+    assert load_error() is None, load_error()
+    assert get_row_ops("auto", torch.device("cpu")).name == "cpu"
+    assert get_row_ops("auto", torch.device("cpu"), torch.float64).name == "torch"
+    assert get_row_ops("torch", torch.device("cpu")).name == "torch"
+
+
+def test_triton_backend_is_reported_unavailable_here():
+    with pytest.raises(ValueError, match="triton"):
+        get_row_ops("triton", torch.device("cpu"))
+
+
+def test_auto_falls_back_with_a_warning_when_the_kernel_is_unavailable():
+    code = ("import warnings, torch, srpo_kernels as sk\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    lp = sk.fused_logprobs(torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2]))\n"
+            "print(len(w), str(w[0].message))\n")
+    env = dict(os.environ, SRPO_KERNELS_DISABLE_CPU="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("1 ") and "chunked PyTorch backend" in out
+
+
+def _rows(seed, c=6, v=1031, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(c, v, generator=g) * scale
+    u = torch.randn(c, v, generator=g) * scale
+    z[0, 5] = 60.0  # one near-certain token
+    u[1] = z[1]  # identical teacher
+    z[2, :] = 0.0  # uniform student (ties everywhere)
+    return z, u, torch.randint(0, v, (c,), generator=g)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("topk,tail", [(None, True), (20, True), (20, False)])
+def test_cpu_row_passes_match_torch(alpha, topk, tail):
+    z, u, y = _rows(0)
+    cpu, ref = CpuRowOps(), TorchRowOps()
+    s_cpu, ids_cpu = cpu.distill_stats(z.clone(), u.clone(), y, alpha, topk, tail)
+    s_ref, ids_ref = ref.distill_stats(z.clone(), u.clone(), y, alpha, topk, tail)
+    # Row 2 is uniform: its top-K is a tie, any K ids are right and the teacher's support values differ.
+    rows = [0, 1, 3, 4, 5] if topk else list(range(6))
+    assert torch.allclose(s_cpu[rows], s_ref[rows], rtol=1e-5, atol=1e-5)
+    if topk:
+        assert torch.equal(ids_cpu[rows].sort(1).values, ids_ref[rows].sort(1).values)
+    c_logp, c_div = torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6)
+    g_cpu, g_ref = z.clone(), z.clone()
+    cpu.distill_grad(g_cpu, u, y, s_cpu, ids_cpu, c_logp, c_div, alpha, topk, tail)
+    ref.distill_grad(g_ref, u, y, s_ref, ids_ref, c_logp, c_div, alpha, topk, tail)
+    assert torch.allclose(g_cpu[rows], g_ref[rows], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(g_cpu.sum(1), torch.zeros(6), atol=1e-5)  # shift invariance
+
+
+def test_cpu_student_passes_match_torch():
+    z, _, y = _rows(1)
+    cpu, ref = CpuRowOps(), TorchRowOps()
+    s_cpu, s_ref = cpu.student_stats(z, y), ref.student_stats(z, y)
+    assert torch.allclose(s_cpu, s_ref, rtol=1e-5, atol=1e-6)
+    c_logp, c_ent = torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6)
+    g_cpu, g_ref = z.clone(), z.clone()
+    cpu.student_grad(g_cpu, y, s_cpu, c_logp, c_ent)
+    ref.student_grad(g_ref, y, s_ref, c_logp, c_ent)
+    assert float((g_cpu - g_ref).abs().max()) <= 1e-5 * float(g_ref.abs().max())

@@ -1,0 +1,33 @@
+"""Low precision: a bf16/fp16 result must be no worse than the naive bf16/fp16 PyTorch result plus a small tolerance."""
+import pytest
+import torch
+
+from cases import fused, make_case, max_rel_err, ref_loss, run
+
+KEYS = ("loss", "logprobs", "entropy", "teacher_entropy", "divergence", "grad_hidden", "grad_weight", "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("options", [dict(), dict(topk=6, alpha=1.0), dict(alpha=0.0, reduction="none")], ids=str)
+def test_low_precision_no_worse_than_naive(dtype, backend, options):
+    case = make_case(seed=21, n=45, h=32, v=301)
+    truth = run(ref_loss, case, **options)  # fp64
+    naive = run(ref_loss, case, dtype=dtype, **options)
+    ours = run(fused(backend, chunk_size=16), case, dtype=dtype, **options)
+    for k in KEYS:
+        assert ours[k].dtype == torch.float64  # (compared in fp64)
+        ours_err, naive_err = max_rel_err(ours[k], truth[k]), max_rel_err(naive[k], truth[k])
+        assert ours_err <= naive_err + 1e-3, f"{k}: ours {ours_err:.2e} vs naive {naive_err:.2e}"
+
+
+def test_low_precision_grads_keep_input_dtype():
+    case = make_case(seed=22)
+    h = case["hidden"].bfloat16().requires_grad_()
+    w = case["weight"].bfloat16().requires_grad_()
+    import srpo_kernels as sk
+    out = sk.fused_srpo_loss(h, w, case["token_ids"], case["advantages"].float(), case["route"],
+                             case["teacher_hidden"].bfloat16())
+    out.loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32
