@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-Number = Union[int, float]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 
-from .row_ops import N_DISTILL_STATS  # noqa: F401  (the C++ layout mirrors row_ops)
 from .torch_chunked import effective_topk
 
 _FLAGS = ["-O3", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
