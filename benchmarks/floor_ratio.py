@@ -10,6 +10,7 @@ import time
 import torch
 
 import srpo_kernels as sk
+from srpo_kernels.peak_memory import random_problem
 
 
 def best_of(fn, repeats):
@@ -32,13 +33,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(a.n, a.h, generator=g)
-    w = torch.randn(a.v, a.h, generator=g) / a.h ** 0.5
-    ids = torch.randint(0, a.v, (a.n,), generator=g)
-    adv = torch.randn(a.n, generator=g)
-    route = torch.rand(a.n, generator=g) < a.sd_frac
-    th = torch.randn(int(route.sum()), a.h, generator=g)
+    h, w, ids, adv, route, th = random_problem(a.n, a.h, a.v, a.sd_frac)
 
     def floor():
         z = h @ w.T

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .backends import get_row_ops
+from .backends import BACKENDS, get_row_ops
 from .config import SRPOLossConfig
 from .function import LogprobParams, LogprobsFunction, SRPOLossFunction, SRPOParams
 from .inputs import check_projection, flatten_inputs, FlatInputs
@@ -93,8 +93,8 @@ class FusedSRPOLoss(torch.nn.Module):
         super().__init__()
         self.config = SRPOLossConfig(**options)
         _check_chunk_size(chunk_size)
-        if backend not in ("auto", "torch", "cpu", "triton"):
-            raise ValueError(f"backend must be one of ('auto', 'torch', 'cpu', 'triton'), got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend, self.chunk_size = backend, chunk_size
 
     def forward(self, hidden, weight, token_ids, advantages, route=None, teacher_hidden=None,

@@ -18,6 +18,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def random_problem(n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0):
+    """Benchmark inputs: (hidden, weight, token_ids, advantages, route, teacher_hidden), fp32, no grad flags."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) / h ** 0.5
+    ids = torch.randint(0, v, (n,), generator=g)
+    adv = torch.randn(n, generator=g)
+    route = torch.rand(n, generator=g) < sd_frac
+    return hidden, weight, ids, adv, route, torch.randn(int(route.sum()), h, generator=g)
+
+
 def measure(impl: str, n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0, backend: str = "auto") -> dict:
     """Run in a fresh interpreter; returns {"peak_extra_bytes", "seconds", "loss"}."""
     cmd = [sys.executable, "-m", "srpo_kernels.peak_memory", "--impl", impl, "--n", str(n), "--h", str(h),
@@ -36,21 +49,15 @@ def _main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
     a = p.parse_args()
-    import torch
-
     import srpo_kernels as sk
 
     if a.impl == "fused" and a.backend in ("auto", "cpu"):
         from srpo_kernels.backends.cpu import load_error
 
         load_error()  # build/load the kernel before the baseline is taken
-    g = torch.Generator().manual_seed(a.seed)
-    hidden = torch.randn(a.n, a.h, generator=g).requires_grad_()
-    weight = (torch.randn(a.v, a.h, generator=g) / a.h ** 0.5).requires_grad_()
-    ids = torch.randint(0, a.v, (a.n,), generator=g)
-    adv = torch.randn(a.n, generator=g)
-    route = torch.rand(a.n, generator=g) < a.sd_frac
-    teacher = torch.randn(int(route.sum()), a.h, generator=g)
+    hidden, weight, ids, adv, route, teacher = random_problem(a.n, a.h, a.v, a.sd_frac, a.seed)
+    hidden.requires_grad_()
+    weight.requires_grad_()
     base = _rss_bytes()
     t0 = time.perf_counter()
     if a.impl == "fused":
@@ -60,7 +67,7 @@ def _main():
     out.loss.backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_extra_bytes": max(peak - base, 0), "seconds": seconds, "loss": float(out.loss)}))
+    print(json.dumps({"peak_extra_bytes": max(peak - base, 0), "seconds": seconds, "loss": float(out.loss.detach())}))
 
 
 if __name__ == "__main__":

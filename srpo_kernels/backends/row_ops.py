@@ -18,8 +18,9 @@ import torch
 # Columns of student_stats.
 LSE, LOGP, ENTROPY = 0, 1, 2
 # Extra columns of distill_stats: teacher lse, teacher entropy and divergence over the support, the sum that the
-# gradient of reverse KL (KL(p||q)) / JSD (sum p d, see torch_chunked._jsd_terms) needs, and each side's normaliser of the top-K support (tail log-prob when the
-# support has a tail bucket, else the log-sum-exp over the K logits).
+# gradient needs (KL(p||q) for reverse KL, sum p d for the JSD, see torch_chunked._jsd_terms), and each side's
+# normaliser of the top-K support (tail log-prob when the support has a tail bucket, else the log-sum-exp over the
+# K logits).
 T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM = 3, 4, 5, 6, 7, 8
 N_STUDENT_STATS, N_DISTILL_STATS = 3, 9
 

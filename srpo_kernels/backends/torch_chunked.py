@@ -42,10 +42,9 @@ def divergence_and_aux(lp, lq, alpha):
         d = _xlogy_diff(p, lp, lq).sum(-1)
         return d, d
     d, e = _jsd_terms(lp, lq, alpha)
-    zero = torch.zeros_like(p)
-    kl_pm = torch.where(p > 0, p * (d - math.log1p(-alpha)), zero).sum(-1)
-    kl_qm = torch.where(q > 0, q * (e - math.log(alpha)), zero).sum(-1)
-    return (1 - alpha) * kl_pm + alpha * kl_qm, torch.where(p > 0, p * d, zero).sum(-1)
+    kl_pm = _xlogy_diff(p, d, math.log1p(-alpha)).sum(-1)
+    kl_qm = _xlogy_diff(q, e, math.log(alpha)).sum(-1)
+    return (1 - alpha) * kl_pm + alpha * kl_qm, _xlogy_diff(p, d, 0.0).sum(-1)
 
 
 def divergence_grad(lp, lq, aux, alpha):
