@@ -97,11 +97,6 @@ inline float row_max(const float* x, int64_t n) {
   return m;
 }
 
-inline int64_t row_argmax(const float* x, int64_t n) {
-  int64_t best = 0;
-  for (int64_t j = 1; j < n; ++j) best = x[j] > x[best] ? j : best;
-  return best;
-}
 
 // dL/dz sums to zero over a row (shift invariance). Where one token holds almost all the probability its entry is a
 // difference of nearly equal terms (e.g. p (log p - log m - KL)) that loses every digit in fp32; the other entries
@@ -112,6 +107,14 @@ inline void rebalance(float* x, int64_t n, int64_t top) {
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += x[j];
   x[top] = -s;
+}
+
+// First index of the row's maximum: a vectorised max, then a scan that stops at it.
+inline int64_t row_argmax(const float* x, int64_t n) {
+  const float m = row_max(x, n);
+  int64_t j = 0;
+  while (j < n - 1 && x[j] != m) ++j;
+  return j;
 }
 
 // lse and entropy of softmax(x), from shifted sums s = sum e^{x-m}, t = sum e^{x-m} (x-m) (no cancellation).

@@ -18,7 +18,7 @@ from .backends.row_ops import RowOps
 from .config import SRPOLossConfig
 from .inputs import FlatInputs
 
-CHUNK_BYTES = 32 << 20  # one fp32 [C, V] logits buffer; C = CHUNK_BYTES / (4 V), kept in [16, 4096]
+CHUNK_BYTES = 64 << 20  # one fp32 [C, V] logits buffer; C = CHUNK_BYTES / (4 V), kept in [16, 4096]
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -38,8 +38,27 @@ class RowStats:
 @dataclass
 class Grads:
     hidden: Optional[torch.Tensor]
-    weight: Optional[torch.Tensor]  # fp32 accumulator whatever the input dtype
+    weight: Optional[torch.Tensor]  # fp32 accumulator whatever the input dtype; its value is weight_scale * weight
     bias: Optional[torch.Tensor]
+    # A pending factor on the weight accumulator, folded into the next GEMM's beta: 0 means "not written yet" (the
+    # buffer is uninitialised, so no pass zeroes V x H), and a rescale costs no pass over V x H either.
+    weight_scale: float = 0.0
+
+    def scale_(self, factor: float, hidden_rows) -> None:
+        """Multiply everything accumulated so far by `factor` (hidden only on `hidden_rows`)."""
+        if self.hidden is not None:
+            self.hidden[hidden_rows] *= factor
+        if self.bias is not None:
+            self.bias.mul_(factor)
+        self.weight_scale *= factor
+
+    def finalize_(self) -> None:
+        if self.weight is not None and self.weight_scale != 1.0:
+            if self.weight_scale == 0.0:
+                self.weight.zero_()
+            else:
+                self.weight.mul_(self.weight_scale)
+        self.weight_scale = 1.0
 
 
 class ChunkRunner:
@@ -68,7 +87,8 @@ class ChunkRunner:
         """out <- (h W^T + b) / T for one chunk, in place."""
         if self.bias is None:
             torch.mm(rows_hidden, self.weight.T, out=out)
-            out.mul_(self.inv_t)
+            if self.inv_t != 1.0:
+                out.mul_(self.inv_t)
         else:
             torch.addmm(self.bias, rows_hidden, self.weight.T, beta=self.inv_t, alpha=self.inv_t, out=out)
         return out
@@ -77,7 +97,9 @@ class ChunkRunner:
         if grads.hidden is not None:
             grads.hidden.index_copy_(0, rows, dz @ self.weight)
         if grads.weight is not None:
-            grads.weight.addmm_(dz.T.to(grads.weight.dtype), rows_hidden.to(grads.weight.dtype))
+            acc = grads.weight
+            torch.addmm(acc, dz.T.to(acc.dtype), rows_hidden.to(acc.dtype), beta=grads.weight_scale, out=acc)
+            grads.weight_scale = 1.0
         if grads.bias is not None:
             grads.bias.add_(dz.sum(0).to(grads.bias.dtype))
 
@@ -85,7 +107,7 @@ class ChunkRunner:
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
         return Grads(
             hidden=torch.zeros_like(self.hidden) if need_hidden else None,
-            weight=torch.zeros(self.weight.shape, dtype=acc, device=self.weight.device) if need_weight else None,
+            weight=torch.empty(self.weight.shape, dtype=acc, device=self.weight.device) if need_weight else None,
             bias=torch.zeros(self.vocab, dtype=acc, device=self.weight.device) if need_bias else None)
 
     def empty_stats(self) -> RowStats:
@@ -116,18 +138,18 @@ class ChunkRunner:
         """SDPO rows: student and teacher logits of the same tokens. `coef(rows, chunk_stats) -> (c_logp, c_div)`."""
         rows, cfg = self.sd_rows, self.cfg
         teacher = self.x.teacher_hidden
-        zbuf = ubuf = None
+        buf = None
         n_valid = int(self.x.valid[rows].sum())
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]
-            if zbuf is None:
-                size = min(self.chunk, rows.numel())
-                zbuf = self.hidden.new_empty(size, self.vocab)
-                ubuf = self.hidden.new_empty(size, self.vocab)
+            c = r.numel()
+            if buf is None:
+                buf = self.hidden.new_empty(2 * min(self.chunk, rows.numel()), self.vocab)
+            # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
             h = self.hidden.index_select(0, r)
-            z = self._logits(h, zbuf[:r.numel()])
-            t_rows = self.teacher_rows[start:start + self.chunk]
-            u = self._logits(teacher.index_select(0, t_rows).to(self.dtype), ubuf[:r.numel()])
+            t = teacher.index_select(0, self.teacher_rows[start:start + self.chunk]).to(self.dtype)
+            zu = self._logits(torch.cat([h, t]), buf[:2 * c])
+            z, u = zu[:c], zu[c:]
             targets = self.x.token_ids.index_select(0, r)
             st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]

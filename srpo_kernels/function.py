@@ -74,12 +74,10 @@ def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], mu: Optional[fl
     if mu is None:
         mu = weight_normalizer(x, cfg, stats.teacher_entropy)
         if grads is not None and mu != 1.0:  # so far only SDPO rows have contributed
-            if grads.hidden is not None:
-                grads.hidden[runner.sd_rows] /= mu
-            for g in (grads.weight, grads.bias):
-                if g is not None:
-                    g.div_(mu)
+            grads.scale_(1.0 / mu, runner.sd_rows)
     runner.student_stream(runner.g_rows, stats, None if coef is None else coef.grpo, grads)
+    if grads is not None:
+        grads.finalize_()
     return stats, mu
 
 
