@@ -59,7 +59,7 @@ def _build():
     if lib.is_file():
         torch.ops.load_library(str(lib))
         return
-    print(f"srpo_kernels: compiling the C++ CPU kernel into {build_dir} (once per machine, about a minute)...",
+    print(f"srpo_kernels: compiling the C++ CPU kernel into {build_dir} (once per machine, a few seconds)...",
           file=sys.stderr, flush=True)
     cpp_extension.load(name="srpo_kernels_cpu", sources=[str(src)], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
