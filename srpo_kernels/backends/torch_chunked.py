@@ -67,80 +67,112 @@ def bucket_logprobs(zk, uk, stats, tail: bool):
     return zk - stats[:, S.P_NORM, None], uk - stats[:, S.Q_NORM, None]
 
 
-def rebalance_(grad, z):
-    """Set the argmax entry of each row to minus the sum of the others, in place.
+def rebalance_(grad, top):
+    """Set entry `top` (each row's argmax logit, ``[C, 1]``) to minus the sum of the row's other entries, in place.
 
     dL/dz sums to zero over a row (the loss is invariant to shifting the logits). Where one token holds almost all
     the probability, its entry is a difference of nearly equal terms, e.g. ``p (log p - log m - KL)``, and loses
     every digit in fp32; the other entries carry no such cancellation, so their sum restores it.
     """
-    top = z.argmax(1, keepdim=True)
     grad.scatter_(1, top, 0.0)
     grad.scatter_(1, top, -grad.sum(1, keepdim=True))
 
 
-def _entropy(z, lse):
-    log_p = z - lse[:, None]
-    return -(log_p.exp() * log_p).sum(-1)
-
-
 class TorchRowOps:
+    """Row passes as tensor ops. The vocabulary-wide passes are the five primitives at the top (a subclass such as
+    the Triton backend replaces them with kernels); top-K selection, the small ``[C, K+1]`` support math, the
+    target term and the rebalance are shared by every subclass."""
+
     name = "torch"
 
-    def student_stats(self, z, targets):
-        lse = z.logsumexp(-1)
-        logp = z.gather(1, targets[:, None]).squeeze(1) - lse
-        return torch.stack([lse, logp, _entropy(z, lse)], 1)
+    # ------------------------------------------------------------------ primitives (vocabulary-wide passes)
+    def lse_entropy(self, x):
+        """Per-row log-sum-exp and entropy of softmax(x); entries may be -inf."""
+        lse = x.logsumexp(-1)
+        log_p = x - lse[:, None]
+        return lse, -_xlogy_diff(log_p.exp(), log_p, 0.0).sum(-1)
 
-    def student_grad(self, z, targets, stats, c_logp, c_ent):
-        log_p = z - stats[:, S.LSE, None]
+    def full_divergence(self, z, u, lse_z, lse_u, alpha):
+        """(D, aux) over the full vocabulary, see divergence_and_aux."""
+        return divergence_and_aux(z - lse_z[:, None], u - lse_u[:, None], alpha)
+
+    def fill_student_grad(self, z, lse, entropy, c_logp, c_ent):
+        """z <- -c_logp p - c_ent p (log p + H), in place."""
+        log_p = z - lse[:, None]
         p = log_p.exp()
         grad = -c_logp[:, None] * p
         if c_ent is not None:
-            grad -= c_ent[:, None] * p * (log_p + stats[:, S.ENTROPY, None])
-        grad.scatter_add_(1, targets[:, None], c_logp[:, None])
-        rebalance_(grad, z)
+            grad -= c_ent[:, None] * p * (log_p + entropy[:, None])
         z.copy_(grad)
+
+    def fill_distill_grad(self, z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):
+        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place."""
+        log_p = z - lse_z[:, None]
+        grad = c_div[:, None] * divergence_grad(log_p, u - lse_u[:, None], aux, alpha)
+        grad -= c_logp[:, None] * log_p.exp()
+        z.copy_(grad)
+
+    def fill_tail_grad(self, z, lse_z, g_tail, shift, c_logp):
+        """z <- g_tail exp(z - shift) - c_logp exp(z - lse_z), in place (every entry as a tail member)."""
+        z.copy_(g_tail[:, None] * torch.exp(z - shift[:, None]) - c_logp[:, None] * torch.exp(z - lse_z[:, None]))
+
+    # ------------------------------------------------------------------ the RowOps contract
+    def student_stats(self, z, targets):
+        lse, entropy = self.lse_entropy(z)
+        return torch.stack([lse, z.gather(1, targets[:, None]).squeeze(1) - lse, entropy], 1)
+
+    def student_grad(self, z, targets, stats, c_logp, c_ent):
+        top = z.argmax(1, keepdim=True)
+        self.fill_student_grad(z, stats[:, S.LSE], stats[:, S.ENTROPY], c_logp, c_ent)
+        z.scatter_add_(1, targets[:, None], c_logp[:, None])
+        rebalance_(z, top)
+
+    def _tail_lse(self, x, ids):
+        """log-sum-exp of each row without the top-K ids (exact: no 1 - sum cancellation)."""
+        saved = x.gather(1, ids)
+        x.scatter_(1, ids, -math.inf)
+        lse = self.lse_entropy(x)[0]
+        x.scatter_(1, ids, saved)
+        return lse
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
         stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS)
         stats[:, :S.N_STUDENT_STATS] = self.student_stats(z, targets)
-        lse_u = u.logsumexp(-1)
+        lse_z = stats[:, S.LSE]
+        lse_u, ent_u = self.lse_entropy(u)
         stats[:, S.T_LSE] = lse_u
         topk = effective_topk(topk, z.shape[1])
-        log_p, log_q = z - stats[:, S.LSE, None], u - lse_u[:, None]
-        ids = None
         if topk is None:
-            lp, lq = log_p, log_q
+            stats[:, S.T_ENTROPY] = ent_u
+            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.full_divergence(z, u, lse_z, lse_u, alpha)
+            return stats, None
+        ids = z.topk(topk, dim=1).indices
+        zk, uk = z.gather(1, ids), u.gather(1, ids)
+        if topk_tail:
+            stats[:, S.P_NORM] = (self._tail_lse(z, ids) - lse_z).clamp_min(LOG_TINY)
+            stats[:, S.Q_NORM] = (self._tail_lse(u, ids) - lse_u).clamp_min(LOG_TINY)
         else:
-            ids = z.topk(topk, dim=1).indices
-            zk, uk = z.gather(1, ids), u.gather(1, ids)
-            if topk_tail:
-                in_topk = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, True)
-                stats[:, S.P_NORM] = log_p.masked_fill(in_topk, -math.inf).logsumexp(-1).clamp_min(LOG_TINY)
-                stats[:, S.Q_NORM] = log_q.masked_fill(in_topk, -math.inf).logsumexp(-1).clamp_min(LOG_TINY)
-            else:
-                stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
-            lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
-        stats[:, S.T_ENTROPY] = -_xlogy_diff(lq.exp(), lq, torch.zeros_like(lq)).sum(-1)
+            stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
+        lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
+        stats[:, S.T_ENTROPY] = -_xlogy_diff(lq.exp(), lq, 0.0).sum(-1)
         stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)
         return stats, ids
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
-        log_p = z - stats[:, S.LSE, None]
-        p = log_p.exp()
+        top = z.argmax(1, keepdim=True)
+        lse_z = stats[:, S.LSE]
         if topk_ids is None:
-            grad = c_div[:, None] * divergence_grad(log_p, u - stats[:, S.T_LSE, None], stats[:, S.AUX_KL], alpha)
+            self.fill_distill_grad(z, u, lse_z, stats[:, S.T_LSE], stats[:, S.AUX_KL], c_logp, c_div, alpha)
         else:
             zk, uk = z.gather(1, topk_ids), u.gather(1, topk_ids)
             lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
             g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
-            if topk_tail:  # the tail bucket's gradient spreads over its members in proportion p_j / p_tail
-                grad = g[:, -1:] * torch.exp(log_p - stats[:, S.P_NORM, None])
-                grad.scatter_(1, topk_ids, g[:, :-1])
-            else:
-                grad = torch.zeros_like(z).scatter_(1, topk_ids, g)
-        grad -= c_logp[:, None] * p
-        grad.scatter_add_(1, targets[:, None], c_logp[:, None])
-        rebalance_(grad, z)
-        z.copy_(grad)
+            # The tail bucket's gradient spreads over its members in proportion p_j / p_tail (none without a tail).
+            if topk_tail:
+                self.fill_tail_grad(z, lse_z, g[:, -1], lse_z + stats[:, S.P_NORM], c_logp)
+            else:  # shift = lse keeps exp(z - shift) <= 1, so 0 * exp never meets an inf
+                self.fill_tail_grad(z, lse_z, torch.zeros_like(lse_z), lse_z, c_logp)
+            k = topk_ids.shape[1]
+            z.scatter_(1, topk_ids, g[:, :k] - c_logp[:, None] * torch.exp(zk - lse_z[:, None]))
+        z.scatter_add_(1, targets[:, None], c_logp[:, None])
+        rebalance_(z, top)
