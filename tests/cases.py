@@ -73,6 +73,16 @@ def run(fn, case, dtype=torch.float64, upstream_seed=123, **options):
     return res
 
 
+def rounded(case, dtype):
+    """The case with its floating inputs rounded to `dtype` (kept fp64): the exact answer for what a low-precision
+    run is actually given, so input rounding, shared by every implementation, does not blur the comparison."""
+    out = dict(case)
+    for k in ("hidden", "weight", "bias", "teacher_hidden"):
+        if out.get(k) is not None:
+            out[k] = out[k].to(dtype).double()
+    return out
+
+
 def fused(backend, **kw):
     return lambda *a, **k: sk.fused_srpo_loss(*a, **k, backend=backend, **kw)
 

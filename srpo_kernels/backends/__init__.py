@@ -1,7 +1,8 @@
 """Backend registry and the ``backend="auto"`` choice.
 
 A backend supplies the row passes of ``row_ops.RowOps``; the GEMMs around them are shared. ``"torch"`` runs
-anywhere, ``"cpu"`` is the C++ kernel of ``csrc/`` (compiled on first use), ``"triton"`` is reserved for CUDA.
+anywhere, ``"cpu"`` is the C++ kernel of ``csrc/`` (compiled on first use), ``"triton"`` runs Triton kernels on
+CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
 """
 from __future__ import annotations
 
@@ -22,6 +23,20 @@ def _warn_once(key: str, message: str):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _triton_error(device: torch.device, dtype: torch.dtype):
+    """Why the Triton backend cannot run here, or None."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'srpo-kernels[triton]')"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"it needs CUDA tensors (or TRITON_INTERPRET=1 for testing), got {device}"
+    if dtype == torch.float64:
+        return "it computes in fp32; float64 inputs need backend='torch'"
+    return None
+
+
 def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> RowOps:
     """The row passes for `backend` on `device`; "auto" picks the fastest available and says why if it falls back."""
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -39,7 +54,12 @@ def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
             raise RuntimeError(f"backend='cpu' is unavailable: {load_error()}")
         return CpuRowOps()
     if backend == "triton":
-        raise ValueError("backend='triton' is not available in this build (use 'torch' or 'auto')")
+        err = _triton_error(device, dtype)
+        if err:
+            raise ValueError(f"backend='triton' is unavailable: {err}")
+        from .triton import TritonRowOps
+
+        return TritonRowOps()
     # auto
     if device.type == "cpu" and dtype != torch.float64:  # fp64 (gradcheck) stays exact in the torch backend
         from .cpu import CpuRowOps, load_error
@@ -52,6 +72,10 @@ def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
         return TorchRowOps()
     if device.type == "cpu":
         return TorchRowOps()
+    if device.type == "cuda" and not _triton_error(device, dtype):
+        from .triton import TritonRowOps
+
+        return TritonRowOps()
     _warn_once(f"auto-{device.type}", f"srpo_kernels: no fused kernel for {device.type} tensors; using the chunked "
                                       "PyTorch backend")
     return TorchRowOps()

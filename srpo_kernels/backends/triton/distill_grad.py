@@ -1,0 +1,42 @@
+"""z <- c_div dD/dz - c_logp p over the full vocabulary, in place (MODE as in divergence.py)."""
+import triton
+import triton.language as tl
+
+from .divergence import alpha_constants, divergence_mode
+from .jsd_math import jsd_terms
+from .launch import Launcher
+
+
+@triton.jit
+def distill_grad_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, aux_ptr, c_logp_ptr, c_div_ptr, stride, n_cols, alpha,
+                        log_beta, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lse_z = tl.load(lse_z_ptr + row)
+    lse_u = tl.load(lse_u_ptr + row)
+    aux = tl.load(aux_ptr + row)
+    a = tl.load(c_logp_ptr + row)
+    c = tl.load(c_div_ptr + row)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        ptr = z_ptr + row * stride + cols
+        lp = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - lse_z
+        lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - lse_u
+        p = tl.exp(lp)
+        if MODE == 0:
+            g = p - tl.exp(lq)
+        elif MODE == 1:
+            g = p * (lp - lq - aux)
+        else:
+            d, _e = jsd_terms(lp, lq, log_beta)
+            g = (1 - alpha) * p * (d - aux)
+        tl.store(ptr, c * g - a * p, mask=mask)
+
+
+_launch = Launcher(distill_grad_kernel, writes=("z_ptr",))
+
+
+def fill_distill_grad(z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):
+    _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), aux.contiguous(), c_logp.contiguous(),
+            c_div.contiguous(), z.stride(0), z.shape[1], float(alpha), alpha_constants(alpha)[0],
+            MODE=divergence_mode(alpha))

@@ -1,0 +1,69 @@
+"""Full-vocabulary divergence per row, and the sum its gradient needs (see torch_chunked.divergence_and_aux).
+MODE 0: forward KL(q||p); 1: reverse KL(p||q); 2: generalised JSD."""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .jsd_math import jsd_terms
+from .launch import Launcher
+
+
+@triton.jit
+def divergence_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, d_ptr, aux_ptr, stride, n_cols, alpha, log_beta, c0, c1,
+                      MODE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lse_z = tl.load(lse_z_ptr + row)
+    lse_u = tl.load(lse_u_ptr + row)
+    acc1 = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    acc3 = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        lp = tl.load(z_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - lse_z
+        lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - lse_u
+        p = tl.exp(lp)
+        q = tl.exp(lq)
+        if MODE == 0:
+            acc1 += tl.where(mask, q * (lq - lp), 0.0)
+        elif MODE == 1:
+            acc1 += tl.where(mask, p * (lp - lq), 0.0)
+        else:
+            d, e = jsd_terms(lp, lq, log_beta)
+            acc1 += tl.where(mask, p * (d + c0), 0.0)
+            acc2 += tl.where(mask, q * (e + c1), 0.0)
+            acc3 += tl.where(mask, p * d, 0.0)
+    s1 = tl.sum(acc1, 0)
+    if MODE == 0:
+        tl.store(d_ptr + row, s1)
+        tl.store(aux_ptr + row, 0.0)
+    elif MODE == 1:
+        tl.store(d_ptr + row, s1)
+        tl.store(aux_ptr + row, s1)
+    else:
+        tl.store(d_ptr + row, (1 - alpha) * s1 + alpha * tl.sum(acc2, 0))
+        tl.store(aux_ptr + row, tl.sum(acc3, 0))
+
+
+_launch = Launcher(divergence_kernel)
+
+
+def divergence_mode(alpha: float) -> int:
+    return 0 if alpha == 0.0 else 1 if alpha == 1.0 else 2
+
+
+def alpha_constants(alpha: float):
+    """(log_beta, c0, c1) = (log(a/(1-a)), -log(1-a), -log(a)), 0 where undefined (unused there)."""
+    if alpha in (0.0, 1.0):
+        return 0.0, 0.0, 0.0
+    return math.log(alpha / (1 - alpha)), -math.log1p(-alpha), -math.log(alpha)
+
+
+def full_divergence(z, u, lse_z, lse_u, alpha):
+    d = z.new_empty(z.shape[0])
+    aux = z.new_empty(z.shape[0])
+    _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), d, aux, z.stride(0), z.shape[1],
+            float(alpha), *alpha_constants(alpha), MODE=divergence_mode(alpha))
+    return d, aux

@@ -1,0 +1,85 @@
+"""The Triton backend against the reference: on CUDA when present, else under TRITON_INTERPRET=1 (see conftest)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import srpo_kernels as sk
+from cases import assert_agree, fused, make_case, max_rel_err, ref_loss, rounded, run
+
+pytest.importorskip("triton", reason="triton not installed (pip install 'srpo-kernels[triton]')")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+CASES = {
+    "jsd": {},
+    "forward_kl": dict(alpha=0.0),
+    "reverse_kl": dict(alpha=1.0),
+    "topk_tail": dict(topk=7),
+    "topk_renorm_rkl": dict(topk=5, topk_tail=False, alpha=1.0),
+    "topk_tail_fkl": dict(topk=9, alpha=0.0),
+    "temperature_ref_kl": dict(temperature=0.7, ref_beta=0.05),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none", topk=6),
+}
+
+
+def _on_device(case):
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_matches_reference(name):
+    options = CASES[name]
+    # V = 1500: more than one interpreter block (1024) and not a multiple of it.
+    case = make_case(seed=len(name), n=29, v=1500, ref=True)
+    expected = run(ref_loss, case, **options)
+    actual = run(fused("triton", chunk_size=16), _on_device(case), dtype=torch.float32, **options)
+    assert_agree({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in actual.items()}, expected)
+
+
+@pytest.mark.parametrize("variant", [dict(sd_frac=0.0), dict(sd_frac=1.0, bias=False), dict(weight_grad=False),
+                                     dict(mask_frac=0.6, old=False)], ids=str)
+def test_triton_routing_and_masks(variant):
+    case = make_case(seed=5, n=33, v=301, **variant)
+    expected = run(ref_loss, case, topk=4)
+    actual = run(fused("triton"), _on_device(case), dtype=torch.float32, topk=4)
+    assert_agree({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in actual.items()}, expected)
+
+
+def test_triton_bf16_no_worse_than_naive():
+    case = make_case(seed=6, n=31, h=32, v=301)
+    truth = run(ref_loss, rounded(case, torch.bfloat16))  # fp64 on the inputs both sides get
+    naive = run(ref_loss, case, dtype=torch.bfloat16)
+    ours = run(fused("triton"), _on_device(case), dtype=torch.bfloat16)
+    for k in ("loss", "logprobs", "divergence", "grad_hidden", "grad_weight", "grad_bias"):
+        assert max_rel_err(ours[k].cpu(), truth[k]) <= max_rel_err(naive[k], truth[k]) + 1e-3, k
+
+
+def test_triton_logprobs_with_entropy_grads():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(11, 8, generator=g), torch.randn(1100, 8, generator=g)
+    ids = torch.randint(0, 1100, (11,), generator=g)
+    results = []
+    for fn, dev in ((sk.reference.logprobs, "cpu"),
+                    (lambda *a, **k: sk.fused_logprobs(*a, **k, backend="triton"), DEVICE)):
+        h, w = hidden.to(dev).requires_grad_(), weight.to(dev).requires_grad_()
+        lp, ent = fn(h, w, ids.to(dev), with_entropy=True)
+        grads = torch.autograd.grad(lp.sum() + 0.5 * ent.sum(), (h, w))
+        results.append([t.detach().cpu() for t in (lp, ent, *grads)])
+    for expected, actual in zip(*results):
+        assert max_rel_err(actual, expected) < 1e-5
+
+
+def test_package_imports_and_works_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, srpo_kernels as sk\n"
+            "print(sk.fused_logprobs(torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2])).shape)\n"
+            "try:\n    sk.fused_logprobs(torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2]), "
+            "backend='triton')\nexcept ValueError as e:\n    print('error:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert "torch.Size([3])" in out and "error: backend='triton' is unavailable" in out
