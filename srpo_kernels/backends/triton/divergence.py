@@ -2,7 +2,6 @@
 MODE 0: forward KL(q||p); 1: reverse KL(p||q); 2: generalised JSD."""
 import math
 
-import torch
 import triton
 import triton.language as tl
 
