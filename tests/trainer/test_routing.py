@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from srpo.routing import advantages, route_group
+
+
+@pytest.mark.parametrize("rewards,algo,distill,in_loss", [
+    # correct with a sibling, wrong with a sibling
+    ([1, 0, 0, 1], "srpo", [0, 1, 1, 0], [1, 1, 1, 1]),
+    # lone success (correct without sibling) -> GRPO; its failed siblings are distilled
+    ([1, 0, 0, 0], "srpo", [0, 1, 1, 1], [1, 1, 1, 1]),
+    # wrong without a correct sibling (all-wrong group) -> GRPO
+    ([0, 0, 0, 0], "srpo", [0, 0, 0, 0], [1, 1, 1, 1]),
+    ([1, 1, 1, 1], "srpo", [0, 0, 0, 0], [1, 1, 1, 1]),
+    ([1, 0, 0, 1], "grpo", [0, 0, 0, 0], [1, 1, 1, 1]),
+    # SDPO as its authors run it: every rollout with *another* correct rollout, correct or not; the rest drop out
+    ([1, 0, 0, 1], "sdpo", [1, 1, 1, 1], [1, 1, 1, 1]),
+    ([1, 0, 0, 0], "sdpo", [0, 1, 1, 1], [0, 1, 1, 1]),
+    ([0, 0, 0, 0], "sdpo", [0, 0, 0, 0], [0, 0, 0, 0]),
+])
+def test_routing_table(rewards, algo, distill, in_loss):
+    r = route_group(torch.tensor(rewards, dtype=torch.float), algo)
+    assert r.distill.tolist() == [bool(d) for d in distill]
+    assert r.in_loss.tolist() == [bool(d) for d in in_loss]
+    for i, sib in enumerate(r.sibling):
+        if r.distill[i]:
+            assert sib != i and rewards[sib] == 1  # a correct sibling, never the rollout itself
+        else:
+            assert sib is None
+
+
+def test_partial_rewards_use_the_half_threshold():
+    r = route_group(torch.tensor([0.6, 0.4]), "srpo")
+    assert r.distill.tolist() == [False, True]
+
+
+def test_advantages_dr_grpo_and_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    assert advantages(rewards).tolist() == [0.5, -0.5, -0.5, 0.5]
+    assert torch.allclose(advantages(rewards, std_normalize=True), torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    assert advantages(torch.ones(4), std_normalize=True).tolist() == [0.0] * 4
+
+
+def test_unknown_algo():
+    with pytest.raises(ValueError, match="algo"):
+        route_group(torch.zeros(2), "ppo")

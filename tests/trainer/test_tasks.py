@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from srpo.tasks import Arithmetic, JsonlDataset, get_verifier, mcq, numeric, toolcall
+
+
+def test_numeric_tolerates_surrounding_text():
+    assert numeric("Let me think... 12 + 7 = 19. The answer is 19.", 19) == 1.0
+    assert numeric("The answer is 1,234", 1234) == 1.0
+    assert numeric("It is 18", 19) == 0.0
+    assert numeric("no idea", 19) == 0.0
+    assert numeric("-3", -3) == 1.0
+
+
+def test_mcq_and_toolcall():
+    assert mcq("I think the answer is (B).", "B") == 1.0
+    assert mcq("A or maybe C", "A") == 0.0
+    resp = "Thought: look it up\nAction: search\nAction Input: {\"q\": \"cats\"}\n"
+    assert toolcall(resp, {"action": "search", "action_input": {"q": "cats"}}) == 1.0
+    assert toolcall(resp, {"action": "lookup", "action_input": {"q": "cats"}}) == 0.0
+    assert toolcall("Action: search", {"action": "search", "action_input": "x"}) == 0.0
+
+
+def test_arithmetic_answers_are_right():
+    task = Arithmetic(digits=2, ops="+-*", seed=3)
+    for ex in task.sample(50):
+        a, op, b = ex.prompt.split()[2:5]
+        assert ex.answer == eval(f"{a}{op}{b.rstrip('?')}")
+
+
+def test_module_function_verifier_and_unknown_name():
+    assert get_verifier("coin_verifier:coin")("ab", None) in (0.0, 1.0)
+    with pytest.raises(ValueError, match="verifier"):
+        get_verifier("nope")
+
+
+def test_malformed_dataset_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": 1}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed"):
+        JsonlDataset(str(path), "numeric")
+    path.write_text(json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*answer"):
+        JsonlDataset(str(path), "numeric")
