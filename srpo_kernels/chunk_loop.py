@@ -16,6 +16,7 @@ from . import token_math
 from .backends import row_ops as S
 from .backends.row_ops import RowOps
 from .config import SRPOLossConfig
+from .distributed import all_reduce_sums
 from .inputs import FlatInputs
 
 CHUNK_BYTES = 64 << 20  # one fp32 [C, V] logits buffer; C = CHUNK_BYTES / (4 V), kept in [16, 4096]
@@ -165,11 +166,19 @@ def weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: torch
     """The mean of exp(-beta H_T) over valid SDPO tokens, unless the caller supplied it (1.0 when there are none)."""
     if x.weight_normalizer is not None:
         return x.weight_normalizer
-    sel = x.valid & x.route
-    if cfg.entropy_beta == 0 or not bool(sel.any()):
+    if cfg.entropy_beta == 0:
         return 1.0
-    return float(token_math.entropy_weight(teacher_entropy[sel], cfg).double().mean())
+    sel = x.valid & x.route
+    total = float(token_math.entropy_weight(teacher_entropy[sel], cfg).double().sum()) if bool(sel.any()) else 0.0
+    count = float(sel.sum())
+    if x.distributed:  # every rank reaches this exactly once per pass (see normalizer_known_upfront)
+        device = x.hidden.device
+        total, count = all_reduce_sums(total, count, device=device if device.type != "cpu" else None)
+    return total / count if count else 1.0
 
 
 def normalizer_known_upfront(x: FlatInputs, cfg: SRPOLossConfig) -> bool:
-    return x.weight_normalizer is not None or cfg.entropy_beta == 0 or not bool((x.valid & x.route).any())
+    if x.weight_normalizer is not None or cfg.entropy_beta == 0:
+        return True
+    # Data-parallel: a rank without SDPO tokens must still join the reduction, so it is never known upfront.
+    return not x.distributed and not bool((x.valid & x.route).any())

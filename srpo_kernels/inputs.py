@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .distributed import all_reduce_sums, world_size
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -32,6 +34,7 @@ class FlatInputs:
     normalizer: Optional[float]
     weight_normalizer: Optional[float]
     token_shape: torch.Size
+    distributed: bool = False  # normalisers not supplied are reduced over the data-parallel ranks
 
     @property
     def math_dtype(self) -> torch.dtype:
@@ -168,8 +171,13 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
         isw = _per_token("is_weights", is_weights, shape, device, dtype)
         if (isw < 0).any():
             raise ValueError("is_weights must be >= 0 everywhere")
+    normalizer = _positive_scalar("normalizer", normalizer)
+    weight_normalizer = _positive_scalar("weight_normalizer", weight_normalizer)
+    distributed = world_size() > 1 and (normalizer is None or weight_normalizer is None)
+    if distributed and normalizer is None:  # D_global / world: DDP's averaging then gives the full-batch gradient
+        (count,) = all_reduce_sums(float(valid.sum()), device=device if device.type != "cpu" else None)
+        normalizer = max(count, 1.0) / world_size()
     return FlatInputs(
         hidden=flat_hidden, weight=weight, bias=bias, token_ids=flat_ids, advantages=adv, route=route_flat,
         valid=valid, teacher_hidden=teacher_hidden, old_logprobs=old, ref_logprobs=ref, is_weights=isw,
-        normalizer=_positive_scalar("normalizer", normalizer),
-        weight_normalizer=_positive_scalar("weight_normalizer", weight_normalizer), token_shape=shape)
+        normalizer=normalizer, weight_normalizer=weight_normalizer, token_shape=shape, distributed=distributed)
