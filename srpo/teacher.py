@@ -33,6 +33,18 @@ def chat_prompt_ids(tokenizer, user_turn: str) -> List[int]:
     return list(ids)
 
 
+def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy. A Hugging Face model is rebuilt from its config and loaded, because trainers patch
+    attributes onto model instances (TRL wraps forward) that ``deepcopy`` carries over still bound to the original,
+    which would make the "EMA" teacher silently run the live policy."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(model, "load_state_dict"):
+        clone = type(model)(config)
+        clone.load_state_dict(model.state_dict())
+        return clone.to(next(model.parameters()).device)
+    return copy.deepcopy(model)
+
+
 class EMATeacher:
     """``theta' <- (1 - rate) theta' + rate theta`` after each optimiser step; frozen, eval mode."""
 
@@ -40,7 +52,7 @@ class EMATeacher:
         if not 0 < rate <= 1:
             raise ValueError(f"ema rate must be in (0, 1], got {rate}")
         self.rate = rate
-        self.model = copy.deepcopy(model).eval()
+        self.model = _fresh_copy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 

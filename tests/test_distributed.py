@@ -3,7 +3,6 @@ ranks (each holding half the tokens) equals the single-process full-batch gradie
 import os
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -1,0 +1,1 @@
+"""Drop-in adapters for existing trainers (optional extras; nothing else imports them)."""

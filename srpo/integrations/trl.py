@@ -1,0 +1,252 @@
+"""TRL drop-in: ``FusedGRPOTrainer`` (TRL's GRPO loss, computed without materialising logits) and ``SRPOTrainer``
+(TRL's generation and rewards, SRPO routing, the self-teacher on distilled rows only, ``fused_srpo_loss``).
+
+Requires ``pip install 'srpo-kernels[trl]'``. The loss reads the backbone's last hidden state (captured by a forward
+hook while the wrapped model runs with ``logits_to_keep=1``, so DDP/accelerate wrappers still see the forward) and
+the lm_head weight; under DeepSpeed ZeRO-3 the lm_head is gathered for the loss, as TRL's Liger path did.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+import srpo_kernels
+
+from ..routing import route_group
+from ..teacher import EMATeacher, teacher_prompt_ids
+
+FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def backbone_hidden(model, input_ids, attention_mask):
+    """Last hidden state ``[B, L, H]`` of the backbone, through the (possibly wrapped) model's own forward."""
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = _unwrap(model).base_model.register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+@contextlib.contextmanager
+def gathered_lm_head(trainer):
+    """The lm_head (weight, bias), gathered when DeepSpeed ZeRO-3 shards it."""
+    head = _unwrap(trainer.model).get_output_embeddings()
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield head.weight, head.bias
+    else:
+        yield head.weight, head.bias
+
+
+def _check_supported(trainer):
+    args = trainer.args
+    if trainer.loss_type not in FUSED_LOSS_TYPES:
+        raise ValueError(f"fused loss supports loss_type in {FUSED_LOSS_TYPES}, got {trainer.loss_type!r}")
+    unsupported = {"importance_sampling_level": args.importance_sampling_level != "token",
+                   "delta": args.delta is not None, "top_entropy_quantile": trainer.top_entropy_quantile < 1.0,
+                   "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
+                   "use_bias_correction_kl (with beta != 0)": trainer.beta != 0 and bool(getattr(args, "use_bias_correction_kl", False)),
+                   "use_vllm importance correction": trainer.use_vllm and trainer.vllm_importance_sampling_correction}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"the fused loss does not implement these GRPOConfig options: {bad}")
+
+
+def aggregate(trainer, per_token_loss, mask, inputs):
+    """TRL's own reduction of a ``[B, T]`` per-token loss for each loss_type (same normalisers)."""
+    mode = "train" if trainer.model.training else "eval"
+    accum = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    if trainer.loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accum
+    if trainer.loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / accum
+    if trainer.loss_type == "dr_grpo":
+        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * trainer.max_completion_length) / accum
+    normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+    if mode == "train":
+        normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+    return (per_token_loss * mask).sum() / normalizer
+
+
+def _completion_hidden(model, inputs, prompt_ids, prompt_mask, through_wrapper=True):
+    """Hidden states at the positions that predict each completion token. The student goes through its (DDP)
+    wrapper; the no-grad teacher calls its backbone directly."""
+    completion_ids = inputs["completion_ids"]
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, inputs["completion_mask"]], 1)
+    if through_wrapper:
+        hidden = backbone_hidden(model, ids, mask)
+    else:
+        hidden = _unwrap(model).base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    width = prompt_ids.shape[1]
+    return hidden[:, width - 1:width - 1 + completion_ids.shape[1]]  # the positions that predict each token
+
+
+class FusedGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose loss is computed from hidden states with ``srpo_kernels`` (same value as TRL's for
+    loss_type in grpo | bnpo | dr_grpo | dapo), never materialising ``[B, T, V]`` logits."""
+
+    kernel_backend = "auto"
+
+    def _compute_loss(self, model, inputs):
+        _check_supported(self)
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages[:, None]
+        with gathered_lm_head(self) as (weight, bias):
+            out = srpo_kernels.fused_srpo_loss(
+                hidden, weight, inputs["completion_ids"], advantages, old_logprobs=inputs.get("old_per_token_logps"),
+                ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0 else None, ref_beta=self.beta,
+                loss_mask=mask.bool(), bias=bias, temperature=self.temperature, eps_low=self.epsilon_low,
+                eps_high=self.epsilon_high, dual_clip=None, reduction="none", backend=self.kernel_backend)
+        self._log_fused(out, mask)
+        return aggregate(self, out.loss, mask, inputs)
+
+    def _log_fused(self, out, mask):
+        mode = "train" if self.model.training else "eval"
+        for key, value in out.metrics.items():
+            self._metrics[mode][f"fused/{key}"].append(value)
+
+
+@dataclass
+class SRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the SRPO options (SPEC §1)."""
+
+    algo: str = field(default="srpo", metadata={"help": "srpo | sdpo | grpo"})
+    alpha: float = field(default=0.5, metadata={"help": "divergence: 0 forward KL, 1 reverse KL, else JSD"})
+    topk: Optional[int] = field(default=None, metadata={"help": "top-K support of the distillation (None: full)"})
+    topk_tail: bool = field(default=True, metadata={"help": "with topk: one tail bucket"})
+    entropy_beta: float = field(default=1.0, metadata={"help": "teacher-entropy weight exp(-beta H_T)"})
+    is_clip: float = field(default=2.0, metadata={"help": "cap of the SDPO importance weight"})
+    teacher: str = field(default="ema", metadata={"help": "ema | live"})
+    ema_rate: float = field(default=0.05, metadata={"help": "EMA rate of the teacher"})
+    dual_clip: Optional[float] = field(default=3.0, metadata={"help": "GRPO dual clip (None disables)"})
+
+
+class _EMACallback(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.ema is not None:
+            self.trainer.ema.update(_unwrap(self.trainer.model))
+
+
+def _prompt_text(prompt) -> str:
+    """A dataset prompt as text: a string, or the last user message of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else str(prompt)
+
+
+class SRPOTrainer(FusedGRPOTrainer):
+    """TRL's generation and reward functions; SRPO routing; the teacher (EMA or live policy) re-prompted with a
+    correct sibling's solution and run only for the distilled rows; ``fused_srpo_loss`` (bnpo-style aggregation)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.args
+        if not isinstance(cfg, SRPOConfig):
+            raise TypeError("SRPOTrainer needs args=SRPOConfig(...)")
+        self.ema = EMATeacher(_unwrap(self.model), cfg.ema_rate) if cfg.teacher == "ema" and cfg.algo != "grpo" \
+            else None
+        self.add_callback(_EMACallback(self))
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func  # gathered over processes, in generation order
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        from accelerate.utils import gather_object
+
+        out = super()._generate_and_score_completions(inputs)
+        cfg, tok = self.args, self.processing_class
+        weights = self.reward_weights.to(self._last_rewards_per_func.device)
+        rewards = (self._last_rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).cpu()
+        completions = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
+        all_completions = gather_object(completions)
+        all_prompts = gather_object([_prompt_text(x["prompt"]) for x in inputs])
+        local = len(completions)
+        start = self.accelerator.process_index * local
+        g = self.num_generations
+        distill, in_loss, teacher_ids = [], [], []
+        for k in range(0, rewards.numel(), g):
+            routing = route_group(rewards[k:k + g], cfg.algo)
+            for j in range(g):
+                i = k + j
+                if not start <= i < start + local:
+                    continue
+                distill.append(bool(routing.distill[j]))
+                in_loss.append(bool(routing.in_loss[j]))
+                sib = routing.sibling[j]
+                teacher_ids.append(teacher_prompt_ids(tok, all_prompts[i], all_completions[k + sib])
+                                   if sib is not None else [])
+        width = max([len(t) for t in teacher_ids] + [1])
+        pad = tok.pad_token_id
+        device = out["completion_ids"].device
+        out["srpo_route"] = torch.tensor(distill, device=device)
+        out["srpo_in_loss"] = torch.tensor(in_loss, device=device)
+        out["teacher_prompt_ids"] = torch.tensor([[pad] * (width - len(t)) + t for t in teacher_ids], device=device)
+        out["teacher_prompt_mask"] = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in teacher_ids],
+                                                  device=device)
+        return out
+
+    def _compute_loss(self, model, inputs):
+        cfg = self.args
+        mask = inputs["completion_mask"].bool() & inputs["srpo_in_loss"][:, None]
+        hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
+        route_rows = inputs["srpo_route"]
+        teacher_hidden = None
+        if bool(route_rows.any()):
+            teacher = self.ema.model if self.ema is not None else model
+            sub = {k: inputs[k][route_rows] for k in ("completion_ids", "completion_mask")}
+            with torch.no_grad():
+                teacher_hidden = _completion_hidden(teacher, sub, inputs["teacher_prompt_ids"][route_rows],
+                                                    inputs["teacher_prompt_mask"][route_rows], through_wrapper=False)
+            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages[:, None]
+        route = route_rows[:, None].expand_as(mask)
+        with gathered_lm_head(self) as (weight, bias):
+            out = srpo_kernels.fused_srpo_loss(
+                hidden, weight, inputs["completion_ids"], advantages, route, teacher_hidden,
+                old_logprobs=inputs.get("old_per_token_logps"),
+                ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0 else None, ref_beta=self.beta,
+                loss_mask=mask, bias=bias, temperature=self.temperature, eps_low=self.epsilon_low,
+                eps_high=self.epsilon_high, dual_clip=cfg.dual_clip, alpha=cfg.alpha, topk=cfg.topk,
+                topk_tail=cfg.topk_tail, is_clip=cfg.is_clip, entropy_beta=cfg.entropy_beta,
+                backend=self.kernel_backend)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["srpo/sdpo_rollouts"].append(float(route_rows.sum()))
+        self._metrics[mode]["srpo/teacher_rows"].append(float(route_rows.sum()))
+        self._log_fused(out, mask)
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return out.loss / accum
