@@ -1,4 +1,4 @@
-"""Peak extra memory of one forward+backward, measured in a fresh subprocess (``ru_maxrss`` minus the RSS once the
+"""Peak extra memory of one forward+backward, measured in a fresh subprocess (peak RSS minus the RSS once the
 inputs exist), so earlier allocations of the calling process cannot hide or inflate it.
 
 ``python -m srpo_kernels.peak_memory --impl fused --n 2048 --h 256 --v 151936`` prints one JSON line.
@@ -16,6 +16,16 @@ import time
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """High-water RSS of this process image (``VmHWM``). Not ``ru_maxrss``: Linux carries a parent's peak over
+    ``exec`` into it, so a child spawned by a large process would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: best effort
 
 
 def random_problem(n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0):
@@ -66,8 +76,8 @@ def _main():
         out = sk.reference.srpo_loss(hidden, weight, ids, adv, route, teacher)
     out.loss.backward()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_extra_bytes": max(peak - base, 0), "seconds": seconds, "loss": float(out.loss.detach())}))
+    print(json.dumps({"peak_extra_bytes": max(peak_rss_bytes() - base, 0), "seconds": seconds,
+                      "loss": float(out.loss.detach())}))
 
 
 if __name__ == "__main__":

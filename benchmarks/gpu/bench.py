@@ -16,54 +16,10 @@ import sys
 
 import torch
 
-import srpo_kernels as sk
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks.variants import ROUTINGS, losses, make_inputs  # noqa: E402
 
 DEFAULT_SHAPES = ["2048x1024x151936", "4096x2048x151936", "8192x4096x151936"]
-ROUTINGS = {"grpo": 0.0, "half": 0.5, "sdpo": 1.0}
-
-
-SEQUENCES = 8  # tokens are B = 8 sequences of N / 8, one advantage each (Liger's GRPO takes them per sequence)
-
-
-def make_inputs(n, h, v, sd_frac, dtype, device, seed=0):
-    if n % SEQUENCES:
-        raise ValueError(f"N must be a multiple of {SEQUENCES}, got {n}")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g).to(device, dtype)
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device, dtype)
-    ids = torch.randint(0, v, (n,), generator=g).to(device)
-    adv = torch.randn(SEQUENCES, generator=g).repeat_interleave(n // SEQUENCES).to(device)
-    route = (torch.rand(n, generator=g) < sd_frac).to(device) if 0 < sd_frac < 1 else \
-        torch.full((n,), sd_frac == 1.0, device=device)
-    teacher = torch.randn(int(route.sum()), h, generator=g).to(device, dtype)
-    return hidden, weight, ids, adv, route, teacher
-
-
-def variants(hidden, weight, ids, adv, route, teacher, backend, compiled=True):
-    """name -> zero-argument callable returning the loss (leaves: hidden, weight). Options are set so that each
-    peer computes the same loss as ours on the routing it supports."""
-    all_grpo, all_sdpo = not bool(route.any()), bool(route.all())
-    opts = dict(dual_clip=None, entropy_beta=0.0) if (all_grpo or all_sdpo) else {}
-    out = {
-        f"fused ({backend})": lambda: sk.fused_srpo_loss(hidden, weight, ids, adv, route, teacher, backend=backend,
-                                                         **opts).loss,
-        "reference": lambda: sk.reference.srpo_loss(hidden, weight, ids, adv, route, teacher, **opts).loss,
-    }
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss, LigerFusedLinearJSDLoss
-    except ImportError:
-        return out
-    if all_grpo:
-        grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=0.2,
-                                        epsilon_high=0.28, compiled=compiled)
-        t = ids.numel() // SEQUENCES
-        mask = torch.ones_like(ids).view(SEQUENCES, t)
-        out["liger GRPO"] = lambda: grpo(hidden.view(SEQUENCES, t, -1), weight, ids.view(SEQUENCES, t), mask,
-                                         adv[::t])[0]
-    if all_sdpo:
-        jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=compiled)
-        out["liger JSD"] = lambda: jsd(hidden, weight, teacher, weight, ids)
-    return out
 
 
 def _main():
@@ -86,8 +42,8 @@ def _main():
         n, h, v = (int(x) for x in shape.split("x"))
         for routing, frac in ROUTINGS.items():
             inputs = make_inputs(n, h, v, frac, dtype, "cuda")
-            hidden, weight = inputs[0].requires_grad_(), inputs[1].requires_grad_()
-            for name, loss_fn in variants(*inputs, backend="triton").items():
+            hidden, weight = inputs[0], inputs[1]
+            for name, loss_fn in losses(*inputs, backends=("triton",)).items():
                 def step():
                     loss_fn().backward()
                     hidden.grad = weight.grad = None

@@ -1,0 +1,41 @@
+"""Peak extra memory of one variant's forward+backward, in a fresh process: peak RSS (VmHWM) minus the RSS once
+the inputs exist. ``python -m benchmarks.memory --variant "fused cpu" --n 2048 --h 1024 --v 151936 --routing half``"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+
+def measure(variant: str, n: int, h: int, v: int, routing: str) -> int:
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--variant", variant, "--n", str(n), "--h", str(h), "--v",
+           str(v), "--routing", routing]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def _main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--h", type=int, required=True)
+    p.add_argument("--v", type=int, required=True)
+    p.add_argument("--routing", default="half")
+    a = p.parse_args()
+    import torch
+
+    from benchmarks.variants import ROUTINGS, make_inputs, steps
+    from srpo_kernels.backends.cpu import load_error
+    from srpo_kernels.peak_memory import _rss_bytes, peak_rss_bytes
+
+    torch.set_num_threads(2)
+    load_error()  # load the kernel before the baseline
+    run = steps(make_inputs(a.n, a.h, a.v, ROUTINGS[a.routing]))[a.variant]
+    base = _rss_bytes()
+    run()
+    print(json.dumps({"peak_extra_bytes": max(peak_rss_bytes() - base, 0)}))
+
+
+if __name__ == "__main__":
+    _main()

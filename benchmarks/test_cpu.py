@@ -1,0 +1,25 @@
+"""CPU forward+backward benchmarks, side by side: ``pytest benchmarks --benchmark-only`` (add ``-m "not slow"`` to
+skip the Qwen3-sized shape, ``--benchmark-group-by=param:shape,param:routing`` to compare within a case).
+
+``python -m benchmarks.report`` runs the same variants and writes the table, the memory figures and the plots.
+"""
+import pytest
+import torch
+
+from benchmarks.variants import ROUTINGS, SHAPES, make_inputs, steps
+
+VARIANTS = ["gemm floor", "fused cpu", "fused torch", "reference", "liger GRPO", "liger JSD", "liger JSD (eager)",
+            "trl SDPO"]
+SHAPE_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name == "qwen3" else name for name in SHAPES]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
+def test_forward_backward(benchmark, shape, routing, variant):
+    torch.set_num_threads(2)
+    run = steps(make_inputs(*SHAPES[shape], ROUTINGS[routing])).get(variant)
+    if run is None:
+        pytest.skip(f"{variant} does not cover routing={routing}")
+    benchmark.group = f"{shape}-{routing}"
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
