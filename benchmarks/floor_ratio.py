@@ -1,61 +1,59 @@
-"""Fused forward+backward vs the GEMM floor and the reference, side by side in one run (fp32, CPU).
+"""Fused forward+backward vs the GEMM floor, side by side in one run (fp32, CPU): a quick check while tuning.
 
-``python benchmarks/floor_ratio.py [--n 1024 --h 512 --v 32000 --sd-frac 0.5 --threads 2]``. The floor is the
-matmuls alone for the same shapes and routing: student forward, dhidden, dW, and the teacher forward over the SDPO
-rows. Times are the best of --repeats runs.
+``python -m benchmarks.floor_ratio --shape small --routing half [--chunk-sizes 128,256,512] [--rounds 5]``
+
+Variants run interleaved, round after round, and each reports its median over the rounds as a ratio to the
+floor's (the matmuls alone for the same shapes and routing, see benchmarks/variants.py). ``--chunk-sizes`` adds
+the fused cpu backend at each given chunk size; that is how the default in ``chunk_loop.default_chunk_size`` was
+chosen. The full table with peers and memory is ``python -m benchmarks.report``.
 """
 import argparse
+import statistics
 import time
 
 import torch
 
 import srpo_kernels as sk
-from srpo_kernels.peak_memory import random_problem
-
-
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from benchmarks.variants import ROUTINGS, SHAPES, make_inputs, steps
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1024)
-    p.add_argument("--h", type=int, default=512)
-    p.add_argument("--v", type=int, default=32_000)
-    p.add_argument("--sd-frac", type=float, default=0.5)
+    p.add_argument("--shape", choices=SHAPES, default="small")
+    p.add_argument("--routing", choices=ROUTINGS, default="half")
+    p.add_argument("--chunk-sizes", default="", help="comma-separated chunk sizes for extra fused cpu variants")
+    p.add_argument("--reference", action="store_true", help="also time the materialising reference")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    h, w, ids, adv, route, th = random_problem(a.n, a.h, a.v, a.sd_frac)
-
-    def floor():
-        z = h @ w.T
-        _ = z @ w, z.T @ h, th @ w.T
-
-    def fused(backend):
-        def run():
-            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-            sk.fused_srpo_loss(hh, ww, ids, adv, route, th, backend=backend).loss.backward()
-        return run
-
-    def reference():
-        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        sk.reference.srpo_loss(hh, ww, ids, adv, route, th).loss.backward()
-
-    t_floor = best_of(floor, a.repeats)
-    print(f"N={a.n} H={a.h} V={a.v} sd_frac={a.sd_frac} threads={a.threads} fp32")
-    print(f"{'variant':<22}{'seconds':>10}{'/ floor':>10}")
-    print(f"{'GEMM floor':<22}{t_floor:>10.3f}{1.0:>10.2f}")
-    for label, fn in (("fused cpu", fused("cpu")), ("fused torch", fused("torch")), ("reference", reference)):
-        t = best_of(fn, a.repeats)
-        print(f"{label:<22}{t:>10.3f}{t / t_floor:>10.2f}")
+    inputs = make_inputs(*SHAPES[a.shape], ROUTINGS[a.routing])
+    every = steps(inputs, backends=("cpu",), compiled=False)
+    variants = {"gemm floor": every["gemm floor"], "fused cpu": every["fused cpu"]}
+    if a.reference:
+        variants["reference"] = every["reference"]
+    hidden, weight, ids, adv, route, teacher = inputs
+    opts = dict(dual_clip=None, entropy_beta=0.0) if a.routing != "half" else {}  # as in variants.losses
+    for size in filter(None, a.chunk_sizes.split(",")):
+        def run(size=int(size)):
+            sk.fused_srpo_loss(hidden, weight, ids, adv, route, teacher, backend="cpu", chunk_size=size,
+                               **opts).loss.backward()
+            hidden.grad = weight.grad = None
+        variants[f"fused cpu, chunk {size}"] = run
+    for fn in variants.values():  # warm-up (kernel build, allocator)
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(a.rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    floor = statistics.median(times["gemm floor"])
+    print(f"{a.shape} {SHAPES[a.shape]} routing={a.routing} threads={a.threads} fp32, median of {a.rounds}")
+    print(f"{'variant':<26}{'ms':>10}{'/ floor':>10}")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{name:<26}{t * 1e3:>10.1f}{t / floor:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,12 @@ namespace {
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail bucket's log-probability
-// Column layout shared with row_ops.py.
+// Column layout shared with row_ops.py. Each stats tensor carries one private column after the named ones: the
+// row's argmax (exact as a float below 2^24), found in the stats pass so the gradient pass need not search again.
 enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
+constexpr int64_t kStudentTop = ENTROPY + 1, kStudentCols = kStudentTop + 1;
+constexpr int64_t kDistillTop = N_DISTILL, kDistillCols = kDistillTop + 1;
+constexpr int64_t kMaxVocab = int64_t(1) << 24;
 
 ALWAYS_INLINE float as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
 ALWAYS_INLINE int32_t as_int(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
@@ -74,10 +78,11 @@ ALWAYS_INLINE float vlog(float x) {
   return std::fma(fe, 0.693359375f, f + y);
 }
 
-// log(1 + t) for t in [0, 1], with the rounding of 1 + t corrected.
+// log(1 + t) for t in [0, 1], with the rounding of 1 + t corrected. The correction is at most half an ulp of u, so
+// 1/u may be approximated by 2 - u (relative error t^2): under an ulp of the result, and no division.
 ALWAYS_INLINE float vlog1p(float t) {
   float u = 1.0f + t;
-  return vlog(u) - ((u - 1.0f) - t) / u;
+  return vlog(u) - ((u - 1.0f) - t) * (2.0f - u);
 }
 
 // JSD terms d = log p - log m + log(1-a), e = log q - log m + log a, through softplus of s = log(a q / ((1-a) p)):
@@ -86,6 +91,17 @@ ALWAYS_INLINE float vlog1p(float t) {
 ALWAYS_INLINE void jsd_terms(float lp, float lq, float log_beta, float& d, float& e) {
   float s = lq - lp + log_beta;
   float soft = vlog1p(vexp(s > 0.f ? -s : s));
+  d = -((s > 0.f ? s : 0.f) + soft);
+  e = -((s < 0.f ? -s : 0.f) + soft);
+}
+
+// As jsd_terms, with p and q on hand: exp(-|s|) is the ratio of the smaller to the larger of (1-a) p and a q, a
+// division instead of an exp (and no worse: s itself carries the rounding of two log-probs).
+ALWAYS_INLINE void jsd_terms_pq(float lp, float lq, float p, float q, float log_beta, float one_minus_a, float a,
+                                float& d, float& e) {
+  float s = lq - lp + log_beta, wp = one_minus_a * p, wq = a * q;
+  float lo = wp < wq ? wp : wq, hi = wp < wq ? wq : wp;
+  float soft = vlog1p(hi > 0.f ? lo / hi : 0.f);
   d = -((s > 0.f ? s : 0.f) + soft);
   e = -((s < 0.f ? -s : 0.f) + soft);
 }
@@ -109,26 +125,56 @@ inline void rebalance(float* x, int64_t n, int64_t top) {
   x[top] = -s;
 }
 
-// First index of the row's maximum: a vectorised max, then a scan that stops at it.
+// First index of the row's maximum, in one vectorised pass: each of kLanes lanes keeps its running max and where it
+// was seen (strict > keeps the first), then the lanes are merged.
+constexpr int kLanes = 16;
 inline int64_t row_argmax(const float* x, int64_t n) {
-  const float m = row_max(x, n);
+  float m[kLanes];
+  int32_t at[kLanes];
+  for (int l = 0; l < kLanes; ++l) { m[l] = -std::numeric_limits<float>::infinity(); at[l] = 0; }
   int64_t j = 0;
-  while (j < n - 1 && x[j] != m) ++j;
-  return j;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const bool gt = x[j + l] > m[l];
+      m[l] = gt ? x[j + l] : m[l];
+      at[l] = gt ? static_cast<int32_t>(j + l) : at[l];
+    }
+  }
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t top = 0;
+  for (int l = 0; l < kLanes; ++l)
+    if (m[l] > best || (m[l] == best && at[l] < top)) { best = m[l]; top = at[l]; }
+  for (; j < n; ++j)
+    if (x[j] > best) { best = x[j]; top = j; }
+  return top;
 }
 
-// lse and entropy of softmax(x), from shifted sums s = sum e^{x-m}, t = sum e^{x-m} (x-m) (no cancellation).
-inline void row_lse_entropy(const float* x, int64_t n, float& lse, float& entropy) {
-  float m = row_max(x, n), s = 0.f, t = 0.f;
+// lse and entropy of softmax(x) given the row max m, from shifted sums s = sum e^{x-m}, t = sum e^{x-m} (x-m) (no
+// cancellation). With `keep`, e^{x-m} is stored there for a later pass. Returns s.
+inline float row_lse_entropy(const float* __restrict x, int64_t n, float m, float& lse, float& entropy,
+                             float* __restrict keep = nullptr) {
+  float s = 0.f, t = 0.f;
+  if (keep) {
 #pragma omp simd reduction(+ : s, t)
-  for (int64_t j = 0; j < n; ++j) {
-    float d = x[j] - m, e = vexp(d);
-    s += e;
-    t += e * d;
+    for (int64_t j = 0; j < n; ++j) {
+      float d = x[j] - m, e = vexp(d);
+      keep[j] = e;
+      s += e;
+      t += e * d;
+    }
+  } else {
+#pragma omp simd reduction(+ : s, t)
+    for (int64_t j = 0; j < n; ++j) {
+      float d = x[j] - m, e = vexp(d);
+      s += e;
+      t += e * d;
+    }
   }
   float log_s = std::log(s);
   lse = m + log_s;
   entropy = log_s - t / s;
+  return s;
 }
 
 // log sum exp over the row with `ids` excluded, minus `lse` (the log-probability of the tail bucket).
@@ -201,14 +247,15 @@ struct Divergence {
 };
 
 // Full-vocabulary distillation gradient of one row: x <- c dD/dz - a p (the target's +a is added by the caller).
+// `y` is the teacher row as distill_row_stats left it: q (alpha = 0), log-logits (alpha = 1) or the JSD term d.
 void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float lse_z, float lse_u, float aux,
                      float a, float c, const Divergence& div) {
-  const float al = div.alpha, lb = div.log_beta;
+  const float al = div.alpha;
   if (al == 0.f) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       float p = vexp(x[j] - lse_z);
-      x[j] = c * (p - vexp(y[j] - lse_u)) - a * p;
+      x[j] = c * (p - y[j]) - a * p;
     }
   } else if (al == 1.f) {
 #pragma omp simd
@@ -220,9 +267,8 @@ void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, 
     const float c1 = c * (1 - al);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = vexp(lpj), dj, ej;
-      jsd_terms(lpj, lqj, lb, dj, ej);
-      x[j] = c1 * p * (dj - aux) - a * p;
+      float p = vexp(x[j] - lse_z);
+      x[j] = c1 * p * (y[j] - aux) - a * p;
     }
   }
 }
@@ -239,35 +285,47 @@ float entropy_of(const float* lq, int64_t n) {
   return static_cast<float>(h);
 }
 
-// Student and teacher statistics of one row, and the divergence over the support (full vocab or top-K).
-void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int64_t target, int64_t K,
-                                bool tail, const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq) {
+// Student and teacher statistics of one row, and the divergence over the support (full vocab or top-K). `ez`, `eu`
+// are scratch rows: the exps of the lse pass are kept there for the full-vocabulary divergence. Over the full
+// vocabulary the teacher row `y` is then overwritten with what the gradient pass needs of it (see row_ops.py), which
+// spares that pass an exp and a log per entry.
+void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int64_t target, int64_t K, bool tail,
+                       const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq, float* ez,
+                       float* eu) {
   float lse_z, ent_z, lse_u, ent_u;
-  row_lse_entropy(x, V, lse_z, ent_z);
-  row_lse_entropy(y, V, lse_u, ent_u);
+  const int64_t top = row_argmax(x, V);
+  const bool full = K == 0;
+  const float sum_z = row_lse_entropy(x, V, x[top], lse_z, ent_z, full ? ez : nullptr);
+  const float sum_u = row_lse_entropy(y, V, row_max(y, V), lse_u, ent_u, full ? eu : nullptr);
   s[LSE] = lse_z; s[LOGP] = x[target] - lse_z; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
-  if (K == 0) {
+  s[kDistillTop] = static_cast<float>(top);
+  if (full) {
     float d1 = 0.f, d2 = 0.f, d3 = 0.f;
-    const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1;
+    const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1, inv_z = 1.f / sum_z,
+                inv_u = 1.f / sum_u;
     if (a == 0.f) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
         float lpj = x[j] - lse_z, lqj = y[j] - lse_u;
-        d1 += vexp(lqj) * (lqj - lpj);
+        float q = eu[j] * inv_u;
+        d1 += q * (lqj - lpj);
+        y[j] = q;
       }
     } else if (a == 1.f) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
         float lpj = x[j] - lse_z, lqj = y[j] - lse_u;
-        d1 += vexp(lpj) * (lpj - lqj);
+        d1 += ez[j] * inv_z * (lpj - lqj);
       }
     } else {
+      const float one_minus_a = 1.f - a;
 #pragma omp simd reduction(+ : d1, d2, d3)
       for (int64_t j = 0; j < V; ++j) {
-        float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = vexp(lpj), dj, ej;
-        jsd_terms(lpj, lqj, lb, dj, ej);
+        float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
+        jsd_terms_pq(lpj, lqj, p, q, lb, one_minus_a, a, dj, ej);
+        y[j] = dj;
         d1 += p * (dj + c0);
-        d2 += vexp(lqj) * (ej + c1);
+        d2 += q * (ej + c1);
         d3 += p * dj;
       }
     }
@@ -300,22 +358,24 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
                                bool tail, const Divergence& div, const int64_t* row_ids, const float* s, float a,
                                float c, float* gk, float* zk) {
   const float lse_z = s[LSE], lse_u = s[T_LSE], aux = s[AUX_KL];
-  const int64_t top = row_argmax(x, V);
+  const int64_t top = static_cast<int64_t>(s[kDistillTop]);
   if (K == 0) {
     full_vocab_grad(x, y, V, lse_z, lse_u, aux, a, c, div);
-  } else {
-    // Support gradients first (they need the original logits of the top-K entries).
-    const float pn = s[P_NORM], qn = s[Q_NORM];
-    for (int64_t k = 0; k < K; ++k) {
-      zk[k] = x[row_ids[k]];
-      float lpk = tail ? zk[k] - lse_z : zk[k] - pn;
-      float lqk = tail ? y[row_ids[k]] - lse_u : y[row_ids[k]] - qn;
-      gk[k] = c * div.grad(lpk, lqk, aux);
-    }
-    // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
-    tail_grad(x, V, lse_z, tail ? c * div.grad(pn, qn, aux) : 0.f, lse_z + pn, a);
-    for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp(zk[k] - lse_z);
+    x[target] += a;
+    rebalance(x, V, top);
+    return;
   }
+  // Support gradients first (they need the original logits of the top-K entries).
+  const float pn = s[P_NORM], qn = s[Q_NORM];
+  for (int64_t k = 0; k < K; ++k) {
+    zk[k] = x[row_ids[k]];
+    float lpk = tail ? zk[k] - lse_z : zk[k] - pn;
+    float lqk = tail ? y[row_ids[k]] - lse_u : y[row_ids[k]] - qn;
+    gk[k] = c * div.grad(lpk, lqk, aux);
+  }
+  // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
+  tail_grad(x, V, lse_z, tail ? c * div.grad(pn, qn, aux) : 0.f, lse_z + pn, a);
+  for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp(zk[k] - lse_z);
   x[target] += a;
   rebalance(x, V, top);
 }
@@ -328,33 +388,45 @@ void check_chunk(const at::Tensor& z, const char* name) {
 
 void student_row_stats(const float* __restrict x, int64_t n, int64_t target, float* __restrict out) {
   float lse, ent;
-  row_lse_entropy(x, n, lse, ent);
+  const int64_t top = row_argmax(x, n);
+  row_lse_entropy(x, n, x[top], lse, ent);
   out[LSE] = lse;
   out[LOGP] = x[target] - lse;
   out[ENTROPY] = ent;
+  out[kStudentTop] = static_cast<float>(top);
 }
 
-void student_row_grad(float* __restrict x, int64_t n, int64_t target, float lse, float h, float a,
-                               float c) {
-  const int64_t top = row_argmax(x, n);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    float lp = x[j] - lse, p = vexp(lp);
-    x[j] = -a * p - c * p * (lp + h);
+// Entries [b, e) of a student row's gradient, written in place; returns their sum.
+ALWAYS_INLINE float student_grad_span(float* __restrict x, int64_t b, int64_t e, float lse, float h, float a,
+                                      float c) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = b; j < e; ++j) {
+    float lp = x[j] - lse, p = vexp(lp), g = -a * p - c * p * (lp + h);
+    x[j] = g;
+    s += g;
   }
-  x[target] += a;
-  rebalance(x, n, top);
+  return s;
+}
+
+// One pass writes the row and sums it (but the argmax) for the rebalance.
+void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t top, float lse, float h, float a,
+                      float c) {
+  float others = student_grad_span(x, 0, top, lse, h, a, c) + student_grad_span(x, top + 1, n, lse, h, a, c);
+  if (target != top) { x[target] += a; others += a; }
+  x[top] = -others;
 }
 
 at::Tensor student_stats(const at::Tensor& z, const at::Tensor& targets) {
   check_chunk(z, "z");
   const int64_t C = z.size(0), V = z.size(1);
-  auto out = at::empty({C, 3}, z.options());
+  TORCH_CHECK(V < kMaxVocab, "the CPU kernel supports a vocabulary below 2^24, got ", V);
+  auto out = at::empty({C, kStudentCols}, z.options());
   const float* zp = z.data_ptr<float>();
   const int64_t* yp = targets.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) student_row_stats(zp + i * V, V, yp[i], op + i * 3);
+    for (int64_t i = b; i < e; ++i) student_row_stats(zp + i * V, V, yp[i], op + i * kStudentCols);
   });
   return out;
 }
@@ -371,7 +443,8 @@ void student_grad(at::Tensor z, const at::Tensor& targets, const at::Tensor& sta
   const float* ce = c_ent.has_value() ? c_ent->data_ptr<float>() : nullptr;
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
-      student_row_grad(zp + i * V, V, yp[i], sp[i * ns + LSE], sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
+      student_row_grad(zp + i * V, V, yp[i], static_cast<int64_t>(sp[i * ns + kStudentTop]), sp[i * ns + LSE],
+                       sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
   });
 }
 
@@ -381,7 +454,8 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(at::Tensor z, at::Tensor u, con
   check_chunk(u, "u");
   const int64_t C = z.size(0), V = z.size(1);
   const int64_t K = topk > 0 && topk < V ? topk : 0;  // 0: full vocabulary
-  auto stats = at::zeros({C, N_DISTILL}, z.options());
+  TORCH_CHECK(V < kMaxVocab, "the CPU kernel supports a vocabulary below 2^24, got ", V);
+  auto stats = at::zeros({C, kDistillCols}, z.options());
   auto ids = at::empty({C, K}, targets.options());
   float* zp = z.data_ptr<float>();
   float* up = u.data_ptr<float>();
@@ -390,10 +464,10 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(at::Tensor z, at::Tensor u, con
   int64_t* ip = ids.data_ptr<int64_t>();
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> lp(K + 1), lq(K + 1);
+    std::vector<float> lp(K + 1), lq(K + 1), scratch(K ? 0 : 2 * V);
     for (int64_t i = b; i < e; ++i)
-      distill_row_stats(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip + i * K, sp + i * N_DISTILL, lp.data(),
-                        lq.data());
+      distill_row_stats(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip + i * K, sp + i * kDistillCols,
+                        lp.data(), lq.data(), scratch.data(), scratch.data() + (K ? 0 : V));
   });
   return {stats, ids};
 }
@@ -418,7 +492,7 @@ void distill_grad(at::Tensor z, const at::Tensor& u, const at::Tensor& targets, 
     std::vector<float> gk(K + 1), zk(K + 1);
     for (int64_t i = b; i < e; ++i)
       distill_row_grad(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip ? ip + i * K : nullptr,
-                       sp + i * N_DISTILL, cl[i], cd[i], gk.data(), zk.data());
+                       sp + i * kDistillCols, cl[i], cd[i], gk.data(), zk.data());
   });
 }
 
@@ -427,7 +501,8 @@ void distill_grad(at::Tensor z, const at::Tensor& u, const at::Tensor& targets, 
 TORCH_LIBRARY(srpo_kernels, m) {
   m.def("student_stats(Tensor z, Tensor targets) -> Tensor");
   m.def("student_grad(Tensor(a!) z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent) -> ()");
-  m.def("distill_stats(Tensor z, Tensor u, Tensor targets, float alpha, int topk, bool tail) -> (Tensor, Tensor)");
+  // distill_stats leaves u as scratch for distill_grad (see row_ops.py).
+  m.def("distill_stats(Tensor z, Tensor(a!) u, Tensor targets, float alpha, int topk, bool tail) -> (Tensor, Tensor)");
   m.def("distill_grad(Tensor(a!) z, Tensor u, Tensor targets, Tensor stats, Tensor? topk_ids, Tensor c_logp, "
         "Tensor c_div, float alpha, bool tail) -> ()");
 }

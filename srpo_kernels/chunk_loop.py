@@ -19,11 +19,19 @@ from .config import SRPOLossConfig
 from .distributed import all_reduce_sums
 from .inputs import FlatInputs
 
-CHUNK_BYTES = 64 << 20  # one fp32 [C, V] logits buffer; C = CHUNK_BYTES / (4 V), kept in [16, 4096]
+CHUNK_BYTES = 64 << 20  # cap on one fp32 [C, V] logits buffer (the SDPO stream's stacked buffer is twice this)
 
 
-def default_chunk_size(vocab: int) -> int:
-    return max(16, min(4096, (CHUNK_BYTES // (4 * vocab)) // 16 * 16))
+def default_chunk_size(vocab: int, hidden: int) -> int:
+    """Rows per chunk: about H (at least 256), within CHUNK_BYTES, in [16, 4096] and a multiple of 16.
+
+    Each chunk streams W (V x H) through three GEMMs, and its logits (C x V) through the GEMMs and the row passes;
+    C ~ H keeps W's share of that traffic below the logits'. Smaller chunks re-read W (and pay the per-chunk
+    overhead more often); larger ones fall out of cache and cost memory. Measured on 2 Sapphire Rapids cores
+    (``python -m benchmarks.floor_ratio --chunk-sizes ...``): best near C = 256 for H = 256, and C >= 336 for H = 576.
+    """
+    rows = min(max(hidden, 256), CHUNK_BYTES // (4 * vocab))
+    return max(16, min(4096, rows // 16 * 16))
 
 
 @dataclass
@@ -73,7 +81,7 @@ class ChunkRunner:
         self.weight = x.weight.detach().to(dtype)
         self.bias = None if x.bias is None else x.bias.detach().to(dtype)
         self.vocab = self.weight.shape[0]
-        self.chunk = chunk_size or default_chunk_size(self.vocab)
+        self.chunk = chunk_size or default_chunk_size(self.vocab, self.weight.shape[1])
         self.inv_t = 1.0 / cfg.temperature
         route, valid = x.route, x.valid
         # Valid rows first inside each stream (stable, so teacher rows stay aligned with their tokens).
@@ -82,6 +90,17 @@ class ChunkRunner:
         self.sd_rows, self.teacher_rows = sd_rows[sd_order], sd_order
         g_rows = (~route).nonzero().squeeze(1)
         self.g_rows = g_rows[torch.argsort((~valid[g_rows]).to(torch.int8), stable=True)]
+        self._workspace = None
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        """``[rows, V]`` logits buffer: a view of one workspace that both streams share, sized once for the larger.
+
+        One allocation per run, not one per stream: buffers this large are fresh pages from the OS each time, and
+        their first-touch page faults cost as much as a row pass."""
+        if self._workspace is None:
+            need = max(2 * min(self.chunk, self.sd_rows.numel()), min(self.chunk, self.g_rows.numel()))
+            self._workspace = self.hidden.new_empty(need, self.vocab)
+        return self._workspace[:rows]
 
     # ---------------------------------------------------------------- GEMM helpers
     def _logits(self, rows_hidden, out):
@@ -116,16 +135,14 @@ class ChunkRunner:
         return RowStats(z.clone(), z.clone(), z.clone(), z.clone())
 
     # ---------------------------------------------------------------- streams
-    def student_stream(self, rows, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
-        """Student-only rows (GRPO branch, plain log-probs). `coef(rows, chunk_stats) -> (c_logp, c_ent)`."""
-        buf = None
+    def student_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
+        """The GRPO rows (student only, plain log-probs). `coef(rows, chunk_stats) -> (c_logp, c_ent)`."""
+        rows = self.g_rows
         n_valid = int(self.x.valid[rows].sum())  # valid rows come first
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]
-            if buf is None:
-                buf = self.hidden.new_empty(min(self.chunk, rows.numel()), self.vocab)
             h = self.hidden.index_select(0, r)
-            z = self._logits(h, buf[:r.numel()])
+            z = self._logits(h, self._buffer(r.numel()))
             targets = self.x.token_ids.index_select(0, r)
             st = self.ops.student_stats(z, targets)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
@@ -139,17 +156,14 @@ class ChunkRunner:
         """SDPO rows: student and teacher logits of the same tokens. `coef(rows, chunk_stats) -> (c_logp, c_div)`."""
         rows, cfg = self.sd_rows, self.cfg
         teacher = self.x.teacher_hidden
-        buf = None
         n_valid = int(self.x.valid[rows].sum())
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]
             c = r.numel()
-            if buf is None:
-                buf = self.hidden.new_empty(2 * min(self.chunk, rows.numel()), self.vocab)
             # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
             h = self.hidden.index_select(0, r)
             t = teacher.index_select(0, self.teacher_rows[start:start + self.chunk]).to(self.dtype)
-            zu = self._logits(torch.cat([h, t]), buf[:2 * c])
+            zu = self._logits(torch.cat([h, t]), self._buffer(2 * c))
             z, u = zu[:c], zu[c:]
             targets = self.x.token_ids.index_select(0, r)
             st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)

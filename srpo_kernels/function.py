@@ -75,7 +75,7 @@ def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], mu: Optional[fl
         mu = weight_normalizer(x, cfg, stats.teacher_entropy)
         if grads is not None and mu != 1.0:  # so far only SDPO rows have contributed
             grads.scale_(1.0 / mu, runner.sd_rows)
-    runner.student_stream(runner.g_rows, stats, None if coef is None else coef.grpo, grads)
+    runner.student_stream(stats, None if coef is None else coef.grpo, grads)
     if grads is not None:
         grads.finalize_()
     return stats, mu
@@ -94,6 +94,11 @@ def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, mu: floa
     if cfg.ref_beta > 0:
         loss = loss + cfg.ref_beta * token_math.k3_penalty(stats.logp, x.ref_logprobs)[0]
     return torch.where(x.valid, loss, zero), weight, grpo.clipped & ~route
+
+
+def _scalar_row_scale(x: FlatInputs, dtype, reduction: str, denom: float) -> torch.Tensor:
+    """dL/d(per-token loss) of a "mean"/"sum" loss for an upstream gradient of 1."""
+    return x.valid.to(dtype) / (denom if reduction == "mean" else 1.0)
 
 
 def _cast(grad: Optional[torch.Tensor], dtype, scale=None):
@@ -119,18 +124,17 @@ class SRPOLossFunction(torch.autograd.Function):
         denom = x.normalizer if x.normalizer is not None else max(n_valid, 1)
         row_scale = grads = None
         if in_forward:
-            row_scale = x.valid.to(runner.dtype) / (denom if cfg.reduction == "mean" else 1.0)
+            row_scale = _scalar_row_scale(x, runner.dtype, cfg.reduction, denom)
             grads = runner.new_grads(*needs)
-        mu = weight_normalizer(x, cfg, None) if normalizer_known_upfront(x, cfg) else None
-        stats, mu = _run(runner, row_scale, mu, grads)
+        mu_upfront = weight_normalizer(x, cfg, None) if normalizer_known_upfront(x, cfg) else None
+        stats, mu = _run(runner, row_scale, mu_upfront, grads)
         loss_tok, weight_tok, clipped = per_token_loss(x, cfg, stats, mu)
-        if cfg.reduction == "none":
-            loss = loss_tok
-            ctx.save_for_backward(hidden, weight, bias)
-            ctx.params, ctx.mu = params, mu
-        else:
-            loss = loss_tok.sum() / (denom if cfg.reduction == "mean" else 1.0)
-            ctx.grads = grads
+        loss = loss_tok if cfg.reduction == "none" else loss_tok.sum() / (denom if cfg.reduction == "mean" else 1.0)
+        # Saved for a recompute: always for "none"; for "mean"/"sum" only a second backward through a retained
+        # graph needs it (the first one hands over the gradients computed here).
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.params, ctx.mu, ctx.grads = params, mu, grads
+        ctx.mu_upfront, ctx.denom = mu_upfront, denom
         ctx.reduction = cfg.reduction
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         outs = (stats.logp, stats.entropy, stats.teacher_entropy, stats.divergence, weight_tok, clipped)
@@ -139,8 +143,11 @@ class SRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        if ctx.reduction != "none":
-            g, (dh, dw, db) = ctx.grads, ctx.dtypes
+        dh, dw, db = ctx.dtypes
+        if ctx.grads is not None:
+            # Computed in forward. Dropping ctx's reference lets autograd adopt the tensors as .grad instead of
+            # copying them (a copy of dW would add V x H x 4 bytes to the peak).
+            g, ctx.grads = ctx.grads, None
             scale = None if bool(grad_loss == 1) else grad_loss
             return _cast(g.hidden, dh, scale), _cast(g.weight, dw, scale), _cast(g.bias, db, scale), None
         hidden, weight, bias = ctx.saved_tensors
@@ -148,10 +155,13 @@ class SRPOLossFunction(torch.autograd.Function):
         x = dataclasses.replace(params.inputs, hidden=hidden, weight=weight, bias=bias)
         runner = ChunkRunner(x, params.config, params.ops, params.chunk_size)
         grads = runner.new_grads(*ctx.needs_input_grad[:3])
-        row_scale = grad_loss.reshape(-1).to(runner.dtype) * x.valid
-        _run(runner, row_scale, ctx.mu, grads)
-        dh, dw, db = ctx.dtypes
-        return _cast(grads.hidden, dh), _cast(grads.weight, dw), _cast(grads.bias, db), None
+        if ctx.reduction == "none":
+            _run(runner, grad_loss.reshape(-1).to(runner.dtype) * x.valid, ctx.mu, grads)
+            return _cast(grads.hidden, dh), _cast(grads.weight, dw), _cast(grads.bias, db), None
+        # A second backward through a retained graph: the forward's computation again, bit for bit.
+        _run(runner, _scalar_row_scale(x, runner.dtype, ctx.reduction, ctx.denom), ctx.mu_upfront, grads)
+        scale = None if bool(grad_loss == 1) else grad_loss
+        return _cast(grads.hidden, dh, scale), _cast(grads.weight, dw, scale), _cast(grads.bias, db, scale), None
 
 
 @dataclass
@@ -170,7 +180,7 @@ class LogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, params: LogprobParams):
         runner = _logprob_runner(hidden, weight, bias, params)
         stats = runner.empty_stats()
-        runner.student_stream(runner.g_rows, stats, None, None)
+        runner.student_stream(stats, None, None)
         ctx.save_for_backward(hidden, weight, bias)
         ctx.params = params
         return stats.logp, stats.entropy
@@ -187,7 +197,7 @@ class LogprobsFunction(torch.autograd.Function):
         def coef(rows, _stats):
             return g_lp[rows], None if g_ent is None else g_ent[rows]
 
-        runner.student_stream(runner.g_rows, runner.empty_stats(), coef, grads)
+        runner.student_stream(runner.empty_stats(), coef, grads)
         return (_cast(grads.hidden, hidden.dtype), _cast(grads.weight, weight.dtype),
                 _cast(grads.bias, None if bias is None else bias.dtype), None)
 

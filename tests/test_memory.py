@@ -14,6 +14,13 @@ def test_peak_extra_memory_is_far_below_materialising():
     assert fused["peak_extra_bytes"] < logits_bytes / 2, fused
 
 
+def test_weight_grad_is_handed_over_not_copied():
+    """dW (V x H fp32) dominates this shape: autograd must adopt our accumulator as .grad, not copy it."""
+    n, h, v = 64, 512, 131_072
+    fused = measure("fused", n, h, v)
+    assert fused["peak_extra_bytes"] < 1.5 * v * h * 4, fused
+
+
 @pytest.mark.slow
 def test_reference_needs_several_times_the_logits():
     n, h, v = 2048, 256, 151_936

@@ -7,7 +7,10 @@ by the temperature; ``*_grad`` methods overwrite ``z`` in place with ``dL/dz``:
     dL/dz = c_logp * (onehot(y) - p) - c_ent * p * (log p + H) + c_div * dD/dz
 
 ``distill_stats`` returns a ``[C, N_DISTILL_STATS]`` tensor whose columns are named below, and the top-K ids
-(``[C, K]`` int64) or None; ``distill_grad`` takes both back.
+(``[C, K]`` int64) or None; ``distill_grad`` takes both back. A backend may append private columns after the named
+ones, and ``distill_stats`` may overwrite the teacher chunk ``u`` with private per-entry data for ``distill_grad``
+(the C++ backend stores there what the gradient needs of the teacher, sparing that pass an exp and a log per entry):
+the caller passes ``u`` on untouched and reads nothing else from it.
 """
 from __future__ import annotations
 
