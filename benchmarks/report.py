@@ -1,8 +1,10 @@
 """Run the CPU benchmarks and write ``benchmarks/results/<machine>-<date>.md`` plus PNG plots.
 
-``python -m benchmarks.report`` (small and SmolLM2-like shapes, every routing; about 15 minutes on 2 cores);
-``--shapes small qwen3`` for others, ``--quick`` for one round and no memory curve. Times are medians of --rounds
-after one warm-up, in one process, side by side; peak memory comes from a fresh process per variant.
+``python -m benchmarks.report`` (small and SmolLM2-like shapes, every routing; about 25 minutes on 2 cores);
+``--shapes qwen3 --rounds 1 --backends cpu --no-curves`` for the Qwen3-like shape (about 25 minutes), ``--quick``
+for one round and no memory. Variants run interleaved in one process, round after round after one warm-up each,
+so a slow spell of the machine hits them all alike; times are medians. Peak memory comes from a fresh process per
+variant.
 """
 from __future__ import annotations
 
@@ -22,14 +24,17 @@ CURVE_N = (512, 1024, 2048, 4096, 8192)
 CURVE_SHAPE = (256, 32_000)  # H, V of the memory/time-vs-N curves
 
 
-def median_seconds(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+def median_seconds(fns: dict, rounds: int) -> dict:
+    """name -> median seconds, the variants interleaved round by round."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def machine() -> str:
@@ -41,13 +46,13 @@ def machine() -> str:
     return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def run_table(shapes, routings, rounds, memory=True):
+def run_table(shapes, routings, rounds, backends, memory=True):
     rows = []
     for shape in shapes:
         n, h, v = SHAPES[shape]
         for routing in routings:
-            runs = steps(make_inputs(n, h, v, ROUTINGS[routing]))
-            timed = {name: median_seconds(fn, rounds) for name, fn in runs.items()}
+            runs = steps(make_inputs(n, h, v, ROUTINGS[routing]), backends=backends)
+            timed = median_seconds(runs, rounds)
             mem = {name: peak_memory(name, n, h, v, routing) for name in runs} if memory else {}
             for name, secs in timed.items():
                 rows.append(dict(shape=shape, routing=routing, variant=name, seconds=secs,
@@ -76,9 +81,10 @@ def curves(out_dir: pathlib.Path, stem: str, rounds: int):
     h, v = CURVE_SHAPE
     data = {name: {"time": [], "mem": []} for name in ("fused cpu", "reference", "gemm floor")}
     for n in CURVE_N:
-        runs = steps(make_inputs(n, h, v, ROUTINGS["half"]))
+        runs = steps(make_inputs(n, h, v, ROUTINGS["half"]), backends=("cpu",))
+        timed = median_seconds({name: runs[name] for name in data}, rounds)
         for name in data:
-            data[name]["time"].append(median_seconds(runs[name], rounds))
+            data[name]["time"].append(timed[name])
             data[name]["mem"].append(peak_memory(name, n, h, v, "half") / 2 ** 20)
         print(f"  curve N={n} done", flush=True)
     paths = []
@@ -112,7 +118,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["small", "smollm2"], choices=list(SHAPES))
     p.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=list(ROUTINGS))
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--backends", nargs="+", default=["cpu", "torch"], choices=["cpu", "torch"])
+    p.add_argument("--no-curves", action="store_true", help="skip the memory/time-vs-N curves")
     p.add_argument("--quick", action="store_true", help="one round, no memory, no curves")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     a = p.parse_args(argv)
@@ -121,9 +129,10 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     command = "python -m benchmarks.report " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{platform.node() or 'machine'}-{date}"
-    text = markdown(run_table(a.shapes, a.routings, rounds, memory=not a.quick), command.strip(), date)
-    if not a.quick:
+    stem = f"{platform.node() or 'machine'}-{date}" + ("" if a.shapes == ["small", "smollm2"] else "-" + "-".join(a.shapes))
+    text = markdown(run_table(a.shapes, a.routings, rounds, tuple(a.backends), memory=not a.quick), command.strip(),
+                    date)
+    if not (a.quick or a.no_curves):
         paths, curve_table = curves(a.out, stem, rounds)
         text += "\nMemory and time vs N:\n\n" + curve_table + "\n" + "\n".join(f"![]({p.name})" for p in paths) + "\n"
     path = a.out / f"{stem}.md"

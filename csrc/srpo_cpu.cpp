@@ -161,14 +161,14 @@ inline float row_lse_entropy(const float* __restrict x, int64_t n, float m, floa
       float d = x[j] - m, e = vexp(d);
       keep[j] = e;
       s += e;
-      t += e * d;
+      t += e > 0.f ? e * d : 0.f;  // -inf logits: 0, not 0 * -inf
     }
   } else {
 #pragma omp simd reduction(+ : s, t)
     for (int64_t j = 0; j < n; ++j) {
       float d = x[j] - m, e = vexp(d);
       s += e;
-      t += e * d;
+      t += e > 0.f ? e * d : 0.f;  // -inf logits: 0, not 0 * -inf
     }
   }
   float log_s = std::log(s);
@@ -247,9 +247,10 @@ struct Divergence {
 };
 
 // Full-vocabulary distillation gradient of one row: x <- c dD/dz - a p (the target's +a is added by the caller).
-// `y` is the teacher row as distill_row_stats left it: q (alpha = 0), log-logits (alpha = 1) or the JSD term d.
-void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float lse_z, float lse_u, float aux,
-                     float a, float c, const Divergence& div) {
+// `y` is the teacher row as distill_row_stats left it: q for alpha = 0, else the per-entry term g with
+// dD/dz = c' p (g - aux): log p - log q for alpha = 1, the JSD term d otherwise.
+void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float lse_z, float aux, float a,
+                     float c, const Divergence& div) {
   const float al = div.alpha;
   if (al == 0.f) {
 #pragma omp simd
@@ -257,19 +258,13 @@ void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, 
       float p = vexp(x[j] - lse_z);
       x[j] = c * (p - y[j]) - a * p;
     }
-  } else if (al == 1.f) {
+    return;
+  }
+  const float c1 = al == 1.f ? c : c * (1 - al);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      float lpj = x[j] - lse_z, p = vexp(lpj);
-      x[j] = c * p * (lpj - (y[j] - lse_u) - aux) - a * p;
-    }
-  } else {
-    const float c1 = c * (1 - al);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      float p = vexp(x[j] - lse_z);
-      x[j] = c1 * p * (y[j] - aux) - a * p;
-    }
+  for (int64_t j = 0; j < n; ++j) {
+    float p = vexp(x[j] - lse_z);
+    x[j] = c1 * p * (y[j] - aux) - a * p;
   }
 }
 
@@ -303,19 +298,20 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     float d1 = 0.f, d2 = 0.f, d3 = 0.f;
     const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1, inv_z = 1.f / sum_z,
                 inv_u = 1.f / sum_u;
+    // Entries with zero probability contribute 0 (their logs may be -inf, e.g. a -inf bias masking the vocab).
     if (a == 0.f) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
-        float lpj = x[j] - lse_z, lqj = y[j] - lse_u;
         float q = eu[j] * inv_u;
-        d1 += q * (lqj - lpj);
+        d1 += q > 0.f ? q * ((y[j] - lse_u) - (x[j] - lse_z)) : 0.f;
         y[j] = q;
       }
     } else if (a == 1.f) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
-        float lpj = x[j] - lse_z, lqj = y[j] - lse_u;
-        d1 += ez[j] * inv_z * (lpj - lqj);
+        float p = ez[j] * inv_z, g = p > 0.f ? (x[j] - lse_z) - (y[j] - lse_u) : 0.f;
+        d1 += p * g;
+        y[j] = g;
       }
     } else {
       const float one_minus_a = 1.f - a;
@@ -323,9 +319,10 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
       for (int64_t j = 0; j < V; ++j) {
         float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
         jsd_terms_pq(lpj, lqj, p, q, lb, one_minus_a, a, dj, ej);
+        dj = p > 0.f ? dj : 0.f;
         y[j] = dj;
         d1 += p * (dj + c0);
-        d2 += q * (ej + c1);
+        d2 += q > 0.f ? q * (ej + c1) : 0.f;
         d3 += p * dj;
       }
     }
@@ -360,7 +357,7 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
   const float lse_z = s[LSE], lse_u = s[T_LSE], aux = s[AUX_KL];
   const int64_t top = static_cast<int64_t>(s[kDistillTop]);
   if (K == 0) {
-    full_vocab_grad(x, y, V, lse_z, lse_u, aux, a, c, div);
+    full_vocab_grad(x, y, V, lse_z, aux, a, c, div);
     x[target] += a;
     rebalance(x, V, top);
     return;
@@ -402,7 +399,7 @@ ALWAYS_INLINE float student_grad_span(float* __restrict x, int64_t b, int64_t e,
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = b; j < e; ++j) {
-    float lp = x[j] - lse, p = vexp(lp), g = -a * p - c * p * (lp + h);
+    float lp = x[j] - lse, p = vexp(lp), g = p > 0.f ? -a * p - c * p * (lp + h) : 0.f;  // -inf logits: 0
     x[j] = g;
     s += g;
   }

@@ -1,4 +1,5 @@
 """Backend choice and the C++ row passes against the PyTorch ones on awkward rows."""
+import math
 import os
 import subprocess
 import sys
@@ -67,8 +68,33 @@ def test_cpu_row_passes_match_torch(alpha, topk, tail):
     assert torch.allclose(g_cpu.sum(1), torch.zeros(6), atol=1e-5)  # shift invariance
 
 
-def test_cpu_student_passes_match_torch():
+@pytest.mark.parametrize("alpha,teacher_masked", [(0.0, slice(0, 7)), (1.0, slice(0, 7)), (0.5, slice(5, 12))])
+def test_cpu_row_passes_handle_minus_inf_logits(alpha, teacher_masked):
+    """Vocabulary entries masked with -inf (e.g. by the bias) have zero probability and contribute nothing."""
+    z, u, y = _rows(2)
+    z[:, :7] = -math.inf
+    u[:, teacher_masked] = -math.inf
+    y = y.clamp_min(12)  # targets on unmasked entries
+    cpu, ref = CpuRowOps(), TorchRowOps()
+    u_cpu = u.clone()
+    s_cpu, _ = cpu.distill_stats(z.clone(), u_cpu, y, alpha, None, True)
+    s_ref, _ = ref.distill_stats(z.clone(), u.clone(), y, alpha, None, True)
+    n = s_ref.shape[1]
+    assert torch.isfinite(s_cpu[:, :n]).all() and torch.allclose(s_cpu[:, :n], s_ref, rtol=1e-5, atol=1e-5)
+    c_logp, c_div = torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6)
+    g_cpu, g_ref = z.clone(), z.clone()
+    cpu.distill_grad(g_cpu, u_cpu, y, s_cpu, None, c_logp, c_div, alpha, None, True)
+    ref.distill_grad(g_ref, u, y, s_ref, None, c_logp, c_div, alpha, None, True)
+    assert torch.isfinite(g_cpu).all() and torch.allclose(g_cpu, g_ref, rtol=1e-4, atol=1e-6)
+    assert (g_cpu[:, :7] == 0).all()
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["finite", "minus_inf"])
+def test_cpu_student_passes_match_torch(masked):
     z, _, y = _rows(1)
+    if masked:  # vocabulary entries masked with -inf: zero probability, zero gradient
+        z[:, :7] = -math.inf
+        y = y.clamp_min(7)
     cpu, ref = CpuRowOps(), TorchRowOps()
     s_cpu, s_ref = cpu.student_stats(z, y), ref.student_stats(z, y)
     assert torch.allclose(s_cpu[:, :s_ref.shape[1]], s_ref, rtol=1e-5, atol=1e-6)
@@ -76,4 +102,5 @@ def test_cpu_student_passes_match_torch():
     g_cpu, g_ref = z.clone(), z.clone()
     cpu.student_grad(g_cpu, y, s_cpu, c_logp, c_ent)
     ref.student_grad(g_ref, y, s_ref, c_logp, c_ent)
+    assert torch.isfinite(g_cpu).all() and torch.isfinite(g_ref).all()
     assert float((g_cpu - g_ref).abs().max()) <= 1e-5 * float(g_ref.abs().max())

@@ -84,6 +84,9 @@ class CpuRowOps:
     name = "cpu"
 
     def __init__(self):
+        error = load_error()
+        if error is not None:
+            raise RuntimeError(f"the C++ CPU kernel is unavailable: {error}")
         self._ops = torch.ops.srpo_kernels
 
     @staticmethod

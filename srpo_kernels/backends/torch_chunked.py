@@ -101,8 +101,8 @@ class TorchRowOps:
         log_p = z - lse[:, None]
         p = log_p.exp()
         grad = -c_logp[:, None] * p
-        if c_ent is not None:
-            grad -= c_ent[:, None] * p * (log_p + entropy[:, None])
+        if c_ent is not None:  # p (log p + H), 0 where p = 0 (-inf logits)
+            grad -= c_ent[:, None] * _xlogy_diff(p, log_p, -entropy[:, None])
         z.copy_(grad)
 
     def fill_distill_grad(self, z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):

@@ -19,7 +19,7 @@ def student_grad_kernel(z_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, stride, 
         p = tl.exp(lp)
         g = -a * p
         if HAS_ENT:
-            g -= tl.load(c_ent_ptr + row) * p * (lp + tl.load(ent_ptr + row))
+            g -= tl.load(c_ent_ptr + row) * tl.where(p > 0, p * (lp + tl.load(ent_ptr + row)), 0.0)  # -inf logits
         tl.store(ptr, g, mask=mask)
 
 
