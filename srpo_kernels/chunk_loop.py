@@ -19,7 +19,7 @@ from .config import SRPOLossConfig
 from .distributed import all_reduce_sums
 from .inputs import FlatInputs
 
-CHUNK_BYTES = 64 << 20  # cap on one fp32 [C, V] logits buffer (the SDPO stream's stacked buffer is twice this)
+CHUNK_BYTES = 128 << 20  # cap on one fp32 [C, V] logits buffer (the SDPO stream's stacked buffer is twice this)
 
 
 def default_chunk_size(vocab: int, hidden: int) -> int:
@@ -28,7 +28,9 @@ def default_chunk_size(vocab: int, hidden: int) -> int:
     Each chunk streams W (V x H) through three GEMMs, and its logits (C x V) through the GEMMs and the row passes;
     C ~ H keeps W's share of that traffic below the logits'. Smaller chunks re-read W (and pay the per-chunk
     overhead more often); larger ones fall out of cache and cost memory. Measured on 2 Sapphire Rapids cores
-    (``python -m benchmarks.floor_ratio --chunk-sizes ...``): best near C = 256 for H = 256, and C >= 336 for H = 576.
+    (``python -m benchmarks.floor_ratio --chunk-sizes ...``): best near C = 256 for H = 256, C >= 336 for H = 576;
+    for H = 1024, V = 151 936 (all SDPO) 1.46x the GEMM floor at C = 96, 1.16x at 208 (this cap), 1.10x at 256,
+    where the workspace would push the peak memory past a tenth of the materialising reference's.
     """
     rows = min(max(hidden, 256), CHUNK_BYTES // (4 * vocab))
     return max(16, min(4096, rows // 16 * 16))
@@ -95,8 +97,8 @@ class ChunkRunner:
     def _buffer(self, rows: int) -> torch.Tensor:
         """``[rows, V]`` logits buffer: a view of one workspace that both streams share, sized once for the larger.
 
-        One allocation per run, not one per stream: buffers this large are fresh pages from the OS each time, and
-        their first-touch page faults cost as much as a row pass."""
+        One allocation per run, not one per stream: buffers this large come fresh from the OS on every allocation,
+        and each first touch of a page is a fault."""
         if self._workspace is None:
             need = max(2 * min(self.chunk, self.sd_rows.numel()), min(self.chunk, self.g_rows.numel()))
             self._workspace = self.hidden.new_empty(need, self.vocab)
