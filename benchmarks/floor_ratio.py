@@ -14,7 +14,7 @@ import time
 import torch
 
 import srpo_kernels as sk
-from benchmarks.variants import ROUTINGS, SHAPES, make_inputs, steps
+from benchmarks.variants import ROUTINGS, SHAPES, make_inputs, peer_matched_options, steps
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     if a.reference:
         variants["reference"] = every["reference"]
     hidden, weight, ids, adv, route, teacher = inputs
-    opts = dict(dual_clip=None, entropy_beta=0.0) if a.routing != "half" else {}  # as in variants.losses
+    opts = peer_matched_options(route)  # the same loss as the "fused cpu" variant
     for size in filter(None, a.chunk_sizes.split(",")):
         def run(size=int(size)):
             sk.fused_srpo_loss(hidden, weight, ids, adv, route, teacher, backend="cpu", chunk_size=size,

@@ -40,11 +40,15 @@ def _step(loss_fn, hidden, weight):
     return run
 
 
+def peer_matched_options(route) -> dict:
+    """Our options on the routings peers cover: they have no dual clip (GRPO) and no entropy weights (SDPO)."""
+    return dict(dual_clip=None, entropy_beta=0.0) if (not bool(route.any()) or bool(route.all())) else {}
+
+
 def losses(hidden, weight, ids, adv, route, teacher, backends=("cpu", "torch"), compiled=True):
     """name -> zero-argument callable returning the (differentiable) loss."""
     all_grpo, all_sdpo = not bool(route.any()), bool(route.all())
-    # Peers have no dual clip (GRPO) and no entropy weights (SDPO): match them where they run.
-    opts = dict(dual_clip=None, entropy_beta=0.0) if (all_grpo or all_sdpo) else {}
+    opts = peer_matched_options(route)
     out = {f"fused {b}": (lambda b=b: sk.fused_srpo_loss(hidden, weight, ids, adv, route, teacher, backend=b,
                                                          **opts).loss) for b in backends}
     out["reference"] = lambda: sk.reference.srpo_loss(hidden, weight, ids, adv, route, teacher, **opts).loss

@@ -87,18 +87,11 @@ ALWAYS_INLINE float vlog1p(float t) {
 
 // JSD terms d = log p - log m + log(1-a), e = log q - log m + log a, through softplus of s = log(a q / ((1-a) p)):
 // neither loses digits where p and q are far apart, which is where the gradient (1-a) p (d - sum p d) of sharp,
-// disagreeing distributions lives. Mirrors torch_chunked._jsd_terms.
-ALWAYS_INLINE void jsd_terms(float lp, float lq, float log_beta, float& d, float& e) {
-  float s = lq - lp + log_beta;
-  float soft = vlog1p(vexp(s > 0.f ? -s : s));
-  d = -((s > 0.f ? s : 0.f) + soft);
-  e = -((s < 0.f ? -s : 0.f) + soft);
-}
-
-// As jsd_terms, with p and q on hand: exp(-|s|) is the ratio of the smaller to the larger of (1-a) p and a q, a
-// division instead of an exp (and no worse: s itself carries the rounding of two log-probs).
-ALWAYS_INLINE void jsd_terms_pq(float lp, float lq, float p, float q, float log_beta, float one_minus_a, float a,
-                                float& d, float& e) {
+// disagreeing distributions lives. Mirrors torch_chunked._jsd_terms, except that exp(-|s|) is taken as the ratio of
+// the smaller to the larger of (1-a) p and a q: p and q are on hand, a division is cheaper than an exp, and no less
+// exact (s itself carries the rounding of two log-probs).
+ALWAYS_INLINE void jsd_terms(float lp, float lq, float p, float q, float log_beta, float one_minus_a, float a,
+                             float& d, float& e) {
   float s = lq - lp + log_beta, wp = one_minus_a * p, wq = a * q;
   float lo = wp < wq ? wp : wq, hi = wp < wq ? wq : wp;
   float soft = vlog1p(hi > 0.f ? lo / hi : 0.f);
@@ -155,7 +148,7 @@ inline int64_t row_argmax(const float* x, int64_t n) {
 inline float row_lse_entropy(const float* __restrict x, int64_t n, float m, float& lse, float& entropy,
                              float* __restrict keep = nullptr) {
   float s = 0.f, t = 0.f;
-  if (keep) {
+  if (keep) {  // two loops: with the test inside the loop the distill stats pass measured ~8% slower
 #pragma omp simd reduction(+ : s, t)
     for (int64_t j = 0; j < n; ++j) {
       float d = x[j] - m, e = vexp(d);
@@ -168,7 +161,7 @@ inline float row_lse_entropy(const float* __restrict x, int64_t n, float m, floa
     for (int64_t j = 0; j < n; ++j) {
       float d = x[j] - m, e = vexp(d);
       s += e;
-      t += e > 0.f ? e * d : 0.f;  // -inf logits: 0, not 0 * -inf
+      t += e > 0.f ? e * d : 0.f;
     }
   }
   float log_s = std::log(s);
@@ -225,7 +218,7 @@ struct Divergence {
         s1 += plogdiff(p, lp[j], lq[j]);
       } else {
         float dj, ej;
-        jsd_terms(lp[j], lq[j], log_beta, dj, ej);
+        jsd_terms(lp[j], lq[j], p, q, log_beta, 1.f - alpha, alpha, dj, ej);
         if (p > 0.f) { s1 += p * (dj + c0); s3 += p * dj; }
         if (q > 0.f) s2 += q * (ej + c1);
       }
@@ -241,7 +234,7 @@ struct Divergence {
     if (alpha == 0.f) return p - std::exp(lq);
     if (alpha == 1.f) return plogdiff(p, lp, lq + aux);
     float dj, ej;
-    jsd_terms(lp, lq, log_beta, dj, ej);
+    jsd_terms(lp, lq, p, std::exp(lq), log_beta, 1.f - alpha, alpha, dj, ej);
     return (1 - alpha) * plogdiff(p, dj, aux);
   }
 };
@@ -318,7 +311,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
 #pragma omp simd reduction(+ : d1, d2, d3)
       for (int64_t j = 0; j < V; ++j) {
         float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
-        jsd_terms_pq(lpj, lqj, p, q, lb, one_minus_a, a, dj, ej);
+        jsd_terms(lpj, lqj, p, q, lb, one_minus_a, a, dj, ej);
         dj = p > 0.f ? dj : 0.f;
         y[j] = dj;
         d1 += p * (dj + c0);
