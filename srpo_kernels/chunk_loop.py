@@ -17,13 +17,18 @@ from .backends import row_ops as S
 from .backends.row_ops import RowOps
 from .config import SRPOLossConfig
 from .distributed import all_reduce_sums
+from .gemm import Gemms
 from .inputs import FlatInputs
 
-CHUNK_BYTES = 128 << 20  # cap on one fp32 [C, V] logits buffer (the SDPO stream's stacked buffer is twice this)
+# Cap on one fp32 [C, V] logits buffer (the SDPO stream's stacked buffer is twice this). A GPU gets more: its
+# per-chunk launch overhead is fixed while a chunk's passes take microseconds, and it has the memory.
+CHUNK_BYTES = 128 << 20
+CHUNK_BYTES_CUDA = 512 << 20
 
 
-def default_chunk_size(vocab: int, hidden: int) -> int:
-    """Rows per chunk: about H (at least 256), within CHUNK_BYTES, in [16, 4096] and a multiple of 16.
+def default_chunk_size(vocab: int, hidden: int, device: Optional[torch.device] = None) -> int:
+    """Rows per chunk: about H (at least 256), within CHUNK_BYTES (CHUNK_BYTES_CUDA on a GPU), in [16, 4096] and
+    a multiple of 16.
 
     Each chunk streams W (V x H) through three GEMMs, and its logits (C x V) through the GEMMs and the row passes;
     C ~ H keeps W's share of that traffic below the logits'. Smaller chunks re-read W (and pay the per-chunk
@@ -32,7 +37,8 @@ def default_chunk_size(vocab: int, hidden: int) -> int:
     for H = 1024, V = 151 936 (all SDPO) 1.46x the GEMM floor at C = 96, 1.16x at 208 (this cap), 1.10x at 256,
     where the workspace would push the peak memory past a tenth of the materialising reference's.
     """
-    rows = min(max(hidden, 256), CHUNK_BYTES // (4 * vocab))
+    budget = CHUNK_BYTES_CUDA if device is not None and device.type == "cuda" else CHUNK_BYTES
+    rows = min(max(hidden, 256), budget // (4 * vocab))
     return max(16, min(4096, rows // 16 * 16))
 
 
@@ -73,18 +79,15 @@ class Grads:
 
 
 class ChunkRunner:
-    """Runs the chunk loop over flat inputs with one backend; keeps the fp32 views of the operands."""
+    """Runs the chunk loop over flat inputs with one backend; GEMMs follow the policy of ``gemm.py``."""
 
     def __init__(self, x: FlatInputs, cfg: SRPOLossConfig, ops: RowOps, chunk_size: Optional[int]):
         self.x, self.cfg, self.ops = x, cfg, ops
-        dtype = x.math_dtype
-        self.dtype = dtype
-        self.hidden = x.hidden.detach().to(dtype)
-        self.weight = x.weight.detach().to(dtype)
-        self.bias = None if x.bias is None else x.bias.detach().to(dtype)
-        self.vocab = self.weight.shape[0]
-        self.chunk = chunk_size or default_chunk_size(self.vocab, self.weight.shape[1])
-        self.inv_t = 1.0 / cfg.temperature
+        self.gemms = Gemms(x.weight, x.bias, cfg.temperature)
+        self.dtype = self.gemms.math
+        self.hidden = x.hidden.detach()  # GEMM operand: stays in the input dtype
+        self.vocab = x.weight.shape[0]
+        self.chunk = chunk_size or default_chunk_size(self.vocab, x.weight.shape[1], x.weight.device)
         route, valid = x.route, x.valid
         # Valid rows first inside each stream (stable, so teacher rows stay aligned with their tokens).
         sd_rows = route.nonzero().squeeze(1)
@@ -92,48 +95,40 @@ class ChunkRunner:
         self.sd_rows, self.teacher_rows = sd_rows[sd_order], sd_order
         g_rows = (~route).nonzero().squeeze(1)
         self.g_rows = g_rows[torch.argsort((~valid[g_rows]).to(torch.int8), stable=True)]
-        self._workspace = None
+        self._workspace = self._scratch = None
 
-    def _buffer(self, rows: int) -> torch.Tensor:
-        """``[rows, V]`` logits buffer: a view of one workspace that both streams share, sized once for the larger.
+    def _buffers(self, rows: int):
+        """``[rows, V]`` logits buffer (math dtype) and, for bf16/fp16 operands, a scratch of the same shape in the
+        input dtype: views of one workspace each that both streams share, sized once for the larger.
 
         One allocation per run, not one per stream: buffers this large come fresh from the OS on every allocation,
         and each first touch of a page is a fault."""
         if self._workspace is None:
             need = max(2 * min(self.chunk, self.sd_rows.numel()), min(self.chunk, self.g_rows.numel()))
-            self._workspace = self.hidden.new_empty(need, self.vocab)
-        return self._workspace[:rows]
+            self._workspace = torch.empty(need, self.vocab, dtype=self.dtype, device=self.hidden.device)
+            if self.gemms.low:
+                self._scratch = torch.empty(need, self.vocab, dtype=self.gemms.operand, device=self.hidden.device)
+        return self._workspace[:rows], None if self._scratch is None else self._scratch[:rows]
 
-    # ---------------------------------------------------------------- GEMM helpers
-    def _logits(self, rows_hidden, out):
-        """out <- (h W^T + b) / T for one chunk, in place."""
-        if self.bias is None:
-            torch.mm(rows_hidden, self.weight.T, out=out)
-            if self.inv_t != 1.0:
-                out.mul_(self.inv_t)
-        else:
-            torch.addmm(self.bias, rows_hidden, self.weight.T, beta=self.inv_t, alpha=self.inv_t, out=out)
-        return out
-
-    def _backprop(self, dz, rows, rows_hidden, grads: Grads):
+    def _backprop(self, dz, scratch, rows, rows_hidden, grads: Grads):
+        dz_op = self.gemms.narrow(dz, scratch)
         if grads.hidden is not None:
-            grads.hidden.index_copy_(0, rows, dz @ self.weight)
+            grads.hidden.index_copy_(0, rows, self.gemms.grad_hidden(dz_op).to(grads.hidden.dtype))
         if grads.weight is not None:
-            acc = grads.weight
-            torch.addmm(acc, dz.T.to(acc.dtype), rows_hidden.to(acc.dtype), beta=grads.weight_scale, out=acc)
+            self.gemms.add_grad_weight(grads.weight, dz, dz_op, rows_hidden, grads.weight_scale)
             grads.weight_scale = 1.0
         if grads.bias is not None:
             grads.bias.add_(dz.sum(0).to(grads.bias.dtype))
 
     def new_grads(self, need_hidden, need_weight, need_bias) -> Grads:
-        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        w, acc = self.x.weight, self.dtype
         return Grads(
-            hidden=torch.zeros_like(self.hidden) if need_hidden else None,
-            weight=torch.empty(self.weight.shape, dtype=acc, device=self.weight.device) if need_weight else None,
-            bias=torch.zeros(self.vocab, dtype=acc, device=self.weight.device) if need_bias else None)
+            hidden=torch.zeros(self.hidden.shape, dtype=acc, device=w.device) if need_hidden else None,
+            weight=torch.empty(w.shape, dtype=acc, device=w.device) if need_weight else None,
+            bias=torch.zeros(self.vocab, dtype=acc, device=w.device) if need_bias else None)
 
     def empty_stats(self) -> RowStats:
-        z = self.hidden.new_zeros(self.hidden.shape[0])
+        z = torch.zeros(self.hidden.shape[0], dtype=self.dtype, device=self.hidden.device)
         return RowStats(z.clone(), z.clone(), z.clone(), z.clone())
 
     # ---------------------------------------------------------------- streams
@@ -144,7 +139,8 @@ class ChunkRunner:
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]
             h = self.hidden.index_select(0, r)
-            z = self._logits(h, self._buffer(r.numel()))
+            buf, scratch = self._buffers(r.numel())
+            z = self.gemms.logits(h, buf, scratch)
             targets = self.x.token_ids.index_select(0, r)
             st = self.ops.student_stats(z, targets)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
@@ -152,7 +148,7 @@ class ChunkRunner:
                 continue
             c_logp, c_ent = coef(r, st)
             self.ops.student_grad(z, targets, st, c_logp, c_ent)
-            self._backprop(z, r, h, grads)
+            self._backprop(z, scratch, r, h, grads)
 
     def distill_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
         """SDPO rows: student and teacher logits of the same tokens. `coef(rows, chunk_stats) -> (c_logp, c_div)`."""
@@ -164,8 +160,9 @@ class ChunkRunner:
             c = r.numel()
             # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
             h = self.hidden.index_select(0, r)
-            t = teacher.index_select(0, self.teacher_rows[start:start + self.chunk]).to(self.dtype)
-            zu = self._logits(torch.cat([h, t]), self._buffer(2 * c))
+            t = self.gemms.operand_rows(teacher.index_select(0, self.teacher_rows[start:start + self.chunk]))
+            buf, scratch = self._buffers(2 * c)
+            zu = self.gemms.logits(torch.cat([h, t]), buf, scratch)
             z, u = zu[:c], zu[c:]
             targets = self.x.token_ids.index_select(0, r)
             st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)
@@ -175,7 +172,7 @@ class ChunkRunner:
                 continue
             c_logp, c_div = coef(r, st)
             self.ops.distill_grad(z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail)
-            self._backprop(z, r, h, grads)
+            self._backprop(z, None if scratch is None else scratch[:c], r, h, grads)
 
 
 def weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: torch.Tensor) -> float:

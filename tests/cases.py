@@ -60,9 +60,9 @@ def run(fn, case, dtype=torch.float64, upstream_seed=123, **options):
     loss = out.loss
     if loss.dim():
         g = torch.Generator().manual_seed(upstream_seed)
-        upstream = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
+        upstream = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype)
     else:
-        upstream = torch.tensor(1.7, dtype=loss.dtype)
+        upstream = torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
     wrt = [t for t in leaves.values() if t.requires_grad]
     grads = torch.autograd.grad(loss, wrt, upstream, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
     res = {"loss": loss.detach().double(), "metrics": out.metrics, "clipped": out.clipped}
@@ -114,3 +114,24 @@ def assert_agree(actual, expected, rtol=1e-5, keys=None, atol=1e-7):
         err = float((a - e).abs().max()) if a.numel() else 0.0
         bound = rtol * (float(e.abs().max()) if e.numel() else 0.0) + atol
         assert err <= bound, f"{k}: max error {err:.2e} > {bound:.2e} (rtol {rtol:.0e}, atol {atol:.0e})"
+
+
+def low_precision_errors(impl, dtype, seeds=range(8), keys=None, to_device=lambda c: c, **options):
+    """Mean over `seeds` of the max relative error (vs fp64 on the same rounded inputs) of `impl` and of the naive
+    reference, both run in `dtype`: {key: (ours, naive)}.
+
+    Both round the same quantities (GEMM operands, and on the CPU the logits and dL/dz) to `dtype`, so their errors
+    are draws from about the same distribution: one case can go either way by a factor of two, a mean over several
+    cannot (ours is the lower one on average). `to_device` moves a case's tensors to the device `impl` runs on."""
+    totals = {}
+    for seed in seeds:
+        case = make_case(seed=seed, n=45, h=32, v=301)
+        truth = run(ref_loss, rounded(case, dtype), **options)
+        naive = run(ref_loss, case, dtype=dtype, **options)
+        ours = run(impl, to_device(case), dtype=dtype, **options)
+        for k in keys or truth:
+            if isinstance(truth[k], torch.Tensor) and truth[k].dtype == torch.float64:
+                o, n = max_rel_err(ours[k].cpu(), truth[k]), max_rel_err(naive[k], truth[k])
+                prev = totals.get(k, (0.0, 0.0))
+                totals[k] = (prev[0] + o / len(seeds), prev[1] + n / len(seeds))
+    return totals

@@ -1,0 +1,92 @@
+"""The GEMM precision policy, in one place for every backend.
+
+- GEMM operands stay in the input dtype: bf16/fp16 run on tensor cores (CUDA) or bf16/AMX units (CPU) with fp32
+  accumulation inside the GEMM; fp32 stays fp32 (no TF32) and fp64 stays exact.
+- The row passes always see fp32 logits (fp64 for fp64 inputs). On CUDA a bf16/fp16 GEMM writes them in fp32
+  directly (``out_dtype``, torch >= 2.8). The CPU build of torch has no such op: there the GEMM writes its
+  input-dtype result into a scratch buffer and one pass widens it, exactly as rounded as the naive bf16 logits.
+- Backward: ``dL/dz`` is narrowed to the input dtype for the ``dh`` and ``dW`` GEMMs (as autograd does for the
+  naive loss). ``dW`` and ``db`` accumulate in fp32 across chunks; the CPU's ``dW`` GEMM runs in fp32 on widened
+  operands of ``C x V`` and ``C x H`` (never a ``V x H`` copy of the weight), since only an fp32 GEMM can add into
+  the fp32 accumulator there.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_out_dtype_ok = {}  # device type -> whether torch.mm/addmm take out_dtype there (probed once)
+
+
+def _supports_out_dtype(device: torch.device) -> bool:
+    if device.type not in _out_dtype_ok:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            torch.mm(a, a, out_dtype=torch.float32, out=acc)
+            _out_dtype_ok[device.type] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _out_dtype_ok[device.type] = False
+    return _out_dtype_ok[device.type]
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logits, row passes and accumulators: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Gemms:
+    """The three GEMMs of a chunk (logits, dh, dW) for one weight, following the policy above."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float):
+        self.weight = weight.detach()
+        self.operand = self.weight.dtype
+        self.math = math_dtype(self.operand)
+        self.low = self.operand in LOW_PRECISION
+        self.fp32_out = self.low and _supports_out_dtype(self.weight.device)
+        self.bias = None if bias is None else bias.detach().to(self.math)
+        self.inv_t = 1.0 / temperature
+
+    def operand_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if rows.dtype == self.operand else rows.to(self.operand)
+
+    def logits(self, h: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Tensor:
+        """out (math dtype) <- (h W^T + b) / T. `scratch` (input dtype, out's shape) is needed on the CPU path for
+        bf16/fp16 operands, where the GEMM cannot write fp32."""
+        w_t = self.weight.T
+        if not self.low or self.fp32_out:
+            kw = {"out_dtype": self.math} if self.low else {}
+            if self.bias is not None and not self.low:
+                torch.addmm(self.bias, h, w_t, beta=self.inv_t, alpha=self.inv_t, out=out)
+                return out
+            torch.mm(h, w_t, out=out, **kw)
+        else:
+            out.copy_(torch.mm(h, w_t, out=scratch))
+        if self.bias is not None:
+            out.add_(self.bias)
+        if self.inv_t != 1.0:
+            out.mul_(self.inv_t)
+        return out
+
+    def narrow(self, dz: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Tensor:
+        """dL/dz as the backward GEMMs' operand: itself in fp32/fp64, else a copy in the input dtype."""
+        return dz if not self.low else scratch.copy_(dz)
+
+    def grad_hidden(self, dz_op: torch.Tensor) -> torch.Tensor:
+        """dL/dh rows (math dtype, or the input dtype on the CPU's low-precision path: index_copy_ widens them)."""
+        if self.fp32_out:
+            return torch.mm(dz_op, self.weight, out_dtype=self.math)
+        return dz_op @ self.weight
+
+    def add_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor,
+                        beta: float) -> None:
+        """acc (fp32/fp64, V x H) <- beta * acc + dz^T h, with no V x H temporary."""
+        if self.fp32_out:
+            torch.addmm(acc, dz_op.T, h, beta=beta, out_dtype=self.math, out=acc)
+        elif self.low:  # CPU: fp32 GEMM on the widened dz (already fp32) and rows of h
+            torch.addmm(acc, dz.T, h.to(self.math), beta=beta, out=acc)
+        else:
+            torch.addmm(acc, dz.T, h, beta=beta, out=acc)
