@@ -5,7 +5,9 @@ Times are ``triton.testing.do_bench`` medians (20th/80th percentiles beside them
 ``torch.cuda.max_memory_allocated`` above what the inputs hold. Writes ``benchmarks/results/gpu-<gpu>-<date>.md``
 and prints the same table. Liger is optional (``pip install liger-kernel``); a variant that runs out of memory is
 reported as OOM. Peers run on the routing they cover: Liger GRPO on all-GRPO (loss_type="bnpo", our dual clip off),
-Liger JSD on all-SDPO (alpha = beta = 0.5, no entropy weights); their losses are checked against ours first.
+Liger JSD on all-SDPO (alpha = beta = 0.5, no entropy weights); their losses are checked against ours in
+tests/test_bench_variants.py. "gemm floor" is the matmuls alone (student forward, dh, dW, teacher forward) in the same
+dtype: the time no fused loss can beat.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-from benchmarks.variants import ROUTINGS, losses, make_inputs  # noqa: E402
+from benchmarks.variants import ROUTINGS, make_inputs, steps  # noqa: E402
 
 DEFAULT_SHAPES = ["2048x1024x151936", "4096x2048x151936", "8192x4096x151936"]
 
@@ -43,21 +45,17 @@ def _main():
         for routing, frac in ROUTINGS.items():
             inputs = make_inputs(n, h, v, frac, dtype, "cuda")
             hidden, weight = inputs[0], inputs[1]
-            for name, loss_fn in losses(*inputs, backends=("triton",)).items():
-                def step():
-                    loss_fn().backward()
-                    hidden.grad = weight.grad = None
+            for name, step in steps(inputs, backends=("triton",)).items():
                 try:
                     torch.cuda.synchronize()
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
-                    loss = float(loss_fn().detach())
-                    hidden.grad = weight.grad = None
-                    step()
+                    loss = step()
                     torch.cuda.synchronize()
                     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
                     med, lo, hi = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8])
-                    row = f"| {shape} | {routing} | {name} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {peak:.0f} | {loss:.6f} |"
+                    shown = "" if loss is None else f"{float(loss):.6f}"
+                    row = f"| {shape} | {routing} | {name} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {peak:.0f} | {shown} |"
                 except torch.cuda.OutOfMemoryError:
                     row = f"| {shape} | {routing} | {name} | OOM | OOM | |"
                 hidden.grad = weight.grad = None
