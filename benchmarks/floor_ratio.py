@@ -1,9 +1,9 @@
-"""Fused forward+backward vs the GEMM floor, side by side in one run (fp32, CPU): a quick check while tuning.
+"""Fused forward+backward vs the GEMM floor, side by side in one run (CPU): a quick check while tuning.
 
-``python -m benchmarks.floor_ratio --shape small --routing half [--chunk-sizes 128,256,512] [--rounds 5]``
+``python -m benchmarks.floor_ratio --shape small --routing half [--dtype bf16] [--chunk-sizes 128,256,512] [--rounds 5]``
 
 Variants run interleaved, round after round, and each reports its median over the rounds as a ratio to the
-floor's (the matmuls alone for the same shapes and routing, see benchmarks/variants.py). ``--chunk-sizes`` adds
+floor's (the matmuls alone for the same shapes, routing and dtype, see benchmarks/variants.py). ``--chunk-sizes`` adds
 the fused cpu backend at each given chunk size; that is how the default in ``chunk_loop.default_chunk_size`` was
 chosen. The full table with peers and memory is ``python -m benchmarks.report``.
 """
@@ -14,7 +14,7 @@ import time
 import torch
 
 import srpo_kernels as sk
-from benchmarks.variants import ROUTINGS, SHAPES, make_inputs, peer_matched_options, steps
+from benchmarks.variants import DTYPES, ROUTINGS, SHAPES, make_inputs, peer_matched_options, steps
 
 
 def main():
@@ -23,11 +23,12 @@ def main():
     p.add_argument("--routing", choices=ROUTINGS, default="half")
     p.add_argument("--chunk-sizes", default="", help="comma-separated chunk sizes for extra fused cpu variants")
     p.add_argument("--reference", action="store_true", help="also time the materialising reference")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    inputs = make_inputs(*SHAPES[a.shape], ROUTINGS[a.routing])
+    inputs = make_inputs(*SHAPES[a.shape], ROUTINGS[a.routing], DTYPES[a.dtype])
     every = steps(inputs, backends=("cpu",), compiled=False)
     variants = {"gemm floor": every["gemm floor"], "fused cpu": every["fused cpu"]}
     if a.reference:
@@ -49,7 +50,7 @@ def main():
             fn()
             times[name].append(time.perf_counter() - t0)
     floor = statistics.median(times["gemm floor"])
-    print(f"{a.shape} {SHAPES[a.shape]} routing={a.routing} threads={a.threads} fp32, median of {a.rounds}")
+    print(f"{a.shape} {SHAPES[a.shape]} routing={a.routing} threads={a.threads} {a.dtype}, median of {a.rounds}")
     print(f"{'variant':<26}{'ms':>10}{'/ floor':>10}")
     for name, ts in times.items():
         t = statistics.median(ts)

@@ -11,6 +11,7 @@ import srpo_kernels as sk
 
 SHAPES = {"small": (1024, 256, 32_000), "smollm2": (2048, 576, 49_152), "qwen3": (2048, 1024, 151_936)}
 ROUTINGS = {"grpo": 0.0, "half": 0.5, "sdpo": 1.0}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEQUENCES = 8  # tokens are B = 8 sequences of N / 8, one advantage each (Liger's GRPO takes them per sequence)
 
 

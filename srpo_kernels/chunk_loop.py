@@ -7,6 +7,7 @@ to the same ``dW``. Within a stream, valid rows come first, so chunks of masked 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -16,7 +17,7 @@ from . import token_math
 from .backends import row_ops as S
 from .backends.row_ops import RowOps
 from .config import SRPOLossConfig
-from .distributed import all_reduce_sums
+from .distributed import all_reduce_min, all_reduce_sums
 from .gemm import Gemms
 from .inputs import FlatInputs
 
@@ -138,7 +139,7 @@ class ChunkRunner:
         n_valid = int(self.x.valid[rows].sum())  # valid rows come first
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]
-            h = self.hidden.index_select(0, r)
+            h = self.gemms.operand_rows(self.hidden.index_select(0, r))
             buf, scratch = self._buffers(r.numel())
             z = self.gemms.logits(h, buf, scratch)
             targets = self.x.token_ids.index_select(0, r)
@@ -159,7 +160,7 @@ class ChunkRunner:
             r = rows[start:start + self.chunk]
             c = r.numel()
             # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
-            h = self.hidden.index_select(0, r)
+            h = self.gemms.operand_rows(self.hidden.index_select(0, r))
             t = self.gemms.operand_rows(teacher.index_select(0, self.teacher_rows[start:start + self.chunk]))
             buf, scratch = self._buffers(2 * c)
             zu = self.gemms.logits(torch.cat([h, t]), buf, scratch)
@@ -175,19 +176,23 @@ class ChunkRunner:
             self._backprop(z, None if scratch is None else scratch[:c], r, h, grads)
 
 
-def weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: torch.Tensor) -> float:
-    """The mean of exp(-beta H_T) over valid SDPO tokens, unless the caller supplied it (1.0 when there are none)."""
+def log_weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: Optional[torch.Tensor]) -> float:
+    """log of the mean of exp(-beta H_T) over valid SDPO tokens, unless the caller supplied the mean (0.0, i.e. a
+    mean of 1, when there are none). Kept as a log: the mean itself underflows for large beta * H_T."""
     if x.weight_normalizer is not None:
-        return x.weight_normalizer
+        return math.log(x.weight_normalizer)
     if cfg.entropy_beta == 0:
-        return 1.0
+        return 0.0
     sel = x.valid & x.route
-    total = float(token_math.entropy_weight(teacher_entropy[sel], cfg).double().sum()) if bool(sel.any()) else 0.0
     count = float(sel.sum())
+    log_total = token_math.log_weight_sum(teacher_entropy[sel], cfg) if count else -math.inf
     if x.distributed:  # every rank reaches this exactly once per pass (see normalizer_known_upfront)
         device = x.hidden.device
-        total, count = all_reduce_sums(total, count, device=device if device.type != "cpu" else None)
-    return total / count if count else 1.0
+        device = device if device.type != "cpu" else None
+        shift = -all_reduce_min(-log_total, device=device)  # the largest log-sum over ranks
+        total, count = all_reduce_sums(math.exp(log_total - shift) if count else 0.0, count, device=device)
+        log_total = shift + math.log(total) if total > 0 else -math.inf
+    return log_total - math.log(count) if count else 0.0
 
 
 def normalizer_known_upfront(x: FlatInputs, cfg: SRPOLossConfig) -> bool:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cases import fused, low_precision_errors, make_case
+from srpo_kernels import gemm
 
 KEYS = ("loss", "logprobs", "entropy", "teacher_entropy", "divergence", "grad_hidden", "grad_weight", "grad_bias")
 
@@ -11,7 +12,10 @@ KEYS = ("loss", "logprobs", "entropy", "teacher_entropy", "divergence", "grad_hi
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("options", [dict(), dict(topk=6, alpha=1.0), dict(alpha=0.0, reduction="none")], ids=str)
-def test_low_precision_no_worse_than_naive(dtype, backend, options):
+@pytest.mark.parametrize("native", [True, False], ids=["low-precision-gemms", "widened-gemms"])
+def test_low_precision_no_worse_than_naive(dtype, backend, options, native, monkeypatch):
+    # Both CPU policies of gemm.py, whatever this CPU has (the choice is by its feature flags).
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: native)
     errors = low_precision_errors(fused(backend, chunk_size=16), dtype, keys=KEYS, **options)
     for k, (ours, naive) in errors.items():
         assert ours <= naive + 1e-3, f"{k}: ours {ours:.2e} vs naive {naive:.2e} (means over the seeds)"
