@@ -201,9 +201,13 @@ void topk_ids(const float* x, int64_t n, int64_t k, int64_t* out) {
 
 inline float plogdiff(float p, float a, float b) { return p > 0.f ? p * (a - b) : 0.f; }
 
+// The mode (0 forward KL, 1 reverse KL, 2 JSD) and 1 - alpha are taken from the double: alpha = 1 - 1e-8 is a JSD
+// with weight 1e-8 on KL(p||m), while static_cast<float>(alpha) would round it to reverse KL.
 struct Divergence {
-  float alpha, log_beta, c0, c1;  // log(a / (1-a)), -log(1-a), -log(a)
-  explicit Divergence(double a) : alpha(static_cast<float>(a)),
+  int mode;
+  float alpha, om, log_beta, c0, c1;  // om = 1 - a; log(a / (1-a)), -log(1-a), -log(a)
+  explicit Divergence(double a) : mode(a == 0.0 ? 0 : (a == 1.0 ? 1 : 2)), alpha(static_cast<float>(a)),
+      om(static_cast<float>(1.0 - a)),
       log_beta(a > 0.0 && a < 1.0 ? static_cast<float>(std::log(a / (1 - a))) : 0.f),
       c0(a < 1.0 ? static_cast<float>(-std::log1p(-a)) : 0.f), c1(a > 0.0 ? static_cast<float>(-std::log(a)) : 0.f) {}
 
@@ -212,30 +216,30 @@ struct Divergence {
     double s1 = 0, s2 = 0, s3 = 0;
     for (int64_t j = 0; j < n; ++j) {
       float p = std::exp(lp[j]), q = std::exp(lq[j]);
-      if (alpha == 0.f) {
+      if (mode == 0) {
         s1 += plogdiff(q, lq[j], lp[j]);
-      } else if (alpha == 1.f) {
+      } else if (mode == 1) {
         s1 += plogdiff(p, lp[j], lq[j]);
       } else {
         float dj, ej;
-        jsd_terms(lp[j], lq[j], p, q, log_beta, 1.f - alpha, alpha, dj, ej);
+        jsd_terms(lp[j], lq[j], p, q, log_beta, om, alpha, dj, ej);
         if (p > 0.f) { s1 += p * (dj + c0); s3 += p * dj; }
         if (q > 0.f) s2 += q * (ej + c1);
       }
     }
-    if (alpha == 0.f) { d = s1; aux = 0.f; }
-    else if (alpha == 1.f) { d = s1; aux = s1; }
-    else { d = (1 - alpha) * s1 + alpha * s2; aux = s3; }
+    if (mode == 0) { d = s1; aux = 0.f; }
+    else if (mode == 1) { d = s1; aux = s1; }
+    else { d = om * s1 + alpha * s2; aux = s3; }
   }
 
   // dD/d(logit) of one support entry.
   float grad(float lp, float lq, float aux) const {
     float p = std::exp(lp);
-    if (alpha == 0.f) return p - std::exp(lq);
-    if (alpha == 1.f) return plogdiff(p, lp, lq + aux);
+    if (mode == 0) return p - std::exp(lq);
+    if (mode == 1) return plogdiff(p, lp, lq + aux);
     float dj, ej;
-    jsd_terms(lp, lq, p, std::exp(lq), log_beta, 1.f - alpha, alpha, dj, ej);
-    return (1 - alpha) * plogdiff(p, dj, aux);
+    jsd_terms(lp, lq, p, std::exp(lq), log_beta, om, alpha, dj, ej);
+    return om * plogdiff(p, dj, aux);
   }
 };
 
@@ -244,8 +248,7 @@ struct Divergence {
 // dD/dz = c' p (g - aux): log p - log q for alpha = 1, the JSD term d otherwise.
 void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float lse_z, float aux, float a,
                      float c, const Divergence& div) {
-  const float al = div.alpha;
-  if (al == 0.f) {
+  if (div.mode == 0) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       float p = vexp(x[j] - lse_z);
@@ -253,7 +256,7 @@ void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, 
     }
     return;
   }
-  const float c1 = al == 1.f ? c : c * (1 - al);
+  const float c1 = div.mode == 1 ? c : c * div.om;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float p = vexp(x[j] - lse_z);
@@ -292,14 +295,14 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1, inv_z = 1.f / sum_z,
                 inv_u = 1.f / sum_u;
     // Entries with zero probability contribute 0 (their logs may be -inf, e.g. a -inf bias masking the vocab).
-    if (a == 0.f) {
+    if (div.mode == 0) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
         float q = eu[j] * inv_u;
         d1 += q > 0.f ? q * ((y[j] - lse_u) - (x[j] - lse_z)) : 0.f;
         y[j] = q;
       }
-    } else if (a == 1.f) {
+    } else if (div.mode == 1) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
         float p = ez[j] * inv_z, g = p > 0.f ? (x[j] - lse_z) - (y[j] - lse_u) : 0.f;
@@ -307,7 +310,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
         y[j] = g;
       }
     } else {
-      const float one_minus_a = 1.f - a;
+      const float one_minus_a = div.om;
 #pragma omp simd reduction(+ : d1, d2, d3)
       for (int64_t j = 0; j < V; ++j) {
         float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
@@ -320,8 +323,8 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
       }
     }
     s[T_ENTROPY] = ent_u;
-    s[DIVERGENCE] = a == 0.f || a == 1.f ? d1 : (1 - a) * d1 + a * d2;
-    s[AUX_KL] = a == 0.f ? 0.f : (a == 1.f ? d1 : d3);
+    s[DIVERGENCE] = div.mode != 2 ? d1 : div.om * d1 + a * d2;
+    s[AUX_KL] = div.mode == 0 ? 0.f : (div.mode == 1 ? d1 : d3);
     return;
   }
   topk_ids(x, V, K, row_ids);

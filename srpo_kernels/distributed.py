@@ -22,3 +22,10 @@ def all_reduce_sums(*values: float, device=None) -> Tuple[float, ...]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return tuple(t.tolist())
+
+
+def all_reduce_min(value: float, device=None) -> float:
+    """The minimum of `value` over ranks (float64)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return float(t)

@@ -7,6 +7,7 @@ per-token upstream gradient in forward, so its backward re-runs the chunk loop w
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,7 +16,7 @@ import torch
 from . import token_math
 from .backends import row_ops as S
 from .backends.row_ops import RowOps
-from .chunk_loop import ChunkRunner, Grads, RowStats, normalizer_known_upfront, weight_normalizer
+from .chunk_loop import ChunkRunner, Grads, RowStats, log_weight_normalizer, normalizer_known_upfront
 from .config import SRPOLossConfig
 from .inputs import FlatInputs
 
@@ -35,9 +36,10 @@ def _opt(t: Optional[torch.Tensor], rows):
 class _Coefficients:
     """Per-row gradient coefficients of one run: ``row_scale`` is dL/d(per-token loss), 0 on masked tokens."""
 
-    def __init__(self, x: FlatInputs, cfg: SRPOLossConfig, row_scale: torch.Tensor, mu: float):
-        self.x, self.cfg, self.mu = x, cfg, mu
+    def __init__(self, x: FlatInputs, cfg: SRPOLossConfig, row_scale: torch.Tensor, log_mu: float):
+        self.x, self.cfg, self.log_mu = x, cfg, log_mu
         self.scale = row_scale / cfg.temperature  # chain rule through z = raw_logits / T
+        self.running: Optional[_RunningNormalizer] = None
 
     def _ref_term(self, logp, rows):
         if self.cfg.ref_beta == 0:
@@ -56,38 +58,73 @@ class _Coefficients:
     def distill(self, rows, st):
         logp = st[:, S.LOGP]
         is_w = token_math.sdpo_is_weight(logp, _opt(self.x.old_logprobs, rows), self.cfg)
-        weight = token_math.entropy_weight(st[:, S.T_ENTROPY], self.cfg) / self.mu
+        if self.running is not None:
+            self.log_mu = self.running.update(rows, st[:, S.T_ENTROPY])
+        weight = token_math.distill_weight(st[:, S.T_ENTROPY], self.cfg, self.log_mu)
         scale = self.scale[rows]
         return scale * self._ref_term(logp, rows), scale * self._isw(rows) * weight * is_w
 
 
-def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], mu: Optional[float], grads: Optional[Grads]):
-    """One pass over all rows; returns (stats, mu). With `mu` unknown, SDPO gradients are rescaled once it is."""
+class _RunningNormalizer:
+    """The entropy-weight normaliser over the valid SDPO rows seen so far, for when it is not known up front.
+
+    Each chunk's gradient is weighted by the running mean, and the gradients accumulated before it are rescaled
+    whenever the mean changes (as an online softmax rescales its running sum), so the weights in the accumulators
+    are always normalised: none under- or overflows fp32, however large beta * H_T."""
+
+    def __init__(self, x: FlatInputs, cfg: SRPOLossConfig, grads: Grads, sd_rows: torch.Tensor):
+        self.x, self.cfg, self.grads, self.sd_rows = x, cfg, grads, sd_rows
+        self.log_total, self.count, self.log_mu = -math.inf, 0, 0.0
+
+    def rescale_to(self, log_mu: float) -> None:
+        if self.count and log_mu != self.log_mu:  # only SDPO rows have contributed so far
+            self.grads.scale_(math.exp(self.log_mu - log_mu), self.sd_rows)
+        self.log_mu = log_mu
+
+    def update(self, rows, teacher_entropy) -> float:
+        valid = self.x.valid[rows]
+        n = int(valid.sum())
+        if n:
+            chunk = token_math.log_weight_sum(teacher_entropy[valid], self.cfg)
+            top = max(self.log_total, chunk)
+            self.log_total = top + math.log1p(math.exp(-abs(self.log_total - chunk)))
+            new = self.log_total - math.log(self.count + n)
+            self.rescale_to(new)
+            self.count += n
+        return self.log_mu
+
+
+def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], log_mu: Optional[float],
+         grads: Optional[Grads]):
+    """One pass over all rows; returns (stats, log_mu). With the normaliser unknown, SDPO gradients follow a running
+    one (see _RunningNormalizer) and are rescaled to the final one."""
     x, cfg = runner.x, runner.cfg
     stats = runner.empty_stats()
-    if grads is not None and mu is None and cfg.ref_beta > 0:
+    if grads is not None and log_mu is None and cfg.ref_beta > 0:
         # The k3 part of an SDPO row's gradient does not scale with 1/mu: learn mu first (extra teacher pass).
         runner.distill_stream(stats, None, None)
-        mu = weight_normalizer(x, cfg, stats.teacher_entropy)
-    coef = None if grads is None else _Coefficients(x, cfg, row_scale, mu if mu is not None else 1.0)
+        log_mu = log_weight_normalizer(x, cfg, stats.teacher_entropy)
+    coef = None if grads is None else _Coefficients(x, cfg, row_scale, log_mu if log_mu is not None else 0.0)
+    if coef is not None and log_mu is None:
+        coef.running = _RunningNormalizer(x, cfg, grads, runner.sd_rows)
     runner.distill_stream(stats, None if coef is None else coef.distill, grads)
-    if mu is None:
-        mu = weight_normalizer(x, cfg, stats.teacher_entropy)
-        if grads is not None and mu != 1.0:  # so far only SDPO rows have contributed
-            grads.scale_(1.0 / mu, runner.sd_rows)
+    if log_mu is None:
+        log_mu = log_weight_normalizer(x, cfg, stats.teacher_entropy)
+        if coef is not None:
+            coef.running.rescale_to(log_mu)
     runner.student_stream(stats, None if coef is None else coef.grpo, grads)
     if grads is not None:
         grads.finalize_()
-    return stats, mu
+    return stats, log_mu
 
 
-def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, mu: float):
+def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, log_mu: float):
     """Per-token loss (0 where masked), the normalised distillation weight, and the clipped flag."""
     route = x.route
     grpo = token_math.grpo_surrogate(stats.logp, x.old_logprobs, x.advantages, cfg)
     is_w = token_math.sdpo_is_weight(stats.logp, x.old_logprobs, cfg)
     zero = torch.zeros_like(stats.logp)
-    weight = torch.where(route, token_math.entropy_weight(stats.teacher_entropy, cfg) / mu, zero)
+    weight = torch.where(route, token_math.distill_weight(stats.teacher_entropy, cfg, log_mu), zero)
     loss = torch.where(route, weight * is_w * stats.divergence, grpo.loss)
     if x.is_weights is not None:
         loss = loss * x.is_weights
@@ -126,14 +163,14 @@ class SRPOLossFunction(torch.autograd.Function):
         if in_forward:
             row_scale = _scalar_row_scale(x, runner.dtype, cfg.reduction, denom)
             grads = runner.new_grads(*needs)
-        mu_upfront = weight_normalizer(x, cfg, None) if normalizer_known_upfront(x, cfg) else None
-        stats, mu = _run(runner, row_scale, mu_upfront, grads)
-        loss_tok, weight_tok, clipped = per_token_loss(x, cfg, stats, mu)
+        mu_upfront = log_weight_normalizer(x, cfg, None) if normalizer_known_upfront(x, cfg) else None
+        stats, log_mu = _run(runner, row_scale, mu_upfront, grads)
+        loss_tok, weight_tok, clipped = per_token_loss(x, cfg, stats, log_mu)
         loss = loss_tok if cfg.reduction == "none" else loss_tok.sum() / (denom if cfg.reduction == "mean" else 1.0)
         # Saved for a recompute: always for "none"; for "mean"/"sum" only a second backward through a retained
         # graph needs it (the first one hands over the gradients computed here).
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.params, ctx.mu, ctx.grads = params, mu, grads
+        ctx.params, ctx.log_mu, ctx.grads = params, log_mu, grads
         ctx.mu_upfront, ctx.denom = mu_upfront, denom
         ctx.reduction = cfg.reduction
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -156,7 +193,7 @@ class SRPOLossFunction(torch.autograd.Function):
         runner = ChunkRunner(x, params.config, params.ops, params.chunk_size)
         grads = runner.new_grads(*ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
-            _run(runner, grad_loss.reshape(-1).to(runner.dtype) * x.valid, ctx.mu, grads)
+            _run(runner, grad_loss.reshape(-1).to(runner.dtype) * x.valid, ctx.log_mu, grads)
             return _cast(grads.hidden, dh), _cast(grads.weight, dw), _cast(grads.bias, db), None
         # A second backward through a retained graph: the forward's computation again, bit for bit.
         _run(runner, _scalar_row_scale(x, runner.dtype, ctx.reduction, ctx.denom), ctx.mu_upfront, grads)

@@ -18,6 +18,15 @@ from .output import SRPOLossOutput, summarize
 LOG_TINY = math.log(torch.finfo(torch.float32).tiny)  # floor of a tail bucket's log-probability
 
 
+def _plogdiff(p, a, b):
+    """``p * (a - b)`` summed over the last dim, 0 where p = 0: masked vocabulary (-inf logits) gives -inf - -inf."""
+    return (p * torch.where(p > 0, a - b, torch.zeros_like(a))).sum(-1)
+
+
+def _entropy(log_p):
+    return -_plogdiff(log_p.exp(), log_p, 0.0)
+
+
 def _logits(hidden, weight, bias, temperature, dtype):
     z = hidden @ weight.T
     if bias is not None:
@@ -34,7 +43,7 @@ def logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy
     lp = log_p.gather(-1, flat_ids[:, None]).squeeze(-1).reshape(shape)
     if not with_entropy:
         return lp
-    return lp, -(log_p.exp() * log_p).sum(-1).reshape(shape)
+    return lp, _entropy(log_p).reshape(shape)
 
 
 def support_logprobs(log_p, log_q, student_logits, cfg: SRPOLossConfig):
@@ -56,11 +65,13 @@ def divergence(lp, lq, alpha: float):
     """``D_alpha(p, q)`` over the last dim from log-probs: 0 forward KL(q||p), 1 reverse KL(p||q), else gen. JSD."""
     p, q = lp.exp(), lq.exp()
     if alpha == 0.0:
-        return (q * (lq - lp)).sum(-1)
+        return _plogdiff(q, lq, lp)
     if alpha == 1.0:
-        return (p * (lp - lq)).sum(-1)
-    lm = torch.logsumexp(torch.stack([lp + math.log(1 - alpha), lq + math.log(alpha)]), 0)
-    return (1 - alpha) * (p * (lp - lm)).sum(-1) + alpha * (q * (lq - lm)).sum(-1)
+        return _plogdiff(p, lp, lq)
+    dead = (p == 0) & (q == 0)  # masked vocabulary: log m would be -inf, and its gradient NaN
+    lm = torch.logsumexp(torch.stack([lp.masked_fill(dead, 0.0) + math.log(1 - alpha),
+                                      lq.masked_fill(dead, 0.0) + math.log(alpha)]), 0)
+    return (1 - alpha) * _plogdiff(p, lp, lm) + alpha * _plogdiff(q, lq, lm)
 
 
 def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=None, *, old_logprobs=None,
@@ -79,7 +90,7 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
     z = _logits(x.hidden, weight, bias, temperature, dtype)
     log_p = z.log_softmax(-1)
     logp = log_p.gather(-1, x.token_ids[:, None]).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    entropy = _entropy(log_p)
     zeros = torch.zeros_like(logp)
 
     # GRPO branch (every token computed; routing selects below).
@@ -104,14 +115,17 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
         log_q = _logits(x.teacher_hidden, weight, bias, temperature, dtype).log_softmax(-1).detach()
         lp_s, lq_s = support_logprobs(log_p[sd], log_q, z[sd], cfg)
         d = divergence(lp_s, lq_s, alpha)
-        h_t = -(lq_s.exp() * lq_s).sum(-1)
-        w_raw = torch.exp(-entropy_beta * h_t)
+        h_t = _entropy(lq_s)
+        # w = exp(-beta H_T) / mean(exp(-beta H_T)), in log space: exp(-beta H_T) underflows for beta H_T > ~87.
+        log_w = -entropy_beta * h_t
         valid_sd = x.valid[sd]
         if x.weight_normalizer is not None:
-            mu = x.weight_normalizer
+            log_mu = math.log(x.weight_normalizer)
+        elif int(valid_sd.sum()):
+            log_mu = log_w[valid_sd].logsumexp(0) - math.log(int(valid_sd.sum()))
         else:
-            mu = w_raw[valid_sd].mean() if int(valid_sd.sum()) else 1.0
-        w_sd = w_raw / mu
+            log_mu = 0.0
+        w_sd = torch.exp(log_w - log_mu)
         ratio_sd = torch.exp(logp[sd] - old[sd]).detach()
         is_sd = ratio_sd if is_clip is None else ratio_sd.clamp(max=is_clip)
         loss_sd = zeros.index_put((sd.nonzero().squeeze(1),), w_sd * is_sd * d)

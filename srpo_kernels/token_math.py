@@ -6,6 +6,7 @@ module turns those into per-token losses and into the two coefficients the gradi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,9 +45,22 @@ def sdpo_is_weight(logp, old_logp: Optional[torch.Tensor], cfg: SRPOLossConfig) 
     return ratio if cfg.is_clip is None else ratio.clamp(max=cfg.is_clip)
 
 
-def entropy_weight(teacher_entropy, cfg: SRPOLossConfig) -> torch.Tensor:
-    """Unnormalised SRPO weight ``exp(-beta * H_T)``: confident teacher targets count more."""
-    return torch.exp(-cfg.entropy_beta * teacher_entropy)
+def log_entropy_weight(teacher_entropy, cfg: SRPOLossConfig) -> torch.Tensor:
+    """Log of the unnormalised SRPO weight ``exp(-beta * H_T)`` (confident teacher targets count more), in fp64:
+    the weight itself underflows fp32 once beta * H_T passes ~87, so it is only ever used normalised."""
+    return -cfg.entropy_beta * teacher_entropy.double()
+
+
+def distill_weight(teacher_entropy, cfg: SRPOLossConfig, log_mu: float) -> torch.Tensor:
+    """The normalised weight ``exp(-beta H_T) / mu`` from ``log mu``, in the entropy's dtype."""
+    return torch.exp(log_entropy_weight(teacher_entropy, cfg) - log_mu).to(teacher_entropy.dtype)
+
+
+def log_weight_sum(teacher_entropy, cfg: SRPOLossConfig) -> float:
+    """``log sum exp(-beta H_T)`` over the given tokens (-inf for none), without under- or overflow."""
+    if teacher_entropy.numel() == 0:
+        return -math.inf
+    return float(torch.logsumexp(log_entropy_weight(teacher_entropy, cfg), 0))
 
 
 def k3_penalty(logp, ref_logp):

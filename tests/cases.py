@@ -135,3 +135,18 @@ def low_precision_errors(impl, dtype, seeds=range(8), keys=None, to_device=lambd
                 prev = totals.get(k, (0.0, 0.0))
                 totals[k] = (prev[0] + o / len(seeds), prev[1] + n / len(seeds))
     return totals
+
+
+def assert_fp32_no_worse_than_naive(impl, case, keys=None, to_device=lambda c: c, **options):
+    """`impl` in fp32 is within max(1e-5, 5x the naive fp32 error) of fp64, for every output and gradient: the naive
+    error is measured here, on this machine, so the bound holds on any CPU. Returns impl's results (on the CPU)."""
+    truth = run(ref_loss, case, **options)
+    naive = run(ref_loss, case, dtype=torch.float32, **options)
+    ours = {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+            for k, v in run(impl, to_device(case), dtype=torch.float32, **options).items()}
+    for k in keys or truth:
+        if isinstance(truth[k], torch.Tensor) and truth[k].dtype == torch.float64:
+            assert torch.isfinite(ours[k]).all(), f"{k}: not finite"
+            err, naive_err = max_rel_err(ours[k], truth[k]), max_rel_err(naive[k], truth[k])
+            assert err <= max(1e-5, 5 * naive_err), f"{k}: {err:.2e} vs naive fp32 {naive_err:.2e}"
+    return ours

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import srpo_kernels as sk
-from cases import assert_agree, fused, low_precision_errors, make_case, max_rel_err, ref_loss, run
+from cases import (assert_agree, assert_fp32_no_worse_than_naive, fused, low_precision_errors, make_case, max_rel_err,
+                   ref_loss, run)
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'srpo-kernels[triton]')")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,3 +82,12 @@ def test_package_imports_and_works_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert "torch.Size([3])" in out and "error: backend='triton' is unavailable" in out
+
+
+@pytest.mark.parametrize("options", [dict(), dict(alpha=1.0), dict(alpha=0.0), dict(alpha=1 - 1e-8)], ids=str)
+def test_triton_minus_inf_bias_and_alpha_next_to_one(options):
+    """Masked vocabulary (-inf bias) gives finite outputs and matches the reference; alpha = 1 - 1e-8 is a JSD."""
+    case = make_case(seed=5, n=25, h=16, v=301, mask_frac=0.0, ref=True)
+    case["bias"][::3] = float("-inf")
+    case["token_ids"] = (case["token_ids"] // 3 * 3 + 1).clamp(max=298)  # targets on unmasked tokens
+    assert_fp32_no_worse_than_naive(fused("triton", chunk_size=16), case, to_device=_on_device, **options)

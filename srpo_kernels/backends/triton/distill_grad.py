@@ -1,4 +1,4 @@
-"""z <- c_div dD/dz - c_logp p over the full vocabulary, in place (MODE as in divergence.py)."""
+"""z <- c_div dD/dz - c_logp p over the full vocabulary, in place (MODE and om = 1 - alpha as in divergence.py)."""
 import triton
 import triton.language as tl
 
@@ -8,7 +8,7 @@ from .launch import Launcher
 
 
 @triton.jit
-def distill_grad_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, aux_ptr, c_logp_ptr, c_div_ptr, stride, n_cols, alpha,
+def distill_grad_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, aux_ptr, c_logp_ptr, c_div_ptr, stride, n_cols, om,
                         log_beta, MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lse_z = tl.load(lse_z_ptr + row)
@@ -26,10 +26,10 @@ def distill_grad_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, aux_ptr, c_logp_ptr,
         if MODE == 0:
             g = p - tl.exp(lq)
         elif MODE == 1:
-            g = p * (lp - lq - aux)
+            g = tl.where(p > 0, p * (lp - lq - aux), 0.0)  # 0, not NaN, on masked vocabulary
         else:
             d, _e = jsd_terms(lp, lq, log_beta)
-            g = (1 - alpha) * p * (d - aux)
+            g = tl.where(p > 0, om * p * (d - aux), 0.0)
         tl.store(ptr, c * g - a * p, mask=mask)
 
 
@@ -38,5 +38,5 @@ _launch = Launcher(distill_grad_kernel, writes=("z_ptr",))
 
 def fill_distill_grad(z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):
     _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), aux.contiguous(), c_logp.contiguous(),
-            c_div.contiguous(), z.stride(0), z.shape[1], float(alpha), alpha_constants(alpha)[0],
+            c_div.contiguous(), z.stride(0), z.shape[1], 1.0 - float(alpha), alpha_constants(alpha)[0],
             MODE=divergence_mode(alpha))

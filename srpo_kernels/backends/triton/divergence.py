@@ -1,5 +1,6 @@
 """Full-vocabulary divergence per row, and the sum its gradient needs (see torch_chunked.divergence_and_aux).
-MODE 0: forward KL(q||p); 1: reverse KL(p||q); 2: generalised JSD."""
+MODE 0: forward KL(q||p); 1: reverse KL(p||q); 2: generalised JSD. ``om`` = 1 - alpha, computed in fp64 by the
+launcher (in fp32, alpha = 1 - 1e-8 would give 0)."""
 import math
 
 import triton
@@ -10,7 +11,7 @@ from .launch import Launcher
 
 
 @triton.jit
-def divergence_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, d_ptr, aux_ptr, stride, n_cols, alpha, log_beta, c0, c1,
+def divergence_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, d_ptr, aux_ptr, stride, n_cols, alpha, om, log_beta, c0, c1,
                       MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lse_z = tl.load(lse_z_ptr + row)
@@ -25,15 +26,18 @@ def divergence_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, d_ptr, aux_ptr, stride
         lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - lse_u
         p = tl.exp(lp)
         q = tl.exp(lq)
+        # Entries of zero probability add 0: with masked vocabulary (-inf logits) their log terms are NaN.
+        live_p = mask & (p > 0)
+        live_q = mask & (q > 0)
         if MODE == 0:
-            acc1 += tl.where(mask, q * (lq - lp), 0.0)
+            acc1 += tl.where(live_q, q * (lq - lp), 0.0)
         elif MODE == 1:
-            acc1 += tl.where(mask, p * (lp - lq), 0.0)
+            acc1 += tl.where(live_p, p * (lp - lq), 0.0)
         else:
             d, e = jsd_terms(lp, lq, log_beta)
-            acc1 += tl.where(mask, p * (d + c0), 0.0)
-            acc2 += tl.where(mask, q * (e + c1), 0.0)
-            acc3 += tl.where(mask, p * d, 0.0)
+            acc1 += tl.where(live_p, p * (d + c0), 0.0)
+            acc2 += tl.where(live_q, q * (e + c1), 0.0)
+            acc3 += tl.where(live_p, p * d, 0.0)
     s1 = tl.sum(acc1, 0)
     if MODE == 0:
         tl.store(d_ptr + row, s1)
@@ -42,7 +46,7 @@ def divergence_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, d_ptr, aux_ptr, stride
         tl.store(d_ptr + row, s1)
         tl.store(aux_ptr + row, s1)
     else:
-        tl.store(d_ptr + row, (1 - alpha) * s1 + alpha * tl.sum(acc2, 0))
+        tl.store(d_ptr + row, om * s1 + alpha * tl.sum(acc2, 0))
         tl.store(aux_ptr + row, tl.sum(acc3, 0))
 
 
@@ -64,5 +68,5 @@ def full_divergence(z, u, lse_z, lse_u, alpha):
     d = z.new_empty(z.shape[0])
     aux = z.new_empty(z.shape[0])
     _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), d, aux, z.stride(0), z.shape[1],
-            float(alpha), *alpha_constants(alpha), MODE=divergence_mode(alpha))
+            float(alpha), 1.0 - alpha, *alpha_constants(alpha), MODE=divergence_mode(alpha))
     return d, aux
