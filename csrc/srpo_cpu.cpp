@@ -166,7 +166,7 @@ inline float row_lse_entropy(const float* __restrict x, int64_t n, float m, floa
   }
   float log_s = std::log(s);
   lse = m + log_s;
-  entropy = log_s - t / s;
+  entropy = std::max(log_s - t / s, 0.f);  // >= 0: rounding must not make a near-certain row negative
   return s;
 }
 
@@ -273,7 +273,7 @@ void tail_grad(float* __restrict x, int64_t n, float lse_z, float g_tail, float 
 float entropy_of(const float* lq, int64_t n) {
   double h = 0;
   for (int64_t j = 0; j < n; ++j) { float q = std::exp(lq[j]); if (q > 0.f) h -= q * lq[j]; }
-  return static_cast<float>(h);
+  return static_cast<float>(std::max(h, 0.0));  // a rounded log-prob just above 0 must not give H < 0
 }
 
 // Student and teacher statistics of one row, and the divergence over the support (full vocab or top-K). `ez`, `eu`

@@ -48,7 +48,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
     x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
                        normalizer=normalizer, weight_normalizer=weight_normalizer, ref_beta=ref_beta)
-    ops = get_row_ops(backend, x.hidden.device, x.hidden.dtype)
+    ops = get_row_ops(backend, x.hidden.device, x.hidden.dtype, weight.shape[0])
     params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
     loss, *per_token = SRPOLossFunction.apply(x.hidden, weight, bias, params)
     logp, ent, t_ent, div, w, clipped = per_token
@@ -65,6 +65,8 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     entropies too when ``with_entropy`` (returned as ``(logprobs, entropy)``). Never materialises ``[N, V]``."""
     SRPOLossConfig(temperature=temperature)
     _check_chunk_size(chunk_size)
+    if not isinstance(with_entropy, bool):
+        raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
     n = flat_ids.numel()
     dtype = torch.float64 if flat_h.dtype == torch.float64 else torch.float32
@@ -74,7 +76,7 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
                    route=torch.zeros(n, dtype=torch.bool, device=device),
                    valid=torch.ones(n, dtype=torch.bool, device=device), teacher_hidden=None, old_logprobs=None,
                    ref_logprobs=None, is_weights=None, normalizer=None, weight_normalizer=None, token_shape=shape)
-    params = LogprobParams(inputs=x, temperature=temperature, ops=get_row_ops(backend, device, flat_h.dtype),
+    params = LogprobParams(inputs=x, temperature=temperature, ops=get_row_ops(backend, device, flat_h.dtype, weight.shape[0]),
                            chunk_size=chunk_size)
     logp, ent = LogprobsFunction.apply(flat_h, weight, bias, params)
     if with_entropy:

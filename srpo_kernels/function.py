@@ -138,6 +138,13 @@ def _scalar_row_scale(x: FlatInputs, dtype, reduction: str, denom: float) -> tor
     return x.valid.to(dtype) / (denom if reduction == "mean" else 1.0)
 
 
+def _refuse_double_backward():
+    # Autograd runs backward with grad mode on only under create_graph=True.
+    if torch.is_grad_enabled():
+        raise RuntimeError("srpo_kernels: the fused loss and log-probs are not twice differentiable (their gradients "
+                           "come from the kernels, not from autograd); create_graph=True is not supported")
+
+
 def _cast(grad: Optional[torch.Tensor], dtype, scale=None):
     if grad is None:
         return None
@@ -180,6 +187,7 @@ class SRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
+        _refuse_double_backward()
         dh, dw, db = ctx.dtypes
         if ctx.grads is not None:
             # Computed in forward. Dropping ctx's reference lets autograd adopt the tensors as .grad instead of
@@ -193,7 +201,9 @@ class SRPOLossFunction(torch.autograd.Function):
         runner = ChunkRunner(x, params.config, params.ops, params.chunk_size)
         grads = runner.new_grads(*ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
-            _run(runner, grad_loss.reshape(-1).to(runner.dtype) * x.valid, ctx.log_mu, grads)
+            # A masked token contributes nothing, even under a NaN/inf upstream gradient (e.g. nansum over padding).
+            upstream = grad_loss.reshape(-1).to(runner.dtype)
+            _run(runner, torch.where(x.valid, upstream, torch.zeros_like(upstream)), ctx.log_mu, grads)
             return _cast(grads.hidden, dh), _cast(grads.weight, dw), _cast(grads.bias, db), None
         # A second backward through a retained graph: the forward's computation again, bit for bit.
         _run(runner, _scalar_row_scale(x, runner.dtype, ctx.reduction, ctx.denom), ctx.mu_upfront, grads)
@@ -224,6 +234,7 @@ class LogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        _refuse_double_backward()
         hidden, weight, bias = ctx.saved_tensors
         runner = _logprob_runner(hidden, weight, bias, ctx.params)
         grads = runner.new_grads(*ctx.needs_input_grad[:3])

@@ -108,8 +108,10 @@ def check_projection(hidden, weight, token_ids, bias):
     hidden = _tensor("hidden", hidden)
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"hidden must be a floating-point tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have shape [..., H], got a 0-dim tensor")
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if hidden.device.type == "meta":
+        raise ValueError("hidden is on the meta device: the loss needs tensors that hold data")
     weight = _float_tensor("weight", weight, hidden.device)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "

@@ -57,3 +57,31 @@ def test_minus_inf_bias_masks_the_vocabulary(impl, options):
     expected = run(ref_loss, small, **options)
     for k in ("loss", "logprobs", "entropy", "teacher_entropy", "divergence", "grad_hidden"):
         assert torch.allclose(out[k], expected[k], rtol=1e-4, atol=1e-5), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropies_are_never_negative(backend):
+    """Sharp rows (weight x 100): a rounded log-prob just above 0 once gave H = -1.4e-5."""
+    case = make_case(seed=1, n=30, h=16, v=301, sd_frac=1.0, scale=100.0)
+    out = run(fused(backend, chunk_size=16), case, dtype=torch.float32, alpha=1.0, topk=10)
+    assert (out["entropy"] >= 0).all() and (out["teacher_entropy"] >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_upstream_gradient_at_masked_tokens_is_ignored(backend):
+    """reduction="none" then a per-sequence mean over a fully padded sequence (NaN) and nansum: the NaN lands on
+    masked tokens only, which contribute nothing."""
+    case = make_case(seed=2, n=24, h=8, v=101, mask_frac=0.0)
+    case["loss_mask"][:6] = False
+    grads = {}
+    for name, fn in (("fused", fused(backend, chunk_size=8)), ("reference", ref_loss)):
+        h = case["hidden"].float().requires_grad_()
+        w = case["weight"].float().requires_grad_()
+        out = fn(h, w, case["token_ids"], case["advantages"].float(), case["route"], case["teacher_hidden"].float(),
+                 loss_mask=case["loss_mask"], bias=case["bias"].float(), reduction="none")
+        upstream = torch.ones(24)
+        upstream[:6] = math.nan
+        grads[name] = torch.autograd.grad(out.loss, (h, w), upstream)
+    for ours, ref in zip(grads["fused"], grads["reference"]):
+        assert torch.isfinite(ours).all()
+        assert torch.allclose(ours, torch.nan_to_num(ref), rtol=1e-4, atol=1e-6)

@@ -26,6 +26,8 @@ BAD = {
     "hidden_not_tensor": (dict(hidden=[[1.0]]), TypeError, "hidden"),
     "hidden_int": (dict(hidden=torch.ones(12, 8, dtype=torch.int64)), TypeError, "hidden"),
     "weight_wrong_h": (dict(weight=torch.randn(31, 7)), ValueError, "weight"),
+    "hidden_h0": (dict(hidden=torch.randn(12, 0), weight=torch.randn(31, 0), teacher_hidden=None), ValueError, "H >= 1"),
+    "hidden_meta": (dict(hidden=torch.randn(12, 8, device="meta")), ValueError, "meta"),
     "weight_dtype": (dict(weight=torch.randn(31, 8, dtype=torch.float64)), TypeError, "weight"),
     "ids_float": (dict(token_ids=torch.zeros(12)), TypeError, "token_ids"),
     "ids_shape": (dict(token_ids=torch.zeros(11, dtype=torch.long)), ValueError, "token_ids"),
@@ -89,3 +91,31 @@ def test_module_validates_at_construction():
         sk.FusedSRPOLoss(backend="gpu")
     with pytest.raises(TypeError):
         sk.FusedSRPOLoss(not_an_option=1)
+
+
+def test_with_entropy_must_be_a_bool():
+    a = _args()
+    with pytest.raises(TypeError, match="with_entropy"):
+        sk.fused_logprobs(a["hidden"], a["weight"], a["token_ids"], with_entropy="no")
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    a = _args()
+    hidden = a["hidden"].requires_grad_()
+    for make in (lambda: _call(hidden=hidden).loss, lambda: sk.fused_logprobs(hidden, a["weight"], a["token_ids"]).sum()):
+        with pytest.raises(RuntimeError, match="not twice differentiable"):
+            torch.autograd.grad(make(), hidden, create_graph=True)
+
+
+@pytest.mark.slow
+def test_vocabulary_of_2_pow_24_falls_back_from_the_cpu_kernel():
+    """The C++ kernel holds a row's argmax as an exact float (V < 2^24): "auto" takes the torch backend there, and
+    backend="cpu" says why it cannot."""
+    v = 1 << 24
+    hidden, weight, ids = torch.randn(2, 1), torch.randn(v, 1), torch.tensor([0, v - 1])
+    with pytest.raises(ValueError, match="below 2\\^24"):
+        sk.fused_logprobs(hidden, weight, ids, backend="cpu")
+    exact = sk.reference.logprobs(hidden.double(), weight.double(), ids)
+    naive_err = float((sk.reference.logprobs(hidden, weight, ids).double() - exact).abs().max())
+    err = float((sk.fused_logprobs(hidden, weight, ids).double() - exact).abs().max())
+    assert err <= max(1e-5, 5 * naive_err), (err, naive_err)

@@ -37,8 +37,9 @@ def _triton_error(device: torch.device, dtype: torch.dtype):
     return None
 
 
-def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> RowOps:
-    """The row passes for `backend` on `device`; "auto" picks the fastest available and says why if it falls back."""
+def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32, vocab: int = 0) -> RowOps:
+    """The row passes for `backend` on `device` for a vocabulary of `vocab`; "auto" picks the fastest available and
+    says why if it falls back."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -48,8 +49,11 @@ def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         if dtype == torch.float64:
             raise ValueError("backend='cpu' computes in fp32; float64 inputs need backend='torch' (or 'auto')")
-        from .cpu import CpuRowOps, load_error
+        from .cpu import MAX_VOCAB, CpuRowOps, load_error
 
+        if vocab >= MAX_VOCAB:
+            raise ValueError(f"backend='cpu' supports a vocabulary below 2^24, got V = {vocab}; use backend='torch' "
+                             "(or 'auto')")
         if load_error() is not None:
             raise RuntimeError(f"backend='cpu' is unavailable: {load_error()}")
         return CpuRowOps()
@@ -62,8 +66,10 @@ def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
         return TritonRowOps()
     # auto
     if device.type == "cpu" and dtype != torch.float64:  # fp64 (gradcheck) stays exact in the torch backend
-        from .cpu import CpuRowOps, load_error
+        from .cpu import MAX_VOCAB, CpuRowOps, load_error
 
+        if vocab >= MAX_VOCAB:  # the C++ kernel stores a row's argmax as an exact float
+            return TorchRowOps()
         err = load_error()
         if err is None:
             return CpuRowOps()

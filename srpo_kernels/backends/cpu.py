@@ -18,6 +18,7 @@ from .torch_chunked import effective_topk
 
 _FLAGS = ["-O3", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
 _state = {"loaded": False, "error": None}
+MAX_VOCAB = 1 << 24  # kMaxVocab of the kernel: a row's argmax index travels as an exact float
 
 
 def source_dir() -> Path:

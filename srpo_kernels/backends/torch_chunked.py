@@ -21,6 +21,11 @@ def _xlogy_diff(p, a, b):
     return torch.where(p > 0, p * (a - b), torch.zeros_like(p))
 
 
+def entropy_of(log_p):
+    """-sum p log p over the last dim, at least 0 (a rounded log-prob just above 0 must not make it negative)."""
+    return (-_xlogy_diff(log_p.exp(), log_p, 0.0).sum(-1)).clamp_min(0.0)
+
+
 def _jsd_terms(lp, lq, alpha):
     """``d = log p - log m + log(1-a)`` and ``e = log q - log m + log a`` via softplus of ``s = log(a q / ((1-a) p))``.
 
@@ -90,7 +95,7 @@ class TorchRowOps:
         """Per-row log-sum-exp and entropy of softmax(x); entries may be -inf."""
         lse = x.logsumexp(-1)
         log_p = x - lse[:, None]
-        return lse, -_xlogy_diff(log_p.exp(), log_p, 0.0).sum(-1)
+        return lse, entropy_of(log_p)
 
     def full_divergence(self, z, u, lse_z, lse_u, alpha):
         """(D, aux) over the full vocabulary, see divergence_and_aux."""
@@ -154,7 +159,7 @@ class TorchRowOps:
         else:
             stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
         lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
-        stats[:, S.T_ENTROPY] = -_xlogy_diff(lq.exp(), lq, 0.0).sum(-1)
+        stats[:, S.T_ENTROPY] = entropy_of(lq)
         stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)
         return stats, ids
 

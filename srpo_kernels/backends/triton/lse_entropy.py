@@ -27,7 +27,7 @@ def lse_entropy_kernel(x_ptr, lse_ptr, ent_ptr, stride, n_cols, BLOCK: tl.conste
         m = m_new
     log_s = tl.log(s)
     tl.store(lse_ptr + row, m + log_s)
-    tl.store(ent_ptr + row, log_s - t / s)
+    tl.store(ent_ptr + row, tl.maximum(log_s - t / s, 0.0))  # rounding must not give H < 0
 
 
 _launch = Launcher(lse_entropy_kernel)
