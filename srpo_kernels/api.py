@@ -8,6 +8,7 @@ import torch
 from .backends import BACKENDS, get_row_ops
 from .config import SRPOLossConfig
 from .function import LogprobParams, LogprobsFunction, SRPOLossFunction, SRPOParams
+from .gemm import math_dtype
 from .inputs import check_projection, flatten_inputs, FlatInputs
 from .output import SRPOLossOutput, summarize
 
@@ -69,15 +70,15 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
     n = flat_ids.numel()
-    dtype = torch.float64 if flat_h.dtype == torch.float64 else torch.float32
+    dtype = math_dtype(flat_h.dtype)
     device = flat_h.device
     x = FlatInputs(hidden=flat_h, weight=weight, bias=bias, token_ids=flat_ids,
                    advantages=torch.zeros(n, dtype=dtype, device=device),
                    route=torch.zeros(n, dtype=torch.bool, device=device),
                    valid=torch.ones(n, dtype=torch.bool, device=device), teacher_hidden=None, old_logprobs=None,
                    ref_logprobs=None, is_weights=None, normalizer=None, weight_normalizer=None, token_shape=shape)
-    params = LogprobParams(inputs=x, temperature=temperature, ops=get_row_ops(backend, device, flat_h.dtype, weight.shape[0]),
-                           chunk_size=chunk_size)
+    ops = get_row_ops(backend, device, flat_h.dtype, weight.shape[0])
+    params = LogprobParams(inputs=x, temperature=temperature, ops=ops, chunk_size=chunk_size)
     logp, ent = LogprobsFunction.apply(flat_h, weight, bias, params)
     if with_entropy:
         return logp.reshape(shape), ent.reshape(shape)

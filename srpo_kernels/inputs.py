@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .distributed import all_reduce_sums, world_size
+from .gemm import math_dtype
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,11 +36,6 @@ class FlatInputs:
     weight_normalizer: Optional[float]
     token_shape: torch.Size
     distributed: bool = False  # normalisers not supplied are reduced over the data-parallel ranks
-
-    @property
-    def math_dtype(self) -> torch.dtype:
-        """fp32 math for fp32/bf16/fp16 inputs; fp64 stays fp64 (for gradcheck)."""
-        return torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
 
 
 def _tensor(name: str, value) -> torch.Tensor:
@@ -143,7 +139,7 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                    loss_mask, is_weights, bias, normalizer, weight_normalizer, ref_beta: float) -> FlatInputs:
     flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
     device = flat_hidden.device
-    dtype = torch.float64 if flat_hidden.dtype == torch.float64 else torch.float32
+    dtype = math_dtype(flat_hidden.dtype)
     if isinstance(advantages, (int, float)) and not isinstance(advantages, bool):
         advantages = torch.full(shape, float(advantages), device=device, dtype=dtype)
     adv = _per_token("advantages", advantages, shape, device, dtype, broadcast=True)

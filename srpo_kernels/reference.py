@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .config import SRPOLossConfig
+from .gemm import math_dtype
 from .inputs import check_projection, flatten_inputs
 from .output import SRPOLossOutput, summarize
 
@@ -38,7 +39,7 @@ def logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy
     """Per-token log-probs (and entropies) from materialised logits; differentiable."""
     SRPOLossConfig(temperature=temperature)
     flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
-    dtype = torch.float64 if flat_h.dtype == torch.float64 else torch.float32
+    dtype = math_dtype(flat_h.dtype)
     log_p = _logits(flat_h, weight, bias, temperature, dtype).log_softmax(-1)
     lp = log_p.gather(-1, flat_ids[:, None]).squeeze(-1).reshape(shape)
     if not with_entropy:
@@ -86,7 +87,7 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
     x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
                        normalizer=normalizer, weight_normalizer=weight_normalizer, ref_beta=ref_beta)
-    dtype = x.math_dtype
+    dtype = math_dtype(x.hidden.dtype)
     z = _logits(x.hidden, weight, bias, temperature, dtype)
     log_p = z.log_softmax(-1)
     logp = log_p.gather(-1, x.token_ids[:, None]).squeeze(-1)
