@@ -72,15 +72,26 @@ def bucket_logprobs(zk, uk, stats, tail: bool):
     return zk - stats[:, S.P_NORM, None], uk - stats[:, S.Q_NORM, None]
 
 
-def rebalance_(grad, top):
-    """Set entry `top` (each row's argmax logit, ``[C, 1]``) to minus the sum of the row's other entries, in place.
+SHARP_LOG_PROB = math.log(0.5)
+
+
+def argmax_and_sharp(z, lse):
+    """Each row's argmax ``[C, 1]`` and whether it holds more than half the probability (see rebalance_)."""
+    top = z.argmax(1, keepdim=True)
+    return top, (z.gather(1, top) - lse[:, None]) > SHARP_LOG_PROB
+
+
+def rebalance_(grad, top, sharp):
+    """On sharp rows, set entry `top` (the argmax logit, ``[C, 1]``) to minus the sum of the row's other entries.
 
     dL/dz sums to zero over a row (the loss is invariant to shifting the logits). Where one token holds almost all
     the probability, its entry is a difference of nearly equal terms, e.g. ``p (log p - log m - KL)``, and loses
-    every digit in fp32; the other entries carry no such cancellation, so their sum restores it.
+    every digit in fp32; the other entries carry no such cancellation, so their sum restores it. On a flat row that
+    sum of V similar terms is the less accurate of the two, so those rows keep their own entry.
     """
+    own = grad.gather(1, top)
     grad.scatter_(1, top, 0.0)
-    grad.scatter_(1, top, -grad.sum(1, keepdim=True))
+    grad.scatter_(1, top, torch.where(sharp, -grad.sum(1, keepdim=True), own))
 
 
 class TorchRowOps:
@@ -127,10 +138,10 @@ class TorchRowOps:
         return torch.stack([lse, z.gather(1, targets[:, None]).squeeze(1) - lse, entropy], 1)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
-        top = z.argmax(1, keepdim=True)
+        top, sharp = argmax_and_sharp(z, stats[:, S.LSE])
         self.fill_student_grad(z, stats[:, S.LSE], stats[:, S.ENTROPY], c_logp, c_ent)
         z.scatter_add_(1, targets[:, None], c_logp[:, None])
-        rebalance_(z, top)
+        rebalance_(z, top, sharp)
 
     def _tail_lse(self, x, ids):
         """log-sum-exp of each row without the top-K ids (exact: no 1 - sum cancellation)."""
@@ -164,8 +175,8 @@ class TorchRowOps:
         return stats, ids
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
-        top = z.argmax(1, keepdim=True)
         lse_z = stats[:, S.LSE]
+        top, sharp = argmax_and_sharp(z, lse_z)
         if topk_ids is None:
             self.fill_distill_grad(z, u, lse_z, stats[:, S.T_LSE], stats[:, S.AUX_KL], c_logp, c_div, alpha)
         else:
@@ -180,4 +191,4 @@ class TorchRowOps:
             k = topk_ids.shape[1]
             z.scatter_(1, topk_ids, g[:, :k] - c_logp[:, None] * torch.exp(zk - lse_z[:, None]))
         z.scatter_add_(1, targets[:, None], c_logp[:, None])
-        rebalance_(z, top)
+        rebalance_(z, top, sharp)
