@@ -27,9 +27,9 @@ CHUNK_BYTES = 128 << 20
 CHUNK_BYTES_CUDA = 512 << 20
 
 
-def default_chunk_size(vocab: int, hidden: int, device: Optional[torch.device] = None) -> int:
-    """Rows per chunk: about H (at least 256), within CHUNK_BYTES (CHUNK_BYTES_CUDA on a GPU), in [16, 4096] and
-    a multiple of 16.
+def default_chunk_size(vocab: int, hidden: int, device: Optional[torch.device] = None, temporaries: int = 0) -> int:
+    """Rows per chunk: about H (at least 256), within CHUNK_BYTES (CHUNK_BYTES_CUDA on a GPU) shared by the logits
+    and the backend's `temporaries`, in [16, 4096] and a multiple of 16.
 
     Each chunk streams W (V x H) through three GEMMs, and its logits (C x V) through the GEMMs and the row passes;
     C ~ H keeps W's share of that traffic below the logits'. Smaller chunks re-read W (and pay the per-chunk
@@ -39,7 +39,7 @@ def default_chunk_size(vocab: int, hidden: int, device: Optional[torch.device] =
     where the workspace would push the peak memory past a tenth of the materialising reference's.
     """
     budget = CHUNK_BYTES_CUDA if device is not None and device.type == "cuda" else CHUNK_BYTES
-    rows = min(max(hidden, 256), budget // (4 * vocab))
+    rows = min(max(hidden, 256), budget // (4 * vocab * (1 + temporaries)))
     return max(16, min(4096, rows // 16 * 16))
 
 
@@ -88,7 +88,8 @@ class ChunkRunner:
         self.dtype = self.gemms.math
         self.hidden = x.hidden.detach()  # GEMM operand: stays in the input dtype
         self.vocab = x.weight.shape[0]
-        self.chunk = chunk_size or default_chunk_size(self.vocab, x.weight.shape[1], x.weight.device)
+        self.chunk = chunk_size or default_chunk_size(self.vocab, x.weight.shape[1], x.weight.device,
+                                                      ops.temporaries)
         route, valid = x.route, x.valid
         # Valid rows first inside each stream (stable, so teacher rows stay aligned with their tokens).
         sd_rows = route.nonzero().squeeze(1)

@@ -83,6 +83,7 @@ def load_error() -> Optional[str]:
 
 class CpuRowOps:
     name = "cpu"
+    temporaries = 0  # in place, with per-thread scratch rows
 
     def __init__(self):
         error = load_error()

@@ -30,6 +30,9 @@ N_STUDENT_STATS, N_DISTILL_STATS = 3, 9
 
 class RowOps(Protocol):
     name: str
+    # How many [C, V] fp32 temporaries the passes allocate beside the logits buffer at their peak: the chunk loop
+    # divides its chunk budget by (1 + this), so a backend of tensor ops keeps the O(C V) contract too.
+    temporaries: int
 
     def student_stats(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 

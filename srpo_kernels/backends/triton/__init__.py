@@ -13,6 +13,7 @@ from .tail_grad import fill_tail_grad
 
 class TritonRowOps(TorchRowOps):
     name = "triton"
+    temporaries = 0  # the kernels work in place; only the top-K path's [C, K+1] tensors are extra
 
     def lse_entropy(self, x):
         return lse_entropy(x)
