@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .config import SRPOLossConfig
+from .backends.torch_chunked import topk_ids
 from .gemm import math_dtype
 from .inputs import check_projection, flatten_inputs
 from .output import SRPOLossOutput, summarize
@@ -52,7 +53,7 @@ def support_logprobs(log_p, log_q, student_logits, cfg: SRPOLossConfig):
     if cfg.topk is None:
         return log_p, log_q
     k = min(cfg.topk, log_p.shape[-1])
-    idx = student_logits.detach().topk(k, dim=-1).indices
+    idx = topk_ids(student_logits.detach(), k)
     lp, lq = log_p.gather(-1, idx), log_q.gather(-1, idx)
     if not cfg.topk_tail or k == log_p.shape[-1]:  # an empty tail is the renormalised support
         return lp - lp.logsumexp(-1, keepdim=True), lq - lq.logsumexp(-1, keepdim=True)

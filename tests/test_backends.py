@@ -104,3 +104,25 @@ def test_cpu_student_passes_match_torch(masked):
     ref.student_grad(g_ref, y, s_ref, c_logp, c_ent)
     assert torch.isfinite(g_cpu).all() and torch.isfinite(g_ref).all()
     assert float((g_cpu - g_ref).abs().max()) <= 1e-5 * float(g_ref.abs().max())
+
+
+def test_topk_ties_go_to_the_lowest_ids_in_every_backend():
+    """Duplicated vocabulary rows give tied logits: the support (and so the gradient) must pick the same twin in the
+    C++ kernel, the torch backend and the reference."""
+    from srpo_kernels.backends.torch_chunked import topk_ids
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 400, generator=g)
+    z[:, 200:] = z[:, :200]  # every value twice
+    z[1] = 0.0  # a row of one value: the first k ids
+    k = 7
+    expected = []
+    for row in z:
+        order = sorted(range(400), key=lambda j: (-float(row[j]), j))
+        expected.append(sorted(order[:k]))
+    assert [sorted(r) for r in topk_ids(z, k).tolist()] == expected
+    u = torch.randn(5, 400, generator=g)
+    targets = torch.zeros(5, dtype=torch.long)
+    for ops in (TorchRowOps(), CpuRowOps()):
+        _, ids = ops.distill_stats(z.clone(), u.clone(), targets, 0.5, k, True)
+        assert [sorted(r) for r in ids.tolist()] == expected, ops.name

@@ -16,6 +16,25 @@ def effective_topk(topk: Optional[int], vocab: int) -> Optional[int]:
     return None if topk is None or topk >= vocab else topk
 
 
+def topk_ids(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids ``[C, k]`` of each row's k largest entries; among equal values at the boundary the lowest ids win.
+
+    One tie rule for every backend and the reference (torch.topk leaves it unspecified; the C++ kernel's heap takes
+    the lowest ids): with tied logits (e.g. duplicated vocabulary rows) the gradient lands on the same twin
+    everywhere. Rows without a tie at the k-th value cost one topk of k + 1."""
+    if k >= x.shape[1]:
+        return x.topk(k, dim=1).indices
+    top = x.topk(k + 1, dim=1)
+    kth = top.values[:, k - 1:k]
+    if not bool((kth == top.values[:, k:]).any()):
+        return top.indices[:, :k]
+    above = x > kth
+    need = k - above.sum(1, keepdim=True)
+    tied = x == kth
+    chosen = above | (tied & (tied.cumsum(1) <= need))
+    return chosen.nonzero()[:, 1].view(x.shape[0], k)
+
+
 def _xlogy_diff(p, a, b):
     """``p * (a - b)`` with ``0 * anything = 0`` (empty tail buckets)."""
     return torch.where(p > 0, p * (a - b), torch.zeros_like(p))
@@ -165,7 +184,7 @@ class TorchRowOps:
             stats[:, S.T_ENTROPY] = ent_u
             stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.full_divergence(z, u, lse_z, lse_u, alpha)
             return stats, None
-        ids = z.topk(topk, dim=1).indices
+        ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
         if topk_tail:
             stats[:, S.P_NORM] = (self._tail_lse(z, ids) - lse_z).clamp_min(LOG_TINY)
