@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -39,9 +40,15 @@ def _cpu_flags() -> frozenset:
 
 
 def native_low_precision(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether GEMMs in `dtype` run at least at fp32 speed on `device` (GPUs: yes; CPUs: by their feature flags)."""
+    """Whether GEMMs in `dtype` run at least at fp32 speed on `device` (GPUs: yes; CPUs: by their feature flags,
+    unless ``SRPO_KERNELS_CPU_GEMM`` is "low" or "fp32", to measure both ways)."""
     if device.type != "cpu":
         return True
+    choice = os.environ.get("SRPO_KERNELS_CPU_GEMM", "auto")
+    if choice not in ("auto", "low", "fp32"):
+        raise ValueError(f"SRPO_KERNELS_CPU_GEMM must be auto, low or fp32, got {choice!r}")
+    if choice != "auto":
+        return choice == "low"
     return bool(_CPU_FLAGS.get(dtype, set()) & _cpu_flags())
 
 

@@ -28,24 +28,26 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: best effort
 
 
-def random_problem(n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0):
-    """Benchmark inputs: (hidden, weight, token_ids, advantages, route, teacher_hidden), fp32, no grad flags."""
+def random_problem(n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0, dtype: str = "fp32"):
+    """Benchmark inputs: (hidden, weight, token_ids, advantages, route, teacher_hidden), no grad flags."""
     import torch
 
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g)
-    weight = torch.randn(v, h, generator=g) / h ** 0.5
+    hidden = torch.randn(n, h, generator=g).to(dt)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(dt)
     ids = torch.randint(0, v, (n,), generator=g)
     adv = torch.randn(n, generator=g)
     route = torch.rand(n, generator=g) < sd_frac
-    return hidden, weight, ids, adv, route, torch.randn(int(route.sum()), h, generator=g)
+    return hidden, weight, ids, adv, route, torch.randn(int(route.sum()), h, generator=g).to(dt)
 
 
-def measure(impl: str, n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0, backend: str = "auto") -> dict:
-    """Run in a fresh interpreter; returns {"peak_extra_bytes", "seconds", "loss"}."""
+def measure(impl: str, n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0, backend: str = "auto",
+            dtype: str = "fp32", env=None) -> dict:
+    """Run in a fresh interpreter (with `env` if given); returns {"peak_extra_bytes", "seconds", "loss"}."""
     cmd = [sys.executable, "-m", "srpo_kernels.peak_memory", "--impl", impl, "--n", str(n), "--h", str(h),
-           "--v", str(v), "--sd-frac", str(sd_frac), "--seed", str(seed), "--backend", backend]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+           "--v", str(v), "--sd-frac", str(sd_frac), "--seed", str(seed), "--backend", backend, "--dtype", dtype]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -58,6 +60,7 @@ def _main():
     p.add_argument("--sd-frac", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     a = p.parse_args()
     import srpo_kernels as sk
 
@@ -65,7 +68,7 @@ def _main():
         from srpo_kernels.backends.cpu import load_error
 
         load_error()  # build/load the kernel before the baseline is taken
-    hidden, weight, ids, adv, route, teacher = random_problem(a.n, a.h, a.v, a.sd_frac, a.seed)
+    hidden, weight, ids, adv, route, teacher = random_problem(a.n, a.h, a.v, a.sd_frac, a.seed, a.dtype)
     hidden.requires_grad_()
     weight.requires_grad_()
     base = _rss_bytes()

@@ -18,6 +18,22 @@ def test_peak_extra_memory_is_far_below_materialising(backend):
     assert fused["peak_extra_bytes"] < logits_bytes / 2, fused
 
 
+@pytest.mark.parametrize("policy", ["low", "fp32"])
+def test_bf16_weight_is_never_copied_to_fp32_where_the_cpu_has_bf16_gemms(policy):
+    """gemm.py: with bf16 GEMMs ("low", forced here whatever this CPU has) the only V x H temporary is the fp32 dW
+    accumulator (then dW in bf16); widening ("fp32", for CPUs without bf16 units) adds one fp32 copy of W."""
+    import os
+
+    n, h, v = 16, 512, 131_072  # few rows: a CPU without bf16 units runs the forced bf16 GEMMs slowly
+    env = dict(os.environ, SRPO_KERNELS_CPU_GEMM=policy)
+    peak = measure("fused", n, h, v, dtype="bf16", env=env)["peak_extra_bytes"]
+    fp32_vh = v * h * 4
+    if policy == "low":
+        assert peak < 1.5 * fp32_vh + 40 * 2 ** 20, peak  # accumulator + bf16 dW + chunk buffers
+    else:
+        assert peak > 2 * fp32_vh, peak  # the copy is there: the measurement can see it
+
+
 def test_weight_grad_is_handed_over_not_copied():
     """dW (V x H fp32) dominates this shape: autograd must adopt our accumulator as .grad, not copy it."""
     n, h, v = 64, 512, 131_072
