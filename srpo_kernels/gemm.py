@@ -92,14 +92,14 @@ class Gemms:
         """out (math dtype) <- (h W^T + b) / T. `scratch` (input dtype, out's shape) is needed on the CPU path for
         bf16/fp16 operands, where the GEMM cannot write fp32."""
         w_t = self.weight.T
-        if not self.low or self.fp32_out:
-            kw = {"out_dtype": self.math} if self.low else {}
-            if self.bias is not None and not self.low:
-                torch.addmm(self.bias, h, w_t, beta=self.inv_t, alpha=self.inv_t, out=out)
-                return out
-            torch.mm(h, w_t, out=out, **kw)
-        else:
+        if not self.low and self.bias is not None:  # fp32/fp64: bias and 1/T folded into one GEMM
+            return torch.addmm(self.bias, h, w_t, beta=self.inv_t, alpha=self.inv_t, out=out)
+        if self.fp32_out:
+            torch.mm(h, w_t, out_dtype=self.math, out=out)
+        elif self.low:
             out.copy_(torch.mm(h, w_t, out=scratch))
+        else:
+            torch.mm(h, w_t, out=out)
         if self.bias is not None:
             out.add_(self.bias)
         if self.inv_t != 1.0:
