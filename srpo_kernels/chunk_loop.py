@@ -3,7 +3,8 @@
 Rows are processed in two streams: the SDPO-routed rows (student and teacher logits side by side), then the GRPO
 rows. SDPO goes first so that the entropy-weight normaliser ``mean(exp(-beta H_T))``, known only once every teacher
 row has been seen, is final before any GRPO row adds to the same ``dW`` (the SDPO rows follow a running normaliser
-meanwhile, see function._RunningNormalizer). Within a stream, valid rows come first, so chunks of masked rows skip the gradient GEMMs.
+meanwhile, see function._RunningNormalizer). Within a stream, valid rows come first, so chunks of masked rows skip
+the gradient GEMMs.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ def test_large_entropy_beta(backend, beta):
     """exp(-beta H_T) underflows fp32 past beta H_T ~ 87 (H_T ~ log 1000 here): only the normalised weight may
     matter. Two chunks of different teacher entropies make the running normaliser rescale."""
     case = make_case(seed=3, n=40, h=16, v=1000, sd_frac=1.0, mask_frac=0.1)
-    case["teacher_hidden"] = case["teacher_hidden"] * torch.linspace(0.01, 0.5, case["teacher_hidden"].shape[0])[:, None]
+    teacher = case["teacher_hidden"]
+    case["teacher_hidden"] = teacher * torch.linspace(0.01, 0.5, teacher.shape[0])[:, None]
     ours = assert_fp32_no_worse_than_naive(fused(backend, chunk_size=16), case, entropy_beta=beta)
     assert abs(ours["metrics"]["distill_weight_mean"] - 1.0) < 1e-6
 

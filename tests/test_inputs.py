@@ -26,7 +26,8 @@ BAD = {
     "hidden_not_tensor": (dict(hidden=[[1.0]]), TypeError, "hidden"),
     "hidden_int": (dict(hidden=torch.ones(12, 8, dtype=torch.int64)), TypeError, "hidden"),
     "weight_wrong_h": (dict(weight=torch.randn(31, 7)), ValueError, "weight"),
-    "hidden_h0": (dict(hidden=torch.randn(12, 0), weight=torch.randn(31, 0), teacher_hidden=None), ValueError, "H >= 1"),
+    "hidden_h0": (dict(hidden=torch.randn(12, 0), weight=torch.randn(31, 0), teacher_hidden=None), ValueError,
+                  "H >= 1"),
     "hidden_meta": (dict(hidden=torch.randn(12, 8, device="meta")), ValueError, "meta"),
     "weight_dtype": (dict(weight=torch.randn(31, 8, dtype=torch.float64)), TypeError, "weight"),
     "ids_float": (dict(token_ids=torch.zeros(12)), TypeError, "token_ids"),
@@ -102,7 +103,9 @@ def test_with_entropy_must_be_a_bool():
 def test_double_backward_is_refused_with_a_clear_error():
     a = _args()
     hidden = a["hidden"].requires_grad_()
-    for make in (lambda: _call(hidden=hidden).loss, lambda: sk.fused_logprobs(hidden, a["weight"], a["token_ids"]).sum()):
+    losses = (lambda: _call(hidden=hidden).loss,
+              lambda: sk.fused_logprobs(hidden, a["weight"], a["token_ids"]).sum())
+    for make in losses:
         with pytest.raises(RuntimeError, match="not twice differentiable"):
             torch.autograd.grad(make(), hidden, create_graph=True)
 

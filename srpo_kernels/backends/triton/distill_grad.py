@@ -38,5 +38,5 @@ _launch = Launcher(distill_grad_kernel, writes=("z_ptr",))
 
 def fill_distill_grad(z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):
     _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), aux.contiguous(), c_logp.contiguous(),
-            c_div.contiguous(), z.stride(0), z.shape[1], 1.0 - float(alpha), alpha_constants(alpha)[0],
+            c_div.contiguous(), z.stride(0), z.shape[1], *alpha_constants(float(alpha))[:2],
             MODE=divergence_mode(alpha))

@@ -1,6 +1,6 @@
 """Full-vocabulary divergence per row, and the sum its gradient needs (see torch_chunked.divergence_and_aux).
-MODE 0: forward KL(q||p); 1: reverse KL(p||q); 2: generalised JSD. ``om`` = 1 - alpha, computed in fp64 by the
-launcher (in fp32, alpha = 1 - 1e-8 would give 0)."""
+MODE 0: forward KL(q||p); 1: reverse KL(p||q); 2: generalised JSD. ``om`` = 1 - alpha comes from alpha_constants
+in fp64 (in fp32, alpha = 1 - 1e-8 would give 0)."""
 import math
 
 import triton
@@ -58,15 +58,15 @@ def divergence_mode(alpha: float) -> int:
 
 
 def alpha_constants(alpha: float):
-    """(log_beta, c0, c1) = (log(a/(1-a)), -log(1-a), -log(a)), 0 where undefined (unused there)."""
+    """(om, log_beta, c0, c1) = (1-a, log(a/(1-a)), -log(1-a), -log(a)) in fp64, 0 where undefined (unused there)."""
     if alpha in (0.0, 1.0):
-        return 0.0, 0.0, 0.0
-    return math.log(alpha / (1 - alpha)), -math.log1p(-alpha), -math.log(alpha)
+        return 1.0 - alpha, 0.0, 0.0, 0.0
+    return 1.0 - alpha, math.log(alpha / (1 - alpha)), -math.log1p(-alpha), -math.log(alpha)
 
 
 def full_divergence(z, u, lse_z, lse_u, alpha):
     d = z.new_empty(z.shape[0])
     aux = z.new_empty(z.shape[0])
     _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), d, aux, z.stride(0), z.shape[1],
-            float(alpha), 1.0 - alpha, *alpha_constants(alpha), MODE=divergence_mode(alpha))
+            float(alpha), *alpha_constants(alpha), MODE=divergence_mode(alpha))
     return d, aux
