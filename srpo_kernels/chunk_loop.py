@@ -138,6 +138,13 @@ class ChunkRunner:
     def student_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
         """The GRPO rows (student only, plain log-probs). `coef(rows, chunk_stats) -> (c_logp, c_ent)`."""
         rows = self.g_rows
+        if grads is None and self.ops.linear_student_stats is not None and rows.numel():
+            h = self.gemms.operand_rows(self.hidden.index_select(0, rows))
+            lse, logp, entropy = self.ops.linear_student_stats(h, self.gemms.weight, self.gemms.bias,
+                                                               self.x.token_ids.index_select(0, rows),
+                                                               self.gemms.inv_t)
+            stats.logp[rows], stats.entropy[rows] = logp, entropy
+            return
         n_valid = int(self.x.valid[rows].sum())  # valid rows come first
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]

@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="triton not installed (pip install 'srpo-ke
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+from srpo_kernels.backends.triton import TritonRowOps  # noqa: E402 (needs triton)
 
 CASES = {
     "jsd": {},
@@ -91,3 +92,62 @@ def test_triton_minus_inf_bias_and_alpha_next_to_one(options):
     case["bias"][::3] = float("-inf")
     case["token_ids"] = (case["token_ids"] // 3 * 3 + 1).clamp(max=298)  # targets on unmasked tokens
     assert_fp32_no_worse_than_naive(fused("triton", chunk_size=16), case, to_device=_on_device, **options)
+
+
+def _logprob_case(dtype, seed=0):
+    """37 rows, H = 45, V = 2500: multiples of no block size or vocabulary span; -inf bias entries, T = 0.7."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(37, 45, generator=g).to(dtype)
+    weight = (torch.randn(2500, 45, generator=g) / 45 ** 0.5).to(dtype)
+    bias = torch.randn(2500, generator=g)
+    bias[::7] = float("-inf")
+    ids = torch.randint(0, 357, (37,), generator=g) * 7 + 3  # targets on unmasked tokens
+    return hidden, weight, bias, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_onchip_forward_no_worse_than_naive(dtype, monkeypatch):
+    """Log-probs and entropies computed on chip (linear_stats.py) against fp64 on the same rounded inputs: no worse
+    than the naive materialising computation in the same dtype (bf16 means over 4 seeds, as low_precision_errors)."""
+    monkeypatch.setenv("SRPO_KERNELS_TRITON_FORWARD", "onchip")
+    totals = {"logprobs": [0.0, 0.0], "entropy": [0.0, 0.0]}
+    seeds = range(4) if dtype == torch.bfloat16 else range(1)
+    for seed in seeds:
+        hidden, weight, bias, ids = _logprob_case(dtype, seed)
+        truth = sk.reference.logprobs(hidden.double(), weight.double(), ids, bias.double(), 0.7, with_entropy=True)
+        naive = sk.reference.logprobs(hidden, weight, ids, bias.to(dtype), 0.7, with_entropy=True)
+        monkeypatch.setattr(TritonRowOps, "lse_entropy", _chunked_pass_called)  # the chunked path must not run
+        with torch.no_grad():
+            ours = sk.fused_logprobs(hidden.to(DEVICE), weight.to(DEVICE), ids.to(DEVICE), bias.to(DEVICE), 0.7,
+                                     with_entropy=True, backend="triton")
+        for key, o, n, t in zip(totals, ours, naive, truth):
+            assert torch.isfinite(o).all(), key
+            totals[key][0] += max_rel_err(o.cpu().double(), t) / len(seeds)
+            totals[key][1] += max_rel_err(n.double(), t) / len(seeds)
+    for key, (ours_err, naive_err) in totals.items():
+        bound = naive_err + 1e-3 if dtype == torch.bfloat16 else max(1e-6, 5 * naive_err)
+        assert ours_err <= bound, f"{key}: ours {ours_err:.2e} vs naive {naive_err:.2e}"
+
+
+def _chunked_pass_called(*_args):
+    raise AssertionError("the chunked lse/entropy pass ran where the on-chip forward should have")
+
+
+def test_onchip_and_chunked_forward_agree_under_autograd(monkeypatch):
+    """The same loss, reduction="none" (forward without gradient, then a recomputing backward), with the on-chip
+    and the chunked forward: equal outputs, and gradients from the unchanged backward."""
+    case = make_case(seed=3, n=29, h=40, v=1100, sd_frac=0.4)
+    results = []
+    for choice in ("onchip", "chunked"):
+        monkeypatch.setenv("SRPO_KERNELS_TRITON_FORWARD", choice)
+        results.append(run(fused("triton", chunk_size=16), _on_device(case), dtype=torch.float32,
+                           reduction="none"))
+    onchip, chunked = ({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in results)
+    assert_agree(onchip, chunked, rtol=1e-5)
+
+
+def test_forward_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("SRPO_KERNELS_TRITON_FORWARD", "fast")
+    with pytest.raises(ValueError, match="SRPO_KERNELS_TRITON_FORWARD must be onchip or chunked"):
+        sk.fused_logprobs(torch.randn(3, 4, device=DEVICE), torch.randn(7, 4, device=DEVICE),
+                          torch.tensor([0, 1, 2], device=DEVICE), backend="triton")

@@ -84,6 +84,7 @@ def load_error() -> Optional[str]:
 class CpuRowOps:
     name = "cpu"
     temporaries = 0  # in place, with per-thread scratch rows
+    linear_student_stats = None
 
     def __init__(self):
         error = load_error()

@@ -14,7 +14,7 @@ the caller passes ``u`` on untouched and reads nothing else from it.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from typing import Callable, Optional, Protocol, Tuple
 
 import torch
 
@@ -33,6 +33,9 @@ class RowOps(Protocol):
     # How many [C, V] fp32 temporaries the passes allocate beside the logits buffer at their peak: the chunk loop
     # divides its chunk budget by (1 + this), so a backend of tensor ops keeps the O(C V) contract too.
     temporaries: int
+    # Optional, None where a backend has none: (lse, logp, entropy) of rows straight from the GEMM operands
+    # (h, W, fp32 bias or None, targets, 1/T), with no [C, V] buffer; passes without a gradient use it.
+    linear_student_stats: Optional[Callable]
 
     def student_stats(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 

@@ -122,6 +122,7 @@ class TorchRowOps:
     # Its passes peak at ~13 [V] fp32 rows per chunk row (1.72 GB extra at N = 2048, H = 256, V = 151 936, half SDPO,
     # with 208-row chunks); 6 brings that to 290 MB there (below half the N x V logits), at the cost of small chunks.
     temporaries = 6
+    linear_student_stats = None
 
     # ------------------------------------------------------------------ primitives (vocabulary-wide passes)
     def lse_entropy(self, x):
