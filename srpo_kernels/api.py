@@ -48,7 +48,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
     _check_chunk_size(chunk_size)
     x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
-                       normalizer=normalizer, weight_normalizer=weight_normalizer, ref_beta=ref_beta)
+                       normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg)
     ops = get_row_ops(backend, x.hidden.device, x.hidden.dtype, weight.shape[0])
     params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
     loss, *per_token = SRPOLossFunction.apply(x.hidden, weight, bias, params)

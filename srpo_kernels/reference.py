@@ -87,7 +87,7 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
                          ref_beta=ref_beta, reduction=reduction)
     x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
-                       normalizer=normalizer, weight_normalizer=weight_normalizer, ref_beta=ref_beta)
+                       normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg)
     dtype = math_dtype(x.hidden.dtype)
     z = _logits(x.hidden, weight, bias, temperature, dtype)
     log_p = z.log_softmax(-1)

@@ -47,6 +47,9 @@ BAD = {
     "bias_shape": (dict(bias=torch.zeros(30)), ValueError, "bias"),
     "normalizer_zero": (dict(normalizer=0), ValueError, "normalizer"),
     "weight_normalizer_nan": (dict(weight_normalizer=math.nan), ValueError, "weight_normalizer"),
+    # Below V^-beta = 31^-1 no mean of exp(-beta H_T) can lie; 1e-300 gave an inf loss.
+    "weight_normalizer_tiny": (dict(weight_normalizer=1e-300), ValueError, "weight_normalizer must be a mean"),
+    "weight_normalizer_below_floor": (dict(weight_normalizer=0.03), ValueError, "at least V\\^-entropy_beta"),
     "temperature_zero": (dict(temperature=0.0), ValueError, "temperature"),
     "temperature_inf": (dict(temperature=math.inf), ValueError, "temperature"),
     "alpha_range": (dict(alpha=1.5), ValueError, "alpha"),
@@ -63,6 +66,22 @@ BAD = {
                               teacher_hidden=torch.randn(int(make_case(seed=1, n=12, v=31, h=8)["route"].sum()), 8,
                                                          dtype=torch.float64), backend="cpu"), ValueError, "float64"),
 }
+
+
+def _poisoned(name, value, row=0):
+    t = _args()[name].clone()
+    t[row, 3] = value
+    return t
+
+
+for _name in ("hidden", "weight", "teacher_hidden"):
+    for _label, _value in (("nan", math.nan), ("inf", math.inf), ("neg_inf", -math.inf)):
+        BAD[f"{_name}_{_label}"] = (dict(**{_name: _poisoned(_name, _value)}), ValueError,
+                                    f"{_name} must be finite everywhere")
+for _label, _value in (("nan", math.nan), ("inf", math.inf)):
+    _bias = torch.zeros(31)
+    _bias[4] = _value
+    BAD[f"bias_{_label}"] = (dict(bias=_bias), ValueError, "bias must be finite everywhere \\(-inf")
 
 
 @pytest.mark.parametrize("name", list(BAD))
@@ -122,3 +141,26 @@ def test_vocabulary_of_2_pow_24_falls_back_from_the_cpu_kernel():
     naive_err = float((sk.reference.logprobs(hidden, weight, ids).double() - exact).abs().max())
     err = float((sk.fused_logprobs(hidden, weight, ids).double() - exact).abs().max())
     assert err <= max(1e-5, 5 * naive_err), (err, naive_err)
+
+
+def test_non_finite_inputs_are_refused_by_every_entry_point_and_minus_inf_bias_is_not():
+    """One behaviour for NaN/inf in hidden, weight or bias (the backends used to disagree): a named error, from the
+    fused loss, the fused log-probs and the reference alike; a -inf bias entry masks vocabulary and stays legal."""
+    a = _args()
+    bad_weight = _poisoned("weight", math.nan, row=7)
+    for fn in (sk.fused_logprobs, sk.reference.logprobs):
+        with pytest.raises(ValueError, match="weight must be finite"):
+            fn(a["hidden"], bad_weight, a["token_ids"])
+    with pytest.raises(ValueError, match="hidden must be finite"):
+        sk.reference.srpo_loss(_poisoned("hidden", math.inf), a["weight"], a["token_ids"], a["advantages"],
+                               a["route"], a["teacher_hidden"])
+    bias = torch.zeros(31)
+    bias[::5] = -math.inf
+    ids = torch.full((12,), 1)
+    assert torch.isfinite(_call(bias=bias, token_ids=ids).loss)
+
+
+def test_smallest_possible_weight_normalizer_is_accepted():
+    """V^-beta itself is the mean when every teacher token is uniform: the floor is inclusive."""
+    out = _call(weight_normalizer=31.0 ** -2.0, entropy_beta=2.0)
+    assert torch.isfinite(out.loss)
