@@ -28,7 +28,7 @@ constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail buck
 // Column layout shared with row_ops.py. Each stats tensor carries one private column after the named ones: the
 // row's argmax (exact as a float below 2^24), found in the stats pass so the gradient pass need not search again.
 enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
-constexpr int64_t kStudentTop = ENTROPY + 1, kStudentCols = kStudentTop + 1;
+constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kStudentCols = kStudentLogS + 1;
 constexpr int64_t kDistillTop = N_DISTILL, kDistillCols = kDistillTop + 1;
 constexpr int64_t kMaxVocab = int64_t(1) << 24;
 
@@ -99,14 +99,6 @@ ALWAYS_INLINE void jsd_terms(float lp, float lq, float p, float q, float log_bet
   e = -((s < 0.f ? -s : 0.f) + soft);
 }
 
-inline float row_max(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-
-
 // dL/dz sums to zero over a row (shift invariance). Where one token holds almost all the probability its entry is a
 // difference of nearly equal terms (e.g. p (log p - log m - KL)) that loses every digit in fp32; the other entries
 // carry no such cancellation, so the argmax entry is set to minus their sum. Only on sharp rows (p_top > 1/2): on a
@@ -148,28 +140,39 @@ inline int64_t row_argmax(const float* x, int64_t n) {
   return top;
 }
 
-// lse and entropy of softmax(x) given the row max m, from shifted sums s = sum e^{x-m}, t = sum e^{x-m} (x-m) (no
-// cancellation). With `keep`, e^{x-m} is stored there for a later pass. Returns s.
-inline float row_lse_entropy(const float* __restrict x, int64_t n, float m, float& lse, float& entropy,
-                             float* __restrict keep = nullptr) {
-  float s = 0.f, t = 0.f;
+// Shifted sums over [b, e): r += e^{x-m}, t += e^{x-m} (x-m); with `keep`, e^{x-m} is stored there.
+ALWAYS_INLINE void shifted_sums(const float* __restrict x, int64_t b, int64_t e, float m, float& r, float& t,
+                                float* __restrict keep) {
   if (keep) {  // two loops: with the test inside the loop the distill stats pass measured ~8% slower
-#pragma omp simd reduction(+ : s, t)
-    for (int64_t j = 0; j < n; ++j) {
-      float d = x[j] - m, e = vexp(d);
-      keep[j] = e;
-      s += e;
-      t += e > 0.f ? e * d : 0.f;  // -inf logits: 0, not 0 * -inf
+#pragma omp simd reduction(+ : r, t)
+    for (int64_t j = b; j < e; ++j) {
+      float d = x[j] - m, ex = vexp(d);
+      keep[j] = ex;
+      r += ex;
+      t += ex > 0.f ? ex * d : 0.f;  // -inf logits: 0, not 0 * -inf
     }
   } else {
-#pragma omp simd reduction(+ : s, t)
-    for (int64_t j = 0; j < n; ++j) {
-      float d = x[j] - m, e = vexp(d);
-      s += e;
-      t += e > 0.f ? e * d : 0.f;
+#pragma omp simd reduction(+ : r, t)
+    for (int64_t j = b; j < e; ++j) {
+      float d = x[j] - m, ex = vexp(d);
+      r += ex;
+      t += ex > 0.f ? ex * d : 0.f;
     }
   }
-  float log_s = std::log(s);
+}
+
+// lse and entropy of softmax(x) given the row's argmax `top`, from shifted sums s = 1 + r, r = sum_{j != top}
+// e^{x-m}, t = sum e^{x-m} (x-m) (no cancellation; log s = log1p(r): on a sharp row fp32 cannot hold 1 + r). With
+// `keep`, e^{x-m} is stored there for a later pass. Sets log_s; returns s.
+inline float row_lse_entropy(const float* __restrict x, int64_t n, int64_t top, float& lse, float& entropy,
+                             float& log_s, float* __restrict keep = nullptr) {
+  const float m = x[top];
+  float r = 0.f, t = 0.f;
+  shifted_sums(x, 0, top, m, r, t, keep);
+  shifted_sums(x, top + 1, n, m, r, t, keep);
+  if (keep) keep[top] = 1.f;
+  log_s = std::log1p(r);
+  const float s = 1.f + r;
   lse = m + log_s;
   entropy = std::max(log_s - t / s, 0.f);  // >= 0: rounding must not make a near-certain row negative
   return s;
@@ -291,26 +294,31 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
   float lse_z, ent_z, lse_u, ent_u;
   const int64_t top = row_argmax(x, V);
   const bool full = K == 0;
-  const float sum_z = row_lse_entropy(x, V, x[top], lse_z, ent_z, full ? ez : nullptr);
-  const float sum_u = row_lse_entropy(y, V, row_max(y, V), lse_u, ent_u, full ? eu : nullptr);
-  s[LSE] = lse_z; s[LOGP] = x[target] - lse_z; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
+  float lsz, lsu;  // log-sums of the shifted exps: log-probs are (x - max) - log s, rounded like log_softmax
+  const float sum_z = row_lse_entropy(x, V, top, lse_z, ent_z, lsz, full ? ez : nullptr);
+  const int64_t top_u = row_argmax(y, V);
+  const float max_u = y[top_u];
+  const float sum_u = row_lse_entropy(y, V, top_u, lse_u, ent_u, lsu, full ? eu : nullptr);
+  s[LSE] = lse_z; s[LOGP] = (x[target] - x[top]) - lsz; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
   s[kDistillTop] = static_cast<float>(top);
   if (full) {
     float d1 = 0.f, d2 = 0.f, d3 = 0.f;
     const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1, inv_z = 1.f / sum_z,
                 inv_u = 1.f / sum_u;
+    // x - lse would round the log-probs at |lse|, an error that a divergence between nearly equal rows takes whole.
+    const float mz = x[top], mu = max_u;
     // Entries with zero probability contribute 0 (their logs may be -inf, e.g. a -inf bias masking the vocab).
     if (div.mode == 0) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
         float q = eu[j] * inv_u;
-        d1 += q > 0.f ? q * ((y[j] - lse_u) - (x[j] - lse_z)) : 0.f;
+        d1 += q > 0.f ? q * (((y[j] - mu) - lsu) - ((x[j] - mz) - lsz)) : 0.f;
         y[j] = q;
       }
     } else if (div.mode == 1) {
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
-        float p = ez[j] * inv_z, g = p > 0.f ? (x[j] - lse_z) - (y[j] - lse_u) : 0.f;
+        float p = ez[j] * inv_z, g = p > 0.f ? ((x[j] - mz) - lsz) - ((y[j] - mu) - lsu) : 0.f;
         d1 += p * g;
         y[j] = g;
       }
@@ -318,7 +326,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
       const float one_minus_a = div.om;
 #pragma omp simd reduction(+ : d1, d2, d3)
       for (int64_t j = 0; j < V; ++j) {
-        float lpj = x[j] - lse_z, lqj = y[j] - lse_u, p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
+        float lpj = (x[j] - mz) - lsz, lqj = (y[j] - mu) - lsu, p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
         jsd_terms(lpj, lqj, p, q, lb, one_minus_a, a, dj, ej);
         dj = p > 0.f ? dj : 0.f;
         y[j] = dj;
@@ -335,7 +343,10 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
   topk_ids(x, V, K, row_ids);
   int64_t n = K;
   if (tail) {
-    for (int64_t k = 0; k < K; ++k) { lp[k] = x[row_ids[k]] - lse_z; lq[k] = y[row_ids[k]] - lse_u; }
+    for (int64_t k = 0; k < K; ++k) {
+      lp[k] = (x[row_ids[k]] - x[top]) - lsz;
+      lq[k] = (y[row_ids[k]] - max_u) - lsu;
+    }
     s[P_NORM] = lp[K] = tail_logprob(x, V, row_ids, K, lse_z);
     s[Q_NORM] = lq[K] = tail_logprob(y, V, row_ids, K, lse_u);
     n = K + 1;
@@ -343,9 +354,10 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     float mz = -INFINITY, mu = -INFINITY, sz = 0.f, su = 0.f;
     for (int64_t k = 0; k < K; ++k) { mz = std::max(mz, x[row_ids[k]]); mu = std::max(mu, y[row_ids[k]]); }
     for (int64_t k = 0; k < K; ++k) { sz += std::exp(x[row_ids[k]] - mz); su += std::exp(y[row_ids[k]] - mu); }
-    s[P_NORM] = mz + std::log(sz);
-    s[Q_NORM] = mu + std::log(su);
-    for (int64_t k = 0; k < K; ++k) { lp[k] = x[row_ids[k]] - s[P_NORM]; lq[k] = y[row_ids[k]] - s[Q_NORM]; }
+    const float lsz = std::log(sz), lsu = std::log(su);
+    s[P_NORM] = mz + lsz;
+    s[Q_NORM] = mu + lsu;
+    for (int64_t k = 0; k < K; ++k) { lp[k] = (x[row_ids[k]] - mz) - lsz; lq[k] = (y[row_ids[k]] - mu) - lsu; }
   }
   s[T_ENTROPY] = entropy_of(lq, n);
   div.value(lp, lq, n, s[DIVERGENCE], s[AUX_KL]);
@@ -388,20 +400,23 @@ void check_chunk(const at::Tensor& z, const char* name) {
 void student_row_stats(const float* __restrict x, int64_t n, int64_t target, float* __restrict out) {
   float lse, ent;
   const int64_t top = row_argmax(x, n);
-  row_lse_entropy(x, n, x[top], lse, ent);
+  float log_s;
+  row_lse_entropy(x, n, top, lse, ent, log_s);
   out[LSE] = lse;
-  out[LOGP] = x[target] - lse;
+  out[LOGP] = (x[target] - x[top]) - log_s;  // shifted, as log_softmax: x - lse rounds at |lse|
   out[ENTROPY] = ent;
   out[kStudentTop] = static_cast<float>(top);
+  out[kStudentLogS] = log_s;
 }
 
-// Entries [b, e) of a student row's gradient, written in place; returns their sum.
-ALWAYS_INLINE float student_grad_span(float* __restrict x, int64_t b, int64_t e, float lse, float h, float a,
-                                      float c) {
+// Entries [b, e) of a student row's gradient, written in place; returns their sum. Log-probs are (x - m) - log s
+// (m the row max), rounded like log_softmax: x - lse would round them at |lse|.
+ALWAYS_INLINE float student_grad_span(float* __restrict x, int64_t b, int64_t e, float m, float log_s, float h,
+                                      float a, float c) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = b; j < e; ++j) {
-    float lp = x[j] - lse, p = vexp(lp), g = p > 0.f ? -a * p - c * p * (lp + h) : 0.f;  // -inf logits: 0
+    float lp = (x[j] - m) - log_s, p = vexp(lp), g = p > 0.f ? -a * p - c * p * (lp + h) : 0.f;  // -inf: 0
     x[j] = g;
     s += g;
   }
@@ -409,15 +424,17 @@ ALWAYS_INLINE float student_grad_span(float* __restrict x, int64_t b, int64_t e,
 }
 
 // One pass writes the row and sums it (but the argmax) for the rebalance of a sharp row.
-void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t top, float lse, float h, float a,
-                      float c) {
-  const bool sharp = sharp_row(x[top], lse);
-  float others = student_grad_span(x, 0, top, lse, h, a, c) + student_grad_span(x, top + 1, n, lse, h, a, c);
+void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t top, float lse, float log_s, float h,
+                      float a, float c) {
+  const float m = x[top];
+  const bool sharp = sharp_row(m, lse);
+  float others = student_grad_span(x, 0, top, m, log_s, h, a, c) +
+                 student_grad_span(x, top + 1, n, m, log_s, h, a, c);
   if (target != top) { x[target] += a; others += a; }
   if (sharp) {
     x[top] = -others;
   } else {
-    student_grad_span(x, top, top + 1, lse, h, a, c);
+    student_grad_span(x, top, top + 1, m, log_s, h, a, c);
     if (target == top) x[top] += a;
   }
 }
@@ -449,7 +466,7 @@ void student_grad(at::Tensor z, const at::Tensor& targets, const at::Tensor& sta
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       student_row_grad(zp + i * V, V, yp[i], static_cast<int64_t>(sp[i * ns + kStudentTop]), sp[i * ns + LSE],
-                       sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
+                       sp[i * ns + kStudentLogS], sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
   });
 }
 

@@ -49,11 +49,16 @@ class _Coefficients:
     def _isw(self, rows):
         return 1.0 if self.x.is_weights is None else self.x.is_weights[rows]
 
+    def _scaled(self, rows, coefficient):
+        """row_scale * coefficient, exactly 0 on masked rows: a masked token contributes nothing, even where its
+        own terms overflow (a k3 penalty exp(ref - logp) of a token deep in the tail is inf in fp32)."""
+        scale = self.scale[rows]
+        return torch.where(scale != 0, scale * coefficient, torch.zeros_like(scale))
+
     def grpo(self, rows, st):
         logp = st[:, S.LOGP]
         terms = token_math.grpo_surrogate(logp, _opt(self.x.old_logprobs, rows), self.x.advantages[rows], self.cfg)
-        c_logp = self.scale[rows] * (self._isw(rows) * terms.dloss_dlogp + self._ref_term(logp, rows))
-        return c_logp, None
+        return self._scaled(rows, self._isw(rows) * terms.dloss_dlogp + self._ref_term(logp, rows)), None
 
     def distill(self, rows, st):
         logp = st[:, S.LOGP]
@@ -61,8 +66,8 @@ class _Coefficients:
         if self.running is not None:
             self.log_mu = self.running.update(rows, st[:, S.T_ENTROPY])
         weight = token_math.distill_weight(st[:, S.T_ENTROPY], self.cfg, self.log_mu)
-        scale = self.scale[rows]
-        return scale * self._ref_term(logp, rows), scale * self._isw(rows) * weight * is_w
+        return (self._scaled(rows, self._ref_term(logp, rows)),
+                self._scaled(rows, self._isw(rows) * weight * is_w))
 
 
 class _RunningNormalizer:

@@ -139,7 +139,9 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
     if x.is_weights is not None:
         per_token = per_token * x.is_weights
     if ref_beta > 0:
-        r = x.ref_logprobs - logp
+        # A masked token enters k3 at its reference point (k3 = 0): masking after exp(ref - logp) overflowed would
+        # back-propagate 0 * inf = NaN, and a masked token contributes nothing.
+        r = x.ref_logprobs - torch.where(x.valid, logp, x.ref_logprobs)
         per_token = per_token + ref_beta * (torch.exp(r) - r - 1)
     per_token = torch.where(x.valid, per_token, zeros)
     if reduction == "none":

@@ -137,8 +137,8 @@ def low_precision_errors(impl, dtype, seeds=range(8), keys=None, to_device=lambd
     return totals
 
 
-def assert_fp32_no_worse_than_naive(impl, case, keys=None, to_device=lambda c: c, **options):
-    """`impl` in fp32 is within max(1e-5, 5x the naive fp32 error) of fp64, for every output and gradient: the naive
+def assert_fp32_no_worse_than_naive(impl, case, keys=None, to_device=lambda c: c, floor=1e-5, **options):
+    """`impl` in fp32 is within max(floor, 5x the naive fp32 error) of fp64, for every output and gradient: the naive
     error is measured here, on this machine, so the bound holds on any CPU. Returns impl's results (on the CPU)."""
     truth = run(ref_loss, case, **options)
     naive = run(ref_loss, case, dtype=torch.float32, **options)
@@ -147,6 +147,11 @@ def assert_fp32_no_worse_than_naive(impl, case, keys=None, to_device=lambda c: c
     for k in keys or truth:
         if isinstance(truth[k], torch.Tensor) and truth[k].dtype == torch.float64:
             assert torch.isfinite(ours[k]).all(), f"{k}: not finite"
+            if float(truth[k].abs().max()) < 1e-12:
+                # A vanishing output (e.g. dh of a row whose target holds all but 1e-19 of the mass) is rounding
+                # noise even in fp64: autograd's 1 - p cancels there, so only an absolute bound means anything.
+                assert float(ours[k].abs().max()) < 1e-9, f"{k}: {float(ours[k].abs().max()):.2e} where fp64 says ~0"
+                continue
             err, naive_err = max_rel_err(ours[k], truth[k]), max_rel_err(naive[k], truth[k])
-            assert err <= max(1e-5, 5 * naive_err), f"{k}: {err:.2e} vs naive fp32 {naive_err:.2e}"
+            assert err <= max(floor, 5 * naive_err), f"{k}: {err:.2e} vs naive fp32 {naive_err:.2e}"
     return ours

@@ -82,13 +82,27 @@ def divergence_grad(lp, lq, aux, alpha):
     return (1 - alpha) * _xlogy_diff(p, d, aux[..., None])
 
 
+# Private columns of this backend's distill stats: each side's row max and log-sum of shifted exps (lse = m + log s).
+_M_Z, _LS_Z, _M_U, _LS_U = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 4)
+
+
+def _norm(stats, m_col):
+    return stats[:, m_col], stats[:, m_col + 1]
+
+
+def _shifted_logp(x, norm):
+    """log softmax entries as (x - m) - log s, rounded like log_softmax (see TorchRowOps.lse_entropy)."""
+    m, log_s = norm
+    return (x - m[:, None]) - log_s[:, None]
+
+
 def bucket_logprobs(zk, uk, stats, tail: bool):
     """Support log-probs ``[C, K(+1)]`` from the top-K logits and the stored normalisers."""
     if tail:
-        lp = torch.cat([zk - stats[:, S.LSE, None], stats[:, S.P_NORM, None]], -1)
-        lq = torch.cat([uk - stats[:, S.T_LSE, None], stats[:, S.Q_NORM, None]], -1)
+        lp = torch.cat([_shifted_logp(zk, _norm(stats, _M_Z)), stats[:, S.P_NORM, None]], -1)
+        lq = torch.cat([_shifted_logp(uk, _norm(stats, _M_U)), stats[:, S.Q_NORM, None]], -1)
         return lp, lq
-    return zk - stats[:, S.P_NORM, None], uk - stats[:, S.Q_NORM, None]
+    return zk.log_softmax(-1), uk.log_softmax(-1)
 
 
 SHARP_LOG_PROB = math.log(0.5)
@@ -126,28 +140,39 @@ class TorchRowOps:
 
     # ------------------------------------------------------------------ primitives (vocabulary-wide passes)
     def lse_entropy(self, x):
-        """Per-row log-sum-exp and entropy of softmax(x); entries may be -inf."""
-        lse = x.logsumexp(-1)
-        log_p = x - lse[:, None]
-        return lse, entropy_of(log_p)
+        """Per-row (max m, log s with s = sum e^(x - m), entropy) of softmax(x); entries may be -inf.
 
-    def full_divergence(self, z, u, lse_z, lse_u, alpha):
-        """(D, aux) over the full vocabulary, see divergence_and_aux."""
-        return divergence_and_aux(z - lse_z[:, None], u - lse_u[:, None], alpha)
+        lse = m + log s. Log-probs and entropies come from the shifted form ((x - m) - log s, as log_softmax),
+        never from x - lse: that rounds every log-prob at |lse|, an error that a near-certain token's log-prob
+        (-3e-5 with logits of 5) or a sharp row's entropy takes whole (50x and 6x the naive error). A row with
+        no finite entry is not legal input (its target's log-prob would be -inf)."""
+        top = x.argmax(-1, keepdim=True)
+        m = x.gather(-1, top)
+        y = x - m
+        e = y.exp().scatter_(-1, top, 0.0)  # the max's own term, exactly 1, is kept out of the sum r
+        r = e.sum(-1)
+        t = torch.where(e > 0, e * y, torch.zeros_like(e)).sum(-1)
+        # s = 1 + r and log s = log1p(r): on a sharp row fp32 cannot hold 1 + r, so log(s) and H would lose r.
+        log_s = torch.log1p(r)
+        return m.squeeze(-1), log_s, (log_s - t / (1 + r)).clamp_min(0.0)
 
-    def fill_student_grad(self, z, lse, entropy, c_logp, c_ent):
-        """z <- -c_logp p - c_ent p (log p + H), in place."""
-        log_p = z - lse[:, None]
+    def full_divergence(self, z, u, norm_z, norm_u, alpha):
+        """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side."""
+        return divergence_and_aux(_shifted_logp(z, norm_z), _shifted_logp(u, norm_u), alpha)
+
+    def fill_student_grad(self, z, norm, entropy, c_logp, c_ent):
+        """z <- -c_logp p - c_ent p (log p + H), in place; ``norm`` = (row max, log s)."""
+        log_p = _shifted_logp(z, norm)
         p = log_p.exp()
         grad = -c_logp[:, None] * p
         if c_ent is not None:  # p (log p + H), 0 where p = 0 (-inf logits)
             grad -= c_ent[:, None] * _xlogy_diff(p, log_p, -entropy[:, None])
         z.copy_(grad)
 
-    def fill_distill_grad(self, z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):
-        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place."""
-        log_p = z - lse_z[:, None]
-        grad = c_div[:, None] * divergence_grad(log_p, u - lse_u[:, None], aux, alpha)
+    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha):
+        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place (``norm_*`` as in full_divergence)."""
+        log_p = _shifted_logp(z, norm_z)
+        grad = c_div[:, None] * divergence_grad(log_p, _shifted_logp(u, norm_u), aux, alpha)
         grad -= c_logp[:, None] * log_p.exp()
         z.copy_(grad)
 
@@ -157,40 +182,46 @@ class TorchRowOps:
 
     # ------------------------------------------------------------------ the RowOps contract
     def student_stats(self, z, targets):
-        lse, entropy = self.lse_entropy(z)
-        return torch.stack([lse, z.gather(1, targets[:, None]).squeeze(1) - lse, entropy], 1)
+        m, log_s, entropy = self.lse_entropy(z)
+        logp = _shifted_logp(z.gather(1, targets[:, None]), (m, log_s)).squeeze(1)
+        return torch.stack([m + log_s, logp, entropy, m, log_s], 1)  # + private (max, log s), as _M_Z, _LS_Z
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
         top, sharp = argmax_and_sharp(z, stats[:, S.LSE])
-        self.fill_student_grad(z, stats[:, S.LSE], stats[:, S.ENTROPY], c_logp, c_ent)
+        self.fill_student_grad(z, (stats[:, S.N_STUDENT_STATS], stats[:, S.N_STUDENT_STATS + 1]), stats[:, S.ENTROPY],
+                               c_logp, c_ent)
         z.scatter_add_(1, targets[:, None], c_logp[:, None])
         rebalance_(z, top, sharp)
 
-    def _tail_lse(self, x, ids):
-        """log-sum-exp of each row without the top-K ids (exact: no 1 - sum cancellation)."""
+    def _tail_norm(self, x, ids):
+        """(max, log s) of each row without the top-K ids (exact: no 1 - sum cancellation)."""
         saved = x.gather(1, ids)
         x.scatter_(1, ids, -math.inf)
-        lse = self.lse_entropy(x)[0]
+        m, log_s, _ = self.lse_entropy(x)
         x.scatter_(1, ids, saved)
-        return lse
+        return m, log_s
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
-        stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS)
-        stats[:, :S.N_STUDENT_STATS] = self.student_stats(z, targets)
-        lse_z = stats[:, S.LSE]
-        lse_u, ent_u = self.lse_entropy(u)
-        stats[:, S.T_LSE] = lse_u
+        stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS + 4)
+        stats[:, _M_Z], stats[:, _LS_Z], stats[:, S.ENTROPY] = self.lse_entropy(z)
+        stats[:, _M_U], stats[:, _LS_U], ent_u = self.lse_entropy(u)
+        stats[:, S.LSE] = lse_z = stats[:, _M_Z] + stats[:, _LS_Z]
+        stats[:, S.T_LSE] = lse_u = stats[:, _M_U] + stats[:, _LS_U]
+        stats[:, S.LOGP] = _shifted_logp(z.gather(1, targets[:, None]), _norm(stats, _M_Z)).squeeze(1)
         topk = effective_topk(topk, z.shape[1])
         if topk is None:
             stats[:, S.T_ENTROPY] = ent_u
-            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.full_divergence(z, u, lse_z, lse_u, alpha)
+            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.full_divergence(z, u, _norm(stats, _M_Z),
+                                                                              _norm(stats, _M_U), alpha)
             return stats, None
         ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
         if topk_tail:
-            stats[:, S.P_NORM] = (self._tail_lse(z, ids) - lse_z).clamp_min(LOG_TINY)
-            stats[:, S.Q_NORM] = (self._tail_lse(u, ids) - lse_u).clamp_min(LOG_TINY)
-        else:
+            for col, x, m_col in ((S.P_NORM, z, _M_Z), (S.Q_NORM, u, _M_U)):
+                m_t, ls_t = self._tail_norm(x, ids)
+                m, ls = _norm(stats, m_col)
+                stats[:, col] = ((m_t - m) + (ls_t - ls)).clamp_min(LOG_TINY)  # the tail's log-prob
+        else:  # the contract's normalisers; the support log-probs themselves come from log_softmax
             stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
         lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
         stats[:, S.T_ENTROPY] = entropy_of(lq)
@@ -201,7 +232,8 @@ class TorchRowOps:
         lse_z = stats[:, S.LSE]
         top, sharp = argmax_and_sharp(z, lse_z)
         if topk_ids is None:
-            self.fill_distill_grad(z, u, lse_z, stats[:, S.T_LSE], stats[:, S.AUX_KL], c_logp, c_div, alpha)
+            self.fill_distill_grad(z, u, _norm(stats, _M_Z), _norm(stats, _M_U), stats[:, S.AUX_KL], c_logp, c_div,
+                                   alpha)
         else:
             zk, uk = z.gather(1, topk_ids), u.gather(1, topk_ids)
             lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)

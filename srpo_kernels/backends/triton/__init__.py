@@ -30,14 +30,14 @@ class TritonRowOps(TorchRowOps):
     def lse_entropy(self, x):
         return lse_entropy(x)
 
-    def full_divergence(self, z, u, lse_z, lse_u, alpha):
-        return full_divergence(z, u, lse_z, lse_u, alpha)
+    def full_divergence(self, z, u, norm_z, norm_u, alpha):
+        return full_divergence(z, u, norm_z, norm_u, alpha)
 
-    def fill_student_grad(self, z, lse, entropy, c_logp, c_ent):
-        fill_student_grad(z, lse, entropy, c_logp, c_ent)
+    def fill_student_grad(self, z, norm, entropy, c_logp, c_ent):
+        fill_student_grad(z, norm, entropy, c_logp, c_ent)
 
-    def fill_distill_grad(self, z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):
-        fill_distill_grad(z, u, lse_z, lse_u, aux, c_logp, c_div, alpha)
+    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha):
+        fill_distill_grad(z, u, norm_z, norm_u, aux, c_logp, c_div, alpha)
 
     def fill_tail_grad(self, z, lse_z, g_tail, shift, c_logp):
         fill_tail_grad(z, lse_z, g_tail, shift, c_logp)

