@@ -29,7 +29,9 @@ constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail buck
 // row's argmax (exact as a float below 2^24), found in the stats pass so the gradient pass need not search again.
 enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
 constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kStudentCols = kStudentLogS + 1;
-constexpr int64_t kDistillTop = N_DISTILL, kDistillCols = kDistillTop + 1;
+// Private distill columns: the student's argmax, and its tail log-prob before the floor at kLogTiny (the tail's
+// gradient spreads by p_j / p_tail with the tail's own mass).
+constexpr int64_t kDistillTop = N_DISTILL, kDistillTail = kDistillTop + 1, kDistillCols = kDistillTail + 1;
 constexpr int64_t kMaxVocab = int64_t(1) << 24;
 
 ALWAYS_INLINE float as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -178,15 +180,26 @@ inline float row_lse_entropy(const float* __restrict x, int64_t n, int64_t top, 
   return s;
 }
 
-// log sum exp over the row with `ids` excluded, minus `lse` (the log-probability of the tail bucket).
-inline float tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float lse) {
+// The log-probability of the tail bucket: the row's log-sum-exp with `ids` excluded, minus its own, both in the
+// shifted form of row_lse_entropy ((x_t - m) + log1p(r_t) - log s, t the tail's argmax). x - lse would round at |lse|:
+// a tail holding all but e^-100 of the mass came out 1e-5 away from 0.
+// Returns the floored value; `unfloored` gets the value itself (0 for an empty tail).
+inline float tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float m, float log_s,
+                          float& unfloored) {
   std::vector<float> saved(k);
   for (int64_t i = 0; i < k; ++i) { saved[i] = x[ids[i]]; x[ids[i]] = -std::numeric_limits<float>::infinity(); }
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += vexp(x[j] - lse);
+  const int64_t t = row_argmax(x, n);
+  unfloored = 0.f;
+  float out = kLogTiny;
+  if (x[t] > -std::numeric_limits<float>::infinity()) {
+    float r = 0.f, unused = 0.f;
+    shifted_sums(x, 0, t, x[t], r, unused, nullptr);
+    shifted_sums(x, t + 1, n, x[t], r, unused, nullptr);
+    unfloored = (x[t] - m) + std::log1p(r) - log_s;
+    out = std::max(unfloored, kLogTiny);
+  }
   for (int64_t i = 0; i < k; ++i) x[ids[i]] = saved[i];
-  return s > 0.f ? std::max(std::log(s), kLogTiny) : kLogTiny;
+  return out;
 }
 
 // Indices of the k largest entries (partial selection with a min-heap; most entries fail one comparison).
@@ -347,8 +360,9 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
       lp[k] = (x[row_ids[k]] - x[top]) - lsz;
       lq[k] = (y[row_ids[k]] - max_u) - lsu;
     }
-    s[P_NORM] = lp[K] = tail_logprob(x, V, row_ids, K, lse_z);
-    s[Q_NORM] = lq[K] = tail_logprob(y, V, row_ids, K, lse_u);
+    float unused;
+    s[P_NORM] = lp[K] = tail_logprob(x, V, row_ids, K, x[top], lsz, s[kDistillTail]);
+    s[Q_NORM] = lq[K] = tail_logprob(y, V, row_ids, K, max_u, lsu, unused);
     n = K + 1;
   } else {
     float mz = -INFINITY, mu = -INFINITY, sz = 0.f, su = 0.f;
@@ -385,7 +399,7 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
     gk[k] = c * div.grad(lpk, lqk, aux);
   }
   // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
-  tail_grad(x, V, lse_z, tail ? c * div.grad(pn, qn, aux) : 0.f, lse_z + pn, a);
+  tail_grad(x, V, lse_z, tail ? c * div.grad(pn, qn, aux) : 0.f, lse_z + (tail ? s[kDistillTail] : pn), a);
   for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp(zk[k] - lse_z);
   x[target] += a;
   rebalance(x, V, top, sharp);

@@ -129,7 +129,9 @@ def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, log_mu: 
     grpo = token_math.grpo_surrogate(stats.logp, x.old_logprobs, x.advantages, cfg)
     is_w = token_math.sdpo_is_weight(stats.logp, x.old_logprobs, cfg)
     zero = torch.zeros_like(stats.logp)
-    weight = torch.where(route, token_math.distill_weight(stats.teacher_entropy, cfg, log_mu), zero)
+    # 0 at masked tokens, as their loss: their weight is normalised by tokens they are not among, and overflows fp32
+    # for a large entropy_beta (exp(300 * 0.8) at a masked token whose teacher entropy is below the batch's).
+    weight = torch.where(route & x.valid, token_math.distill_weight(stats.teacher_entropy, cfg, log_mu), zero)
     loss = torch.where(route, weight * is_w * stats.divergence, grpo.loss)
     if x.is_weights is not None:
         loss = loss * x.is_weights

@@ -58,9 +58,19 @@ def support_logprobs(log_p, log_q, student_logits, cfg: SRPOLossConfig):
     if not cfg.topk_tail or k == log_p.shape[-1]:  # an empty tail is the renormalised support
         return lp - lp.logsumexp(-1, keepdim=True), lq - lq.logsumexp(-1, keepdim=True)
     in_topk = torch.zeros_like(log_p, dtype=torch.bool).scatter(-1, idx, True)
-    tail_p = log_p.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_TINY)
-    tail_q = log_q.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_TINY)
+    tail_p = _floored(log_p.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True))
+    tail_q = log_q.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_TINY)  # no gradient
     return torch.cat([lp, tail_p], -1), torch.cat([lq, tail_q], -1)
+
+
+def _floored(log_tail):
+    """The tail's log-prob floored at LOG_TINY in value, its gradient the unfloored one's: a student whose tail holds
+    e^-300 of the mass where the teacher puts almost all must still be pulled (a plain clamp makes that gradient 0,
+    exactly where the student is most wrong). An empty tail (-inf) takes the floor and no gradient."""
+    floored = log_tail.clamp_min(LOG_TINY)
+    finite = torch.isfinite(log_tail)
+    through = torch.where(finite, log_tail, torch.zeros_like(log_tail))
+    return torch.where(finite, through + (floored - through).detach(), floored)
 
 
 def divergence(lp, lq, alpha: float):
@@ -133,7 +143,7 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
         loss_sd = zeros.index_put((sd.nonzero().squeeze(1),), w_sd * is_sd * d)
         t_ent = zeros.index_put((sd.nonzero().squeeze(1),), h_t)
         div = zeros.index_put((sd.nonzero().squeeze(1),), d.detach())
-        w = zeros.index_put((sd.nonzero().squeeze(1),), w_sd)
+        w = torch.where(x.valid, zeros.index_put((sd.nonzero().squeeze(1),), w_sd), zeros)  # 0 where masked
 
     per_token = torch.where(sd, loss_sd, loss_g)
     if x.is_weights is not None:

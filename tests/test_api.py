@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import srpo_kernels as sk
-from cases import assert_agree, fused, make_case, ref_loss, run
+from cases import assert_agree, fused, make_case, naive_fp32, ref_loss, run
 
 BACKENDS = ["torch", "cpu"]
 OPTION_CASES = {
@@ -41,7 +41,7 @@ def test_options_match_reference(backend, name):
     case = make_case(seed=hash(name) % 1000, ref="ref_beta" in options)
     expected = run(ref_loss, case, **options)
     actual = run(fused(backend, chunk_size=8), case, dtype=torch.float32, **options)
-    assert_agree(actual, expected)
+    assert_agree(actual, expected, naive=naive_fp32(case, **options))
 
 
 CASE_VARIANTS = {
@@ -65,9 +65,9 @@ CASE_VARIANTS = {
 def test_cases_match_reference(backend, name, reduction):
     case = make_case(seed=len(name), **CASE_VARIANTS[name])
     expected = run(ref_loss, case, reduction=reduction, topk=None if "grpo" in name else 8)
-    actual = run(fused(backend, chunk_size=16), case, dtype=torch.float32, reduction=reduction,
-                 topk=None if "grpo" in name else 8)
-    assert_agree(actual, expected)
+    options = dict(reduction=reduction, topk=None if "grpo" in name else 8)
+    actual = run(fused(backend, chunk_size=16), case, dtype=torch.float32, **options)
+    assert_agree(actual, expected, naive=naive_fp32(case, **options))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,7 +76,7 @@ def test_no_valid_sdpo_token(backend):
     case["loss_mask"] = ~case["route"]  # every SDPO-routed token masked out
     expected = run(ref_loss, case)
     actual = run(fused(backend, chunk_size=8), case, dtype=torch.float32)
-    assert_agree(actual, expected)
+    assert_agree(actual, expected, naive=naive_fp32(case))
     assert actual["metrics"]["sdpo_fraction"] == 0.0
 
 
@@ -89,14 +89,15 @@ def test_everything_masked_gives_zero_loss_and_grads(backend, reduction):
     assert torch.count_nonzero(actual["loss"]) == 0
     for k in ("grad_hidden", "grad_weight", "grad_bias"):
         assert torch.count_nonzero(actual[k]) == 0, k
-    assert_agree(actual, run(ref_loss, case, reduction=reduction))
+    assert_agree(actual, run(ref_loss, case, reduction=reduction), naive=naive_fp32(case, reduction=reduction))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000])
 def test_chunk_size_does_not_change_results(chunk_size):
     case = make_case(seed=5)
     expected = run(ref_loss, case, topk=4)
-    assert_agree(run(fused("cpu", chunk_size=chunk_size), case, dtype=torch.float32, topk=4), expected)
+    assert_agree(run(fused("cpu", chunk_size=chunk_size), case, dtype=torch.float32, topk=4), expected,
+                 naive=naive_fp32(case, topk=4))
 
 
 def test_torch_backend_is_exact_in_float64():
@@ -137,7 +138,7 @@ def test_per_sequence_advantages_and_route_broadcast():
     case["route"] = seq_route
     case["teacher_hidden"] = torch.randn(18, 16, dtype=torch.float64)
     expected = run(ref_loss, case)
-    assert_agree(run(fused("cpu"), case, dtype=torch.float32), expected)
+    assert_agree(run(fused("cpu"), case, dtype=torch.float32), expected, naive=naive_fp32(case))
     full = dict(case, advantages=seq_adv.expand(4, 9).clone(), route=seq_route.expand(4, 9).clone())
     assert_agree(run(ref_loss, full), expected, rtol=1e-12)
 

@@ -82,8 +82,9 @@ def divergence_grad(lp, lq, aux, alpha):
     return (1 - alpha) * _xlogy_diff(p, d, aux[..., None])
 
 
-# Private columns of this backend's distill stats: each side's row max and log-sum of shifted exps (lse = m + log s).
-_M_Z, _LS_Z, _M_U, _LS_U = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 4)
+# Private columns of this backend's distill stats: each side's row max and log-sum of shifted exps (lse = m + log s),
+# and the student's tail log-prob before its floor at LOG_TINY (the tail gradient spreads by p_j / p_tail).
+_M_Z, _LS_Z, _M_U, _LS_U, _TAIL_Z = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 5)
 
 
 def _norm(stats, m_col):
@@ -202,7 +203,7 @@ class TorchRowOps:
         return m, log_s
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
-        stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS + 4)
+        stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS + 5)
         stats[:, _M_Z], stats[:, _LS_Z], stats[:, S.ENTROPY] = self.lse_entropy(z)
         stats[:, _M_U], stats[:, _LS_U], ent_u = self.lse_entropy(u)
         stats[:, S.LSE] = lse_z = stats[:, _M_Z] + stats[:, _LS_Z]
@@ -220,7 +221,10 @@ class TorchRowOps:
             for col, x, m_col in ((S.P_NORM, z, _M_Z), (S.Q_NORM, u, _M_U)):
                 m_t, ls_t = self._tail_norm(x, ids)
                 m, ls = _norm(stats, m_col)
-                stats[:, col] = ((m_t - m) + (ls_t - ls)).clamp_min(LOG_TINY)  # the tail's log-prob
+                tail = (m_t - m) + (ls_t - ls)  # the tail's log-prob
+                stats[:, col] = tail.clamp_min(LOG_TINY)
+                if col == S.P_NORM:
+                    stats[:, _TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
         else:  # the contract's normalisers; the support log-probs themselves come from log_softmax
             stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
         lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
@@ -240,7 +244,8 @@ class TorchRowOps:
             g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
             # The tail bucket's gradient spreads over its members in proportion p_j / p_tail (none without a tail).
             if topk_tail:
-                self.fill_tail_grad(z, lse_z, g[:, -1], lse_z + stats[:, S.P_NORM], c_logp)
+                # Spread by p_j / p_tail with the tail's own mass, not its floor (the reference's gradient too).
+                self.fill_tail_grad(z, lse_z, g[:, -1], lse_z + stats[:, _TAIL_Z], c_logp)
             else:  # shift = lse keeps exp(z - shift) <= 1, so 0 * exp never meets an inf
                 self.fill_tail_grad(z, lse_z, torch.zeros_like(lse_z), lse_z, c_logp)
             k = topk_ids.shape[1]
