@@ -58,9 +58,18 @@ def support_logprobs(log_p, log_q, student_logits, cfg: SRPOLossConfig):
     if not cfg.topk_tail or k == log_p.shape[-1]:  # an empty tail is the renormalised support
         return lp - lp.logsumexp(-1, keepdim=True), lq - lq.logsumexp(-1, keepdim=True)
     in_topk = torch.zeros_like(log_p, dtype=torch.bool).scatter(-1, idx, True)
-    tail_p = _floored(log_p.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True))
-    tail_q = log_q.masked_fill(in_topk, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_TINY)  # no gradient
+    tail_p = _floored(_tail_logsumexp(log_p, in_topk))
+    tail_q = _tail_logsumexp(log_q, in_topk).clamp_min(LOG_TINY)  # the teacher's: no gradient
     return torch.cat([lp, tail_p], -1), torch.cat([lq, tail_q], -1)
+
+
+def _tail_logsumexp(log_p, in_topk):
+    """log of the mass outside the top-K, -inf for an empty tail (every entry outside it -inf) with a zero, not NaN,
+    gradient there: logsumexp's backward over a row of -inf is NaN."""
+    tail = log_p.masked_fill(in_topk, -math.inf)
+    empty = ~torch.isfinite(tail).any(-1, keepdim=True)
+    lse = torch.where(empty, torch.zeros_like(tail), tail).logsumexp(-1, keepdim=True)
+    return torch.where(empty, torch.full_like(lse, -math.inf), lse)
 
 
 def _floored(log_tail):

@@ -60,6 +60,23 @@ def test_minus_inf_bias_masks_the_vocabulary(impl, options):
         assert torch.allclose(out[k], expected[k], rtol=1e-4, atol=1e-5), k
 
 
+@pytest.mark.parametrize("impl", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_empty_top_k_tail(impl, alpha):
+    """Top-K covering every live token: the tail holds only -inf entries, its log-prob takes the floor, and every
+    output and gradient stays finite and equal to the reference's."""
+    case = make_case(seed=6, n=9, h=8, v=12, mask_frac=0.0, ref=True)
+    case["bias"][::2] = -math.inf  # six live tokens
+    case["token_ids"] = case["token_ids"] // 2 * 2 + 1
+    options = dict(alpha=alpha, topk=6, topk_tail=True)
+    fn = ref_loss if impl == "reference" else fused(impl, chunk_size=4)
+    out = run(fn, case, dtype=torch.float32, **options)
+    expected = run(ref_loss, case, **options)
+    for k in ("loss", "logprobs", "entropy", "teacher_entropy", "divergence", "grad_hidden", "grad_weight"):
+        assert torch.isfinite(out[k]).all(), k
+        assert torch.allclose(out[k], expected[k], rtol=1e-4, atol=1e-5), k
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_entropies_are_never_negative(backend):
     """Sharp rows (weight x 100): a rounded log-prob just above 0 once gave H = -1.4e-5."""

@@ -146,10 +146,10 @@ class TorchRowOps:
         lse = m + log s. Log-probs and entropies come from the shifted form ((x - m) - log s, as log_softmax),
         never from x - lse: that rounds every log-prob at |lse|, an error that a near-certain token's log-prob
         (-3e-5 with logits of 5) or a sharp row's entropy takes whole (50x and 6x the naive error). A row with
-        no finite entry is not legal input (its target's log-prob would be -inf)."""
+        no finite entry (a top-K tail with nothing in it) gets lse = -inf and entropy 0."""
         top = x.argmax(-1, keepdim=True)
         m = x.gather(-1, top)
-        y = x - m
+        y = x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an empty tail row (all -inf): lse -inf
         e = y.exp().scatter_(-1, top, 0.0)  # the max's own term, exactly 1, is kept out of the sum r
         r = e.sum(-1)
         t = torch.where(e > 0, e * y, torch.zeros_like(e)).sum(-1)
@@ -206,8 +206,8 @@ class TorchRowOps:
         stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS + 5)
         stats[:, _M_Z], stats[:, _LS_Z], stats[:, S.ENTROPY] = self.lse_entropy(z)
         stats[:, _M_U], stats[:, _LS_U], ent_u = self.lse_entropy(u)
-        stats[:, S.LSE] = lse_z = stats[:, _M_Z] + stats[:, _LS_Z]
-        stats[:, S.T_LSE] = lse_u = stats[:, _M_U] + stats[:, _LS_U]
+        stats[:, S.LSE] = stats[:, _M_Z] + stats[:, _LS_Z]
+        stats[:, S.T_LSE] = stats[:, _M_U] + stats[:, _LS_U]
         stats[:, S.LOGP] = _shifted_logp(z.gather(1, targets[:, None]), _norm(stats, _M_Z)).squeeze(1)
         topk = effective_topk(topk, z.shape[1])
         if topk is None:
