@@ -27,7 +27,7 @@ def _main():
 
     from benchmarks.variants import ROUTINGS, make_inputs, steps
     from srpo_kernels.backends.cpu import load_error
-    from srpo_kernels.peak_memory import _rss_bytes, peak_rss_bytes
+    from benchmarks.peak_memory import _rss_bytes, peak_rss_bytes
 
     torch.set_num_threads(2)
     load_error()  # load the kernel before the baseline

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import srpo_kernels as sk
-from srpo_kernels.peak_memory import measure
+from benchmarks.peak_memory import measure
 
 from cases import max_rel_err
 

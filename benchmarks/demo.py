@@ -1,6 +1,6 @@
 """Demonstration: the fused SRPO loss beside the materialising reference on a realistic shape.
 
-``python -m srpo_kernels.demo [--n 1024 --h 512 --v 151936]`` runs forward+backward of each variant in a fresh
+``python -m benchmarks.demo [--n 1024 --h 512 --v 151936]`` runs forward+backward of each variant in a fresh
 process (half the tokens routed to self-distillation) and prints loss, time and peak extra memory.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import platform
 
-from .peak_memory import measure
+from benchmarks.peak_memory import measure
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 """Peak extra memory of one forward+backward, measured in a fresh subprocess (peak RSS minus the RSS once the
 inputs exist), so earlier allocations of the calling process cannot hide or inflate it.
 
-``python -m srpo_kernels.peak_memory --impl fused --n 2048 --h 256 --v 151936`` prints one JSON line.
+``python -m benchmarks.peak_memory --impl fused --n 2048 --h 256 --v 151936`` (from the repository root) prints
+one JSON line.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rss_bytes() -> int:
@@ -45,9 +49,9 @@ def random_problem(n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0, 
 def measure(impl: str, n: int, h: int, v: int, sd_frac: float = 0.5, seed: int = 0, backend: str = "auto",
             dtype: str = "fp32", env=None) -> dict:
     """Run in a fresh interpreter (with `env` if given); returns {"peak_extra_bytes", "seconds", "loss"}."""
-    cmd = [sys.executable, "-m", "srpo_kernels.peak_memory", "--impl", impl, "--n", str(n), "--h", str(h),
+    cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--impl", impl, "--n", str(n), "--h", str(h),
            "--v", str(v), "--sd-frac", str(sd_frac), "--seed", str(seed), "--backend", backend, "--dtype", dtype]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
