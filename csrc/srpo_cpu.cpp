@@ -25,8 +25,9 @@ namespace {
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail bucket's log-probability
-// Column layout shared with row_ops.py. Each stats tensor carries one private column after the named ones: the
-// row's argmax (exact as a float below 2^24), found in the stats pass so the gradient pass need not search again.
+// Column layout shared with row_ops.py. Each stats tensor carries private columns after the named ones: the row's
+// argmax (exact as a float below 2^24), found in the stats pass so the gradient pass need not search again, then
+// the student's log s (student stats) or its tail log-prob before the floor (distill stats).
 enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
 constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kStudentCols = kStudentLogS + 1;
 // Private distill columns: the student's argmax, and its tail log-prob before the floor at kLogTiny (the tail's
@@ -192,10 +193,9 @@ inline float tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, fl
   unfloored = 0.f;
   float out = kLogTiny;
   if (x[t] > -std::numeric_limits<float>::infinity()) {
-    float r = 0.f, unused = 0.f;
-    shifted_sums(x, 0, t, x[t], r, unused, nullptr);
-    shifted_sums(x, t + 1, n, x[t], r, unused, nullptr);
-    unfloored = (x[t] - m) + std::log1p(r) - log_s;
+    float lse_t, entropy_t, log_s_t;
+    row_lse_entropy(x, n, t, lse_t, entropy_t, log_s_t);
+    unfloored = (x[t] - m) + log_s_t - log_s;
     out = std::max(unfloored, kLogTiny);
   }
   for (int64_t i = 0; i < k; ++i) x[ids[i]] = saved[i];

@@ -140,9 +140,9 @@ class ChunkRunner:
         rows = self.g_rows
         if grads is None and self.ops.linear_student_stats is not None and rows.numel():
             h = self.gemms.operand_rows(self.hidden.index_select(0, rows))
-            lse, logp, entropy = self.ops.linear_student_stats(h, self.gemms.weight, self.gemms.bias,
-                                                               self.x.token_ids.index_select(0, rows),
-                                                               self.gemms.inv_t)
+            _, logp, entropy = self.ops.linear_student_stats(h, self.gemms.weight, self.gemms.bias,
+                                                             self.x.token_ids.index_select(0, rows),
+                                                             self.gemms.inv_t)
             stats.logp[rows], stats.entropy[rows] = logp, entropy
             return
         n_valid = int(self.x.valid[rows].sum())  # valid rows come first

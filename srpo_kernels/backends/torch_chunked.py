@@ -82,8 +82,10 @@ def divergence_grad(lp, lq, aux, alpha):
     return (1 - alpha) * _xlogy_diff(p, d, aux[..., None])
 
 
-# Private columns of this backend's distill stats: each side's row max and log-sum of shifted exps (lse = m + log s),
-# and the student's tail log-prob before its floor at LOG_TINY (the tail gradient spreads by p_j / p_tail).
+# Private columns of this backend's stats: the row max and log-sum of shifted exps (lse = m + log s) after the student
+# stats; in the distill stats, both sides' and the student's tail log-prob before its floor at LOG_TINY (the tail
+# gradient spreads by p_j / p_tail).
+_STUDENT_M = S.N_STUDENT_STATS
 _M_Z, _LS_Z, _M_U, _LS_U, _TAIL_Z = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 5)
 
 
@@ -185,12 +187,11 @@ class TorchRowOps:
     def student_stats(self, z, targets):
         m, log_s, entropy = self.lse_entropy(z)
         logp = _shifted_logp(z.gather(1, targets[:, None]), (m, log_s)).squeeze(1)
-        return torch.stack([m + log_s, logp, entropy, m, log_s], 1)  # + private (max, log s), as _M_Z, _LS_Z
+        return torch.stack([m + log_s, logp, entropy, m, log_s], 1)  # private (max, log s) at _STUDENT_M
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
         top, sharp = argmax_and_sharp(z, stats[:, S.LSE])
-        self.fill_student_grad(z, (stats[:, S.N_STUDENT_STATS], stats[:, S.N_STUDENT_STATS + 1]), stats[:, S.ENTROPY],
-                               c_logp, c_ent)
+        self.fill_student_grad(z, _norm(stats, _STUDENT_M), stats[:, S.ENTROPY], c_logp, c_ent)
         z.scatter_add_(1, targets[:, None], c_logp[:, None])
         rebalance_(z, top, sharp)
 
@@ -204,11 +205,11 @@ class TorchRowOps:
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
         stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS + 5)
-        stats[:, _M_Z], stats[:, _LS_Z], stats[:, S.ENTROPY] = self.lse_entropy(z)
+        student = self.student_stats(z, targets)
+        stats[:, :S.N_STUDENT_STATS] = student[:, :S.N_STUDENT_STATS]
+        stats[:, _M_Z], stats[:, _LS_Z] = _norm(student, _STUDENT_M)
         stats[:, _M_U], stats[:, _LS_U], ent_u = self.lse_entropy(u)
-        stats[:, S.LSE] = stats[:, _M_Z] + stats[:, _LS_Z]
         stats[:, S.T_LSE] = stats[:, _M_U] + stats[:, _LS_U]
-        stats[:, S.LOGP] = _shifted_logp(z.gather(1, targets[:, None]), _norm(stats, _M_Z)).squeeze(1)
         topk = effective_topk(topk, z.shape[1])
         if topk is None:
             stats[:, S.T_ENTROPY] = ent_u

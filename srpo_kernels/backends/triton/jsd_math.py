@@ -1,11 +1,11 @@
-"""Device functions shared by the divergence kernels (mirrors torch_chunked._jsd_terms)."""
+"""Device functions shared by the kernels (jsd_terms mirrors torch_chunked._jsd_terms)."""
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def log1p_small(x):
-    """log(1 + x) for x in [0, 1], with the rounding of 1 + x corrected."""
+def log1p(x):
+    """log(1 + x) for x >= 0, with the rounding of 1 + x corrected (exact to fp32 however small x is)."""
     u = 1.0 + x
     return tl.log(u) - ((u - 1.0) - x) / u
 
@@ -14,5 +14,5 @@ def log1p_small(x):
 def jsd_terms(lp, lq, log_beta):
     """d = log p - log m + log(1-a), e = log q - log m + log a via softplus of s = log(a q / ((1-a) p))."""
     s = lq - lp + log_beta
-    soft = log1p_small(tl.exp(-tl.abs(s)))
+    soft = log1p(tl.exp(-tl.abs(s)))
     return -(tl.maximum(s, 0.0) + soft), -(tl.maximum(-s, 0.0) + soft)

@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .jsd_math import log1p
 from .launch import Launcher
 
 
@@ -35,8 +36,7 @@ def lse_entropy_kernel(x_ptr, max_ptr, log_s_ptr, ent_ptr, stride, n_cols, BLOCK
         t = scale * (t + s_old * shift) + tl.sum(e * d, 0)
         r = tl.where(raised, s_old * scale + block_r, r + block_r)
         m = m_new
-    log_s = tl.log(1.0 + r)
-    log_s = tl.where(r < 1e-4, r - 0.5 * r * r, log_s)  # log1p: no rounding of 1 + r where r is small
+    log_s = log1p(r)
     tl.store(max_ptr + row, m)
     tl.store(log_s_ptr + row, log_s)
     tl.store(ent_ptr + row, tl.maximum(log_s - t / (1.0 + r), 0.0))  # rounding must not give H < 0
