@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .config import SRPOLossConfig
-from .backends.torch_chunked import topk_ids
+from .backends.support import topk_ids
 from .gemm import math_dtype
 from .inputs import check_projection, flatten_inputs
 from .output import SRPOLossOutput, summarize

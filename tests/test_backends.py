@@ -111,7 +111,7 @@ def test_cpu_student_passes_match_torch(masked):
 def test_topk_ties_go_to_the_lowest_ids_in_every_backend():
     """Duplicated vocabulary rows give tied logits: the support (and so the gradient) must pick the same twin in the
     C++ kernel, the torch backend and the reference."""
-    from srpo_kernels.backends.torch_chunked import topk_ids
+    from srpo_kernels.backends.support import topk_ids
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(5, 400, generator=g)

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import srpo_kernels as sk
 from cases import assert_fp32_no_worse_than_naive, fused, make_case, ref_loss, run
 
 BACKENDS = ["torch", "cpu"]

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .torch_chunked import effective_topk
+from .support import effective_topk
 
 _FLAGS = ["-O3", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
 _state = {"loaded": False, "error": None}

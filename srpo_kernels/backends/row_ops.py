@@ -21,7 +21,7 @@ import torch
 # Columns of student_stats.
 LSE, LOGP, ENTROPY = 0, 1, 2
 # Extra columns of distill_stats: teacher lse, teacher entropy and divergence over the support, the sum that the
-# gradient needs (KL(p||q) for reverse KL, sum p d for the JSD, see torch_chunked._jsd_terms), and each side's
+# gradient needs (KL(p||q) for reverse KL, sum p d for the JSD, see support.jsd_terms), and each side's
 # normaliser of the top-K support (tail log-prob when the support has a tail bucket, else the log-sum-exp over the
 # K logits).
 T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM = 3, 4, 5, 6, 7, 8

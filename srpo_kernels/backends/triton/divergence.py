@@ -1,4 +1,4 @@
-"""Full-vocabulary divergence per row, and the sum its gradient needs (see torch_chunked.divergence_and_aux).
+"""Full-vocabulary divergence per row, and the sum its gradient needs (see support.divergence_and_aux).
 MODE 0: forward KL(q||p); 1: reverse KL(p||q); 2: generalised JSD. ``om`` = 1 - alpha comes from alpha_constants
 in fp64 (in fp32, alpha = 1 - 1e-8 would give 0)."""
 import math

@@ -1,4 +1,4 @@
-"""Device functions shared by the kernels (jsd_terms mirrors torch_chunked._jsd_terms)."""
+"""Device functions shared by the kernels (jsd_terms mirrors support.jsd_terms)."""
 import triton
 import triton.language as tl
 

@@ -1,0 +1,132 @@
+"""Row math shared by the backends built from tensor ops (chunked PyTorch, Triton's glue, vocabulary-parallel) and
+the reference: top-K selection and its tie rule, the support's log-probs, divergences and their gradients, the
+rebalance of sharp rows, and the private stats columns those backends share."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import row_ops as S
+
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+def effective_topk(topk: Optional[int], vocab: int) -> Optional[int]:
+    """Top-K over the whole vocabulary is the full support."""
+    return None if topk is None or topk >= vocab else topk
+
+
+def topk_ids(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids ``[C, k]`` of each row's k largest entries; among equal values at the boundary the lowest ids win.
+
+    One tie rule for every backend and the reference (torch.topk leaves it unspecified; the C++ kernel's heap takes
+    the lowest ids): with tied logits (e.g. duplicated vocabulary rows) the gradient lands on the same twin
+    everywhere. Rows without a tie at the k-th value cost one topk of k + 1."""
+    if k >= x.shape[1]:
+        return x.topk(k, dim=1).indices
+    top = x.topk(k + 1, dim=1)
+    kth = top.values[:, k - 1:k]
+    if not bool((kth == top.values[:, k:]).any()):
+        return top.indices[:, :k]
+    above = x > kth
+    need = k - above.sum(1, keepdim=True)
+    tied = x == kth
+    chosen = above | (tied & (tied.cumsum(1) <= need))
+    return chosen.nonzero()[:, 1].view(x.shape[0], k)
+
+
+def xlogy_diff(p, a, b):
+    """``p * (a - b)`` with ``0 * anything = 0`` (empty tail buckets)."""
+    return torch.where(p > 0, p * (a - b), torch.zeros_like(p))
+
+
+def entropy_of(log_p):
+    """-sum p log p over the last dim, at least 0 (a rounded log-prob just above 0 must not make it negative)."""
+    return (-xlogy_diff(log_p.exp(), log_p, 0.0).sum(-1)).clamp_min(0.0)
+
+
+def jsd_terms(lp, lq, alpha):
+    """``d = log p - log m + log(1-a)`` and ``e = log q - log m + log a`` via softplus of ``s = log(a q / ((1-a) p))``.
+
+    Written this way neither loses digits where p and q are far apart (d -> 0 as q/p -> 0), which is where the
+    gradient ``(1-a) p (d - sum p d)`` of sharp, disagreeing distributions lives.
+    """
+    s = lq - lp + math.log(alpha / (1 - alpha))
+    soft = torch.log1p(torch.exp(-s.abs()))
+    return -(s.clamp_min(0) + soft), -((-s).clamp_min(0) + soft)
+
+
+def divergence_and_aux(lp, lq, alpha):
+    """D_alpha over the last dim and the sum its gradient needs (KL(p||q) for alpha=1, sum p d for the JSD)."""
+    p, q = lp.exp(), lq.exp()
+    if alpha == 0.0:
+        d = xlogy_diff(q, lq, lp).sum(-1)
+        return d, torch.zeros_like(d)
+    if alpha == 1.0:
+        d = xlogy_diff(p, lp, lq).sum(-1)
+        return d, d
+    d, e = jsd_terms(lp, lq, alpha)
+    kl_pm = xlogy_diff(p, d, math.log1p(-alpha)).sum(-1)
+    kl_qm = xlogy_diff(q, e, math.log(alpha)).sum(-1)
+    return (1 - alpha) * kl_pm + alpha * kl_qm, xlogy_diff(p, d, 0.0).sum(-1)
+
+
+def divergence_grad(lp, lq, aux, alpha):
+    """dD/d(logits) of the support distribution (p = softmax of the support's logits)."""
+    p = lp.exp()
+    if alpha == 0.0:
+        return p - lq.exp()
+    if alpha == 1.0:
+        return xlogy_diff(p, lp, lq + aux[..., None])
+    d, _ = jsd_terms(lp, lq, alpha)
+    return (1 - alpha) * xlogy_diff(p, d, aux[..., None])
+
+
+# Private columns of the tensor-op backends' stats: the row max and log-sum of shifted exps (lse = m + log s) after the student
+# stats; in the distill stats, both sides' and the student's tail log-prob before its floor at LOG_TINY (the tail
+# gradient spreads by p_j / p_tail).
+STUDENT_M = S.N_STUDENT_STATS
+M_Z, LS_Z, M_U, LS_U, TAIL_Z = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 5)
+
+
+def norm_of(stats, m_col):
+    return stats[:, m_col], stats[:, m_col + 1]
+
+
+def shifted_logp(x, norm):
+    """log softmax entries as (x - m) - log s, rounded like log_softmax (see TorchRowOps.lse_entropy)."""
+    m, log_s = norm
+    return (x - m[:, None]) - log_s[:, None]
+
+
+def bucket_logprobs(zk, uk, stats, tail: bool):
+    """Support log-probs ``[C, K(+1)]`` from the top-K logits and the stored normalisers."""
+    if tail:
+        lp = torch.cat([shifted_logp(zk, norm_of(stats, M_Z)), stats[:, S.P_NORM, None]], -1)
+        lq = torch.cat([shifted_logp(uk, norm_of(stats, M_U)), stats[:, S.Q_NORM, None]], -1)
+        return lp, lq
+    return zk.log_softmax(-1), uk.log_softmax(-1)
+
+
+SHARP_LOG_PROB = math.log(0.5)
+
+
+def argmax_and_sharp(z, lse):
+    """Each row's argmax ``[C, 1]`` and whether it holds more than half the probability (see rebalance_)."""
+    top = z.argmax(1, keepdim=True)
+    return top, (z.gather(1, top) - lse[:, None]) > SHARP_LOG_PROB
+
+
+def rebalance_(grad, top, sharp):
+    """On sharp rows, set entry `top` (the argmax logit, ``[C, 1]``) to minus the sum of the row's other entries.
+
+    dL/dz sums to zero over a row (the loss is invariant to shifting the logits). Where one token holds almost all
+    the probability, its entry is a difference of nearly equal terms, e.g. ``p (log p - log m - KL)``, and loses
+    every digit in fp32; the other entries carry no such cancellation, so their sum restores it. On a flat row that
+    sum of V similar terms is the less accurate of the two, so those rows keep their own entry.
+    """
+    own = grad.gather(1, top)
+    grad.scatter_(1, top, 0.0)
+    grad.scatter_(1, top, torch.where(sharp, -grad.sum(1, keepdim=True), own))
