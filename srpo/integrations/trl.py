@@ -3,7 +3,8 @@
 
 Requires ``pip install 'srpo-kernels[trl]'``. The loss reads the backbone's last hidden state (captured by a forward
 hook while the wrapped model runs with ``logits_to_keep=1``, so DDP/accelerate wrappers still see the forward) and
-the lm_head weight; under DeepSpeed ZeRO-3 the lm_head is gathered for the loss, as TRL's Liger path did.
+the lm_head weight; under DeepSpeed ZeRO-3 the lm_head is gathered for the loss, as TRL's Liger path did, and under
+FSDP2 a lm_head left sharded (a DTensor) is gathered by a differentiable all-gather whose backward lands on the shards.
 """
 from __future__ import annotations
 
@@ -44,9 +45,19 @@ def backbone_hidden(model, input_ids, attention_mask):
     return captured["hidden"]
 
 
+def _full(param):
+    """A DTensor parameter (FSDP2 shard) as the whole tensor, differentiably; anything else as it is.
+
+    FSDP2 unshards the root's parameters for the forward and keeps them so until backward (a tied lm_head is one of
+    them); an lm_head under its own ``fully_shard`` is resharded after its forward, so the loss finds a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
 @contextlib.contextmanager
 def gathered_lm_head(trainer):
-    """The lm_head (weight, bias), gathered when DeepSpeed ZeRO-3 shards it."""
+    """The lm_head (weight, bias), gathered when DeepSpeed ZeRO-3 or FSDP2 shards it."""
     head = _unwrap(trainer.model).get_output_embeddings()
     params = [p for p in (head.weight, head.bias) if p is not None]
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
@@ -56,7 +67,7 @@ def gathered_lm_head(trainer):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield head.weight, head.bias
     else:
-        yield head.weight, head.bias
+        yield _full(head.weight), None if head.bias is None else _full(head.bias)
 
 
 def _check_supported(trainer):
@@ -91,11 +102,14 @@ def aggregate(trainer, per_token_loss, mask, inputs):
 
 def _completion_hidden(model, inputs, prompt_ids, prompt_mask, through_wrapper=True):
     """Hidden states at the positions that predict each completion token. The student goes through its (DDP)
-    wrapper; the no-grad teacher calls its backbone directly."""
+    wrapper; the no-grad teacher calls its backbone directly, unless FSDP2 shards the model (its root forward
+    gathers the root's parameters, the embedding among them)."""
+    from torch.distributed.fsdp import FSDPModule
+
     completion_ids = inputs["completion_ids"]
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, inputs["completion_mask"]], 1)
-    if through_wrapper:
+    if through_wrapper or isinstance(model, FSDPModule):
         hidden = backbone_hidden(model, ids, mask)
     else:
         hidden = _unwrap(model).base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

@@ -91,3 +91,71 @@ def test_srpo_trainer_runs_two_steps(tmp_path):
     assert any("fused/sdpo_fraction" in rec for rec in logged), logged
     assert any(rec.get("srpo/teacher_rows", 0) > 0 for rec in logged), logged  # mixed groups were distilled
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.model.parameters()))  # EMA moved
+
+
+# ---------------------------------------------------------------- FSDP2: two gloo processes on the CPU
+def _fsdp_problem(own_head):
+    """The tiny model (untied when the lm_head gets its own fully_shard: FSDP2 needs tied weights in one group)
+    and a batch, the same in every process."""
+    from transformers import Qwen3ForCausalLM
+
+    tok = tiny_tokenizer()
+    config = tiny_model(tok, seed=3).config
+    config.tie_word_embeddings = not own_head
+    torch.manual_seed(3)
+    model = Qwen3ForCausalLM(config)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, config.vocab_size, (4, 9), generator=g)
+    return model, ids, torch.randn(4, 1, generator=g)
+
+
+def _fused_loss(model):
+    """The drop-in's loss path: hidden states through the model's own forward, the lm_head from
+    gathered_lm_head. Returns the loss and the type of lm_head.weight that the loss found."""
+    from types import SimpleNamespace
+
+    from srpo.integrations.trl import backbone_hidden, gathered_lm_head
+    import srpo_kernels
+
+    _, ids, adv = _fsdp_problem(False)
+    hidden = backbone_hidden(model, ids[:, :-1], torch.ones_like(ids[:, :-1]))
+    trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(state=SimpleNamespace()))
+    found = type(model.lm_head.weight).__name__
+    with gathered_lm_head(trainer) as (weight, bias):
+        return srpo_kernels.fused_srpo_loss(hidden, weight, ids[:, 1:], adv, bias=bias, backend="torch").loss, found
+
+
+def _fsdp_worker(rank, world, init_file, out_file, own_head):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, _, _ = _fsdp_problem(own_head)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if own_head:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    loss, sharded = _fused_loss(model)
+    loss.backward()  # every rank holds the same batch: the averaged gradient is the batch's
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    if rank == 0:
+        torch.save((grads, sharded), out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("own_head", [False, True], ids=["tied-root-head", "own-fully-shard-head"])
+def test_fused_loss_under_fsdp2_reaches_the_shards(tmp_path, own_head):
+    """Under torch's FSDP2 (fully_shard, 2 gloo processes), the drop-in's loss path gives every parameter's shard
+    the single-process gradient: a tied lm_head that the root keeps unsharded, and an lm_head under its own
+    fully_shard, which is a DTensor again by the time the loss reads it."""
+    import torch.multiprocessing as mp
+
+    out_file = tmp_path / "grads.pt"
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out_file), own_head), nprocs=2, join=True)
+    grads, sharded = torch.load(out_file)
+    assert sharded == ("DTensor" if own_head else "Parameter")
+    model, _, _ = _fsdp_problem(own_head)
+    _fused_loss(model)[0].backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
