@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS, get_row_ops
+from .backends.vocab_parallel import vocab_parallel_ops
 from .config import SRPOLossConfig
 from .function import LogprobParams, LogprobsFunction, SRPOLossFunction, SRPOParams
 from .gemm import math_dtype
@@ -22,7 +23,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
                     ref_logprobs=None, loss_mask=None, is_weights=None, bias=None, temperature=1.0, eps_low=0.2,
                     eps_high=0.28, dual_clip: Optional[float] = 3.0, alpha=0.5, topk=None, topk_tail=True,
                     is_clip=2.0, entropy_beta=1.0, ref_beta=0.0, normalizer=None, weight_normalizer=None,
-                    reduction="mean", backend="auto", chunk_size=None) -> SRPOLossOutput:
+                    reduction="mean", backend="auto", chunk_size=None, vocab_parallel_group=None) -> SRPOLossOutput:
     """SRPO loss (SPEC §1) from hidden states and the lm_head weight, without materialising ``[N, V]`` logits.
 
     Args:
@@ -40,16 +41,23 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
         weight_normalizer: mean of ``exp(-entropy_beta * H_T)`` to divide by (default: over valid SDPO tokens here).
         reduction: "mean" (sum / D), "sum", or "none" (per-token losses, 0 where masked).
         backend: "auto" | "cpu" | "torch" | "triton". chunk_size: rows per chunk (default from V).
+        vocab_parallel_group: a process group over which the lm_head is sharded by vocabulary (tensor
+            parallelism): ``weight``/``bias`` hold this rank's contiguous block of rows, blocks in rank order (sizes
+            may differ), ``token_ids`` are global and every rank passes the same tokens. Outputs, the loss and
+            ``dh`` are the unsharded call's on every rank; ``dW``/``db`` are this block's. Runs the tensor-op row
+            passes (``backend`` "auto" or "torch"), with a few small collectives per chunk.
         The other options are the fields of :class:`SRPOLossConfig`.
     """
     cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                          alpha=alpha, topk=topk, topk_tail=topk_tail, is_clip=is_clip, entropy_beta=entropy_beta,
                          ref_beta=ref_beta, reduction=reduction)
     _check_chunk_size(chunk_size)
+    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
     x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
                        ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
-                       normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg)
-    ops = get_row_ops(backend, x.hidden.device, x.hidden.dtype, weight.shape[0])
+                       normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg,
+                       vocab=None if shard_ops is None else shard_ops.vocab_shard.vocab)
+    ops = shard_ops or get_row_ops(backend, x.hidden.device, x.hidden.dtype, weight.shape[0])
     params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
     loss, *per_token = SRPOLossFunction.apply(x.hidden, weight, bias, params)
     logp, ent, t_ent, div, w, clipped = per_token
@@ -61,14 +69,17 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
 
 
 def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy=False, backend="auto",
-                   chunk_size=None):
+                   chunk_size=None, vocab_parallel_group=None):
     """Differentiable per-token log-probs ``log softmax((h W^T + b) / T)[y]`` shaped like ``token_ids``, and the
-    entropies too when ``with_entropy`` (returned as ``(logprobs, entropy)``). Never materialises ``[N, V]``."""
+    entropies too when ``with_entropy`` (returned as ``(logprobs, entropy)``). Never materialises ``[N, V]``.
+    ``vocab_parallel_group``: as in :func:`fused_srpo_loss`."""
     SRPOLossConfig(temperature=temperature)
     _check_chunk_size(chunk_size)
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
-    flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
+    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
+    flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias,
+                                               None if shard_ops is None else shard_ops.vocab_shard.vocab)
     n = flat_ids.numel()
     dtype = math_dtype(flat_h.dtype)
     device = flat_h.device
@@ -77,7 +88,7 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
                    route=torch.zeros(n, dtype=torch.bool, device=device),
                    valid=torch.ones(n, dtype=torch.bool, device=device), teacher_hidden=None, old_logprobs=None,
                    ref_logprobs=None, is_weights=None, normalizer=None, weight_normalizer=None, token_shape=shape)
-    ops = get_row_ops(backend, device, flat_h.dtype, weight.shape[0])
+    ops = shard_ops or get_row_ops(backend, device, flat_h.dtype, weight.shape[0])
     params = LogprobParams(inputs=x, temperature=temperature, ops=ops, chunk_size=chunk_size)
     logp, ent = LogprobsFunction.apply(flat_h, weight, bias, params)
     if with_entropy:
@@ -92,19 +103,20 @@ class FusedSRPOLoss(torch.nn.Module):
     ``backend`` and ``chunk_size``); they are validated at construction.
     """
 
-    def __init__(self, backend="auto", chunk_size=None, **options):
+    def __init__(self, backend="auto", chunk_size=None, vocab_parallel_group=None, **options):
         super().__init__()
         self.config = SRPOLossConfig(**options)
         _check_chunk_size(chunk_size)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend, self.chunk_size = backend, chunk_size
+        self.backend, self.chunk_size, self.vocab_parallel_group = backend, chunk_size, vocab_parallel_group
 
     def forward(self, hidden, weight, token_ids, advantages, route=None, teacher_hidden=None,
                 **tensors) -> SRPOLossOutput:
         options = {f: getattr(self.config, f) for f in self.config.__dataclass_fields__}
         return fused_srpo_loss(hidden, weight, token_ids, advantages, route, teacher_hidden, **tensors, **options,
-                               backend=self.backend, chunk_size=self.chunk_size)
+                               backend=self.backend, chunk_size=self.chunk_size,
+                               vocab_parallel_group=self.vocab_parallel_group)
 
     def extra_repr(self):
         return f"{self.config}, backend={self.backend!r}"

@@ -89,8 +89,9 @@ class ChunkRunner:
         self.dtype = self.gemms.math
         self.hidden = x.hidden.detach()  # GEMM operand: stays in the input dtype
         self.vocab = x.weight.shape[0]
-        self.chunk = chunk_size or default_chunk_size(self.vocab, x.weight.shape[1], x.weight.device,
-                                                      ops.temporaries)
+        # Vocabulary-parallel ranks size chunks by the largest block: the per-chunk collectives must pair up.
+        sizing = self.vocab if ops.vocab_shard is None else ops.vocab_shard.max_size
+        self.chunk = chunk_size or default_chunk_size(sizing, x.weight.shape[1], x.weight.device, ops.temporaries)
         route, valid = x.route, x.valid
         # Valid rows first inside each stream (stable, so teacher rows stay aligned with their tokens).
         sd_rows = route.nonzero().squeeze(1)
@@ -129,6 +130,12 @@ class ChunkRunner:
             hidden=torch.zeros(self.hidden.shape, dtype=acc, device=w.device) if need_hidden else None,
             weight=torch.empty(w.shape, dtype=acc, device=w.device) if need_weight else None,
             bias=torch.zeros(self.vocab, dtype=acc, device=w.device) if need_bias else None)
+
+    def finish_grads(self, grads: Grads) -> None:
+        """Apply the pending weight scale; under a vocabulary-parallel lm_head, sum each rank's share of dh."""
+        grads.finalize_()
+        if grads.hidden is not None and self.ops.vocab_shard is not None:
+            self.ops.vocab_shard.sum_(grads.hidden)
 
     def empty_stats(self) -> RowStats:
         z = torch.zeros(self.hidden.shape[0], dtype=self.dtype, device=self.hidden.device)

@@ -119,7 +119,7 @@ def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], log_mu: Optiona
             coef.running.rescale_to(log_mu)
     runner.student_stream(stats, None if coef is None else coef.grpo, grads)
     if grads is not None:
-        grads.finalize_()
+        runner.finish_grads(grads)
     return stats, log_mu
 
 
@@ -253,6 +253,7 @@ class LogprobsFunction(torch.autograd.Function):
             return g_lp[rows], None if g_ent is None else g_ent[rows]
 
         runner.student_stream(runner.empty_stats(), coef, grads)
+        runner.finish_grads(grads)
         return (_cast(grads.hidden, hidden.dtype), _cast(grads.weight, weight.dtype),
                 _cast(grads.bias, None if bias is None else bias.dtype), None)
 

@@ -121,8 +121,18 @@ def _require_finite(**named) -> None:
             raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf")
 
 
-def check_projection(hidden, weight, token_ids, bias):
-    """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape)."""
+def _refuse_dtensor(weight):
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            raise TypeError("weight is a DTensor (a sharded parameter): pass weight.full_tensor() (differentiable; "
+                            "FSDP2), or this rank's block of vocabulary rows with vocab_parallel_group")
+
+
+def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = None):
+    """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape).
+    `vocab`: the whole vocabulary when `weight` is one rank's block of it (token ids are global)."""
     hidden = _tensor("hidden", hidden)
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"hidden must be a floating-point tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
@@ -130,19 +140,21 @@ def check_projection(hidden, weight, token_ids, bias):
         raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
     if hidden.device.type == "meta":
         raise ValueError("hidden is on the meta device: the loss needs tensors that hold data")
+    _refuse_dtensor(weight)
     weight = _float_tensor("weight", weight, hidden.device)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    vocab = weight.shape[0]
-    if vocab == 0:
+    rows = weight.shape[0]
+    if rows == 0:
         raise ValueError("weight must have at least one vocabulary row")
     if bias is not None:
         bias = _float_tensor("bias", bias, hidden.device)
-        if bias.shape != (vocab,):
-            raise ValueError(f"bias must have shape [V] = ({vocab},), got {tuple(bias.shape)}")
+        if bias.shape != (rows,):
+            raise ValueError(f"bias must have shape [V] = ({rows},) like weight's rows, got {tuple(bias.shape)}")
+    vocab = rows if vocab is None else vocab
     token_ids = _tensor("token_ids", token_ids)
     if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
@@ -159,8 +171,10 @@ def check_projection(hidden, weight, token_ids, bias):
 
 
 def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
-                   loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig) -> FlatInputs:
-    flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
+                   loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
+                   vocab: Optional[int] = None) -> FlatInputs:
+    flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias, vocab)
+    vocab = weight.shape[0] if vocab is None else vocab
     device = flat_hidden.device
     dtype = math_dtype(flat_hidden.dtype)
     if isinstance(advantages, (int, float)) and not isinstance(advantages, bool):
@@ -198,10 +212,10 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
     if weight_normalizer is not None:
         # A mean of exp(-beta H_T) with 0 <= H_T <= log V is at least V^-beta; below that it is no such mean, and
         # the normalised weights would overflow fp32 (1e-300 gave an inf loss).
-        floor = -cfg.entropy_beta * math.log(weight.shape[0])
+        floor = -cfg.entropy_beta * math.log(vocab)
         if math.log(weight_normalizer) < floor * (1 + 1e-6) - 1e-6:
             raise ValueError(f"weight_normalizer must be a mean of exp(-entropy_beta * H_T), at least "
-                             f"V^-entropy_beta = exp({floor:.4g}) for V = {weight.shape[0]} and entropy_beta = "
+                             f"V^-entropy_beta = exp({floor:.4g}) for V = {vocab} and entropy_beta = "
                              f"{cfg.entropy_beta}, got {weight_normalizer:.4g}")
     distributed = world_size() > 1 and (normalizer is None or weight_normalizer is None)
     if distributed and normalizer is None:  # D_global / world: DDP's averaging then gives the full-batch gradient

@@ -164,3 +164,21 @@ def test_smallest_possible_weight_normalizer_is_accepted():
     """V^-beta itself is the mean when every teacher token is uniform: the floor is inclusive."""
     out = _call(weight_normalizer=31.0 ** -2.0, entropy_beta=2.0)
     assert torch.isfinite(out.loss)
+
+
+def test_dtensor_weight_is_refused_with_the_way_out():
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=0, world_size=1)
+        try:
+            weight = distribute_tensor(torch.randn(10, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+            with pytest.raises(TypeError, match="weight.full_tensor"):
+                sk.fused_logprobs(torch.randn(3, 4), weight, torch.zeros(3, dtype=torch.long))
+        finally:
+            dist.destroy_process_group()

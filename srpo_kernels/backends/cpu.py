@@ -85,6 +85,7 @@ class CpuRowOps:
     name = "cpu"
     temporaries = 0  # in place, with per-thread scratch rows
     linear_student_stats = None
+    vocab_shard = None
 
     def __init__(self):
         error = load_error()

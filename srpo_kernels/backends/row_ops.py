@@ -36,6 +36,9 @@ class RowOps(Protocol):
     # Optional, None where a backend has none: (lse, logp, entropy) of rows straight from the GEMM operands
     # (h, W, fp32 bias or None, targets, 1/T), with no [C, V] buffer; passes without a gradient use it.
     linear_student_stats: Optional[Callable]
+    # None, or this rank's block of a vocabulary-parallel lm_head (vocab_parallel.VocabShard): then the passes see
+    # [C, V_rank] logits and combine their statistics across the group, and dh is summed over it.
+    vocab_shard: Optional[object]
 
     def student_stats(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 

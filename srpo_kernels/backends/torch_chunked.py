@@ -21,6 +21,7 @@ class TorchRowOps:
     # with 208-row chunks); 6 brings that to 290 MB there (below half the N x V logits), at the cost of small chunks.
     temporaries = 6
     linear_student_stats = None
+    vocab_shard = None
 
     # ------------------------------------------------------------------ primitives (vocabulary-wide passes)
     def lse_entropy(self, x):

@@ -1,0 +1,308 @@
+"""Vocabulary-parallel row passes: under tensor parallelism each rank holds a contiguous block of the lm_head's
+rows, and every row statistic is combined across ranks with a few small collectives per chunk, never an [N, V]
+gather.
+
+Every rank runs the same chunk loop over the same tokens on its own ``[C, V_rank]`` block of logits. Per chunk:
+
+- GRPO rows: an all_gather of the block maxima (``[C]``: the global max and which rank holds it) and an all_reduce
+  of ``[C, 3]`` sums (shifted exps, their first moment, the target logit); the gradient adds one ``[C]`` all_reduce
+  (the rebalance of sharp rows, see support.rebalance_).
+- SDPO rows, full vocabulary: ``[C, 2]`` maxima, ``[C, 5]`` sums, ``[C, 2]`` divergence sums.
+- SDPO rows, top-K: each rank's own top-K candidates (value, teacher value, global id) are gathered and the global
+  top-K taken from their union under the same tie rule as everywhere (lowest global id); the tail follows from
+  ``[C, 4]`` maxima and ``[C, 7]`` sums. The support math on ``[C, K+1]`` then runs identically on every rank.
+
+The shifted sums mirror TorchRowOps.lse_entropy (the max's own term kept out of the sum, log1p), so a sharded call
+rounds like the unsharded one. ``dh`` is all-reduced once per pass (ChunkRunner.finish_grads).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import row_ops as S
+from .support import (LOG_TINY, LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs,
+                      divergence_and_aux, divergence_grad, effective_topk, entropy_of, norm_of, shifted_logp,
+                      topk_ids, xlogy_diff)
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's block of the vocabulary: global ids ``[offset, offset + size)`` of ``vocab``."""
+
+    group: object
+    rank: int
+    world: int
+    offset: int
+    size: int
+    vocab: int
+    max_size: int  # the largest block: every rank sizes its chunks by it, so all run the same number of chunks
+
+    @classmethod
+    def create(cls, group, weight: torch.Tensor, hidden: torch.Tensor) -> "VocabShard":
+        """Gathers the block sizes (one collective) and checks that every rank passes the same tokens."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("vocab_parallel_group needs torch.distributed to be initialised "
+                             "(torch.distributed.init_process_group)")
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("vocab_parallel_group: this process is not a member of the group")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("weight must be this rank's [V_rank, H] block of the lm_head under vocab_parallel_group")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+            raise ValueError("hidden must have shape [..., H]")
+        world = dist.get_world_size(group)
+        n = hidden.numel() // max(hidden.shape[-1], 1)
+        mine = torch.tensor([weight.shape[0], n, hidden.shape[-1]], dtype=torch.int64, device=_comm_device(hidden))
+        blocks = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(blocks, mine, group=group)
+        sizes = [int(b[0]) for b in blocks]
+        if any((int(b[1]), int(b[2])) != (n, hidden.shape[-1]) for b in blocks):
+            shapes = [(int(b[1]), int(b[2])) for b in blocks]
+            raise ValueError("vocab_parallel_group: every rank must pass the same tokens (hidden [N, H] alike); "
+                             f"got (N, H) by rank: {shapes}")
+        return cls(group, rank, world, sum(sizes[:rank]), sizes[rank], sum(sizes), max(sizes))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``[world, *t.shape]``: every rank's `t`."""
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        torch.distributed.all_gather(out, t.contiguous(), group=self.group)
+        return torch.stack(out)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    return t.device if t.device.type != "cpu" else torch.device("cpu")
+
+
+def _block_max(x):
+    """Each row's (max, first argmax ``[C, 1]``) within this block; -inf for a block without columns."""
+    if x.shape[1] == 0:
+        return x.new_full((x.shape[0],), -math.inf), torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+    top = x.argmax(1, keepdim=True)
+    return x.gather(1, top).squeeze(1), top
+
+
+def _safe(m):
+    """A shift for exp(x - m): 0 where the row has no finite entry (then every exp is 0, not NaN)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _moments(x, m, mine, top):
+    """Sums over this block of e = exp(x - m) and e (x - m), the max's own term (exactly 1) left out on the rank
+    that holds it (``mine``): s = 1 + r, and log1p(r) keeps r where fp32 cannot hold 1 + r."""
+    if x.shape[1] == 0:
+        zero = x.new_zeros(x.shape[0])
+        return zero, zero
+    y = x - _safe(m)[:, None]
+    e = y.exp()
+    e.scatter_(1, top, torch.where(mine[:, None], torch.zeros_like(m)[:, None], e.gather(1, top)))
+    return e.sum(1), torch.where(e > 0, e * y, torch.zeros_like(e)).sum(1)
+
+
+def _log_s_entropy(r, t):
+    log_s = torch.log1p(r)
+    return log_s, (log_s - t / (1 + r)).clamp_min(0.0)
+
+
+class VocabParallelRowOps:
+    """The RowOps of one rank's vocabulary block (tensor ops on any device; collectives over ``shard.group``)."""
+
+    name = "vocab-parallel"
+    temporaries = 6  # as TorchRowOps: the same tensor-op passes
+    linear_student_stats = None
+
+    def __init__(self, shard: VocabShard):
+        self.vocab_shard = shard
+
+    # ------------------------------------------------------------------ helpers
+    def _maxima(self, local):
+        """Global (max, held-here flag, local argmax) of rows from each block's local ``_block_max``: one
+        all_gather for all of them."""
+        everyone = self.vocab_shard.gather(torch.stack([m for m, _ in local], 1))  # [world, C, k]
+        m = everyone.max(0).values
+        owner = (everyone == m).to(torch.int8).argmax(0)  # the lowest rank holding it: lowest global id wins
+        mine = owner == self.vocab_shard.rank
+        return [(m[:, i], mine[:, i], top) for i, (_, top) in enumerate(local)]
+
+    def _local_targets(self, targets):
+        local = targets - self.vocab_shard.offset
+        here = (local >= 0) & (local < self.vocab_shard.size)
+        return local.clamp(0, max(self.vocab_shard.size - 1, 0))[:, None], here
+
+    def _target_shifted(self, z, targets, m):
+        """z_y - m on the rank that holds y, 0 elsewhere (summed over ranks: z_y - m exactly)."""
+        if z.shape[1] == 0:
+            return z.new_zeros(z.shape[0])
+        idx, here = self._local_targets(targets)
+        return torch.where(here, z.gather(1, idx).squeeze(1) - m, torch.zeros_like(m))
+
+    def _add_target_(self, grad, targets, c_logp):
+        if grad.shape[1]:
+            idx, here = self._local_targets(targets)
+            grad.scatter_add_(1, idx, torch.where(here, c_logp, torch.zeros_like(c_logp))[:, None])
+
+    def _rebalance_(self, grad, top, mine, log_s):
+        """support.rebalance_ across ranks: the rank holding the argmax sets it to minus the sum of every other
+        entry of the row, on every rank, on rows where it holds more than half the probability."""
+        sharp = -log_s > SHARP_LOG_PROB  # log p_max = -log s
+        if grad.shape[1] == 0:
+            self.vocab_shard.sum_(grad.new_zeros(grad.shape[0]))
+            return
+        own = grad.gather(1, top)
+        grad.scatter_(1, top, torch.where(mine[:, None], torch.zeros_like(own), own))
+        others = self.vocab_shard.sum_(grad.sum(1))
+        grad.scatter_(1, top, torch.where((mine & sharp)[:, None], -others[:, None], own))
+
+    def _owned(self, ids):
+        """(local column, held here) of global ids ``[C, K]``."""
+        local = ids - self.vocab_shard.offset
+        here = (local >= 0) & (local < self.vocab_shard.size)
+        return local.clamp(0, max(self.vocab_shard.size - 1, 0)), here
+
+    # ------------------------------------------------------------------ the RowOps contract
+    def student_stats(self, z, targets):
+        ((m, mine, top),) = self._maxima([_block_max(z)])
+        r, t = _moments(z, m, mine, top)
+        sums = self.vocab_shard.sum_(torch.stack([r, t, self._target_shifted(z, targets, m)], 1))
+        log_s, entropy = _log_s_entropy(sums[:, 0], sums[:, 1])
+        return torch.stack([m + log_s, sums[:, 2] - log_s, entropy, m, log_s, mine.to(z.dtype)], 1)
+
+    def student_grad(self, z, targets, stats, c_logp, c_ent):
+        _, top = _block_max(z)
+        m, log_s = norm_of(stats, STUDENT_M)
+        log_p = shifted_logp(z, (m, log_s))
+        p = log_p.exp()
+        grad = -c_logp[:, None] * p
+        if c_ent is not None:
+            grad -= c_ent[:, None] * xlogy_diff(p, log_p, -stats[:, S.ENTROPY, None])
+        z.copy_(grad)
+        self._add_target_(z, targets, c_logp)
+        self._rebalance_(z, top, stats[:, STUDENT_M + 2] > 0, log_s)
+
+    def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
+        k = effective_topk(topk, self.vocab_shard.vocab)
+        stats = z.new_zeros(z.shape[0], _MINE_Z + 1 + (0 if k is None else 2 * k))
+        if k is None:
+            (m_z, mine, top_z), (m_u, mine_u, top_u) = self._maxima([_block_max(z), _block_max(u)])
+            r_z, t_z = _moments(z, m_z, mine, top_z)
+            r_u, t_u = _moments(u, m_u, mine_u, top_u)
+            sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z)], 1))
+            self._fill_norms(stats, sums, m_z, m_u, mine)
+            stats[:, S.T_ENTROPY] = _log_s_entropy(sums[:, 2], sums[:, 3])[1]
+            d_aux = divergence_and_aux(shifted_logp(z, norm_of(stats, M_Z)), shifted_logp(u, norm_of(stats, M_U)),
+                                       alpha)
+            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.vocab_shard.sum_(torch.stack(d_aux, 1)).unbind(1)
+            return stats, None
+        ids, zk, uk = self._global_topk(z, u, k)
+        stats[:, _SUPPORT:_SUPPORT + k], stats[:, _SUPPORT + k:] = zk, uk
+        full = [_block_max(z), _block_max(u)]
+        # The tails: this rank's support entries masked out while their sums are taken, then put back.
+        local, here = self._owned(ids)
+        rows, cols = here.nonzero(as_tuple=True)
+        cols = local[rows, cols]
+        saved_z, saved_u = z[rows, cols], u[rows, cols]
+        z[rows, cols], u[rows, cols] = -math.inf, -math.inf
+        (m_z, mine, top_z), (m_u, mine_u, top_u), (m_tz, mine_tz, top_tz), (m_tu, mine_tu, top_tu) = self._maxima(
+            full + [_block_max(z), _block_max(u)])
+        r_tz, _ = _moments(z, m_tz, mine_tz, top_tz)
+        r_tu, _ = _moments(u, m_tu, mine_tu, top_tu)
+        z[rows, cols], u[rows, cols] = saved_z, saved_u
+        r_z, t_z = _moments(z, m_z, mine, top_z)
+        r_u, t_u = _moments(u, m_u, mine_u, top_u)
+        sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z),
+                                                  r_tz, r_tu], 1))
+        self._fill_norms(stats, sums, m_z, m_u, mine)
+        if topk_tail:
+            for col, m_t, r_t, m_col in ((S.P_NORM, m_tz, sums[:, 5], M_Z), (S.Q_NORM, m_tu, sums[:, 6], M_U)):
+                m, log_s = norm_of(stats, m_col)
+                tail = (m_t - m) + (torch.log1p(r_t) - log_s)  # the tail's log-prob, as TorchRowOps._tail_norm
+                stats[:, col] = tail.clamp_min(LOG_TINY)
+                if col == S.P_NORM:
+                    stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
+        else:
+            stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
+        lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
+        stats[:, S.T_ENTROPY] = entropy_of(lq)
+        stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)
+        return stats, ids
+
+    def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
+        _, top = _block_max(z)
+        lse_z = stats[:, S.LSE]
+        norm_z = norm_of(stats, M_Z)
+        mine = stats[:, _MINE_Z] > 0
+        if topk_ids is None:
+            log_p = shifted_logp(z, norm_z)
+            grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_of(stats, M_U)), stats[:, S.AUX_KL],
+                                                    alpha)
+            grad -= c_logp[:, None] * log_p.exp()
+            z.copy_(grad)
+        else:
+            k = topk_ids.shape[1]
+            zk, uk = stats[:, _SUPPORT:_SUPPORT + k], stats[:, _SUPPORT + k:]
+            lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
+            g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
+            # Every entry as a tail member (spread by p_j / p_tail, none without a tail), then the support's own.
+            g_tail = g[:, -1] if topk_tail else torch.zeros_like(lse_z)
+            shift = lse_z + stats[:, TAIL_Z] if topk_tail else lse_z
+            z.copy_(g_tail[:, None] * torch.exp(z - shift[:, None]) - c_logp[:, None] * torch.exp(z - lse_z[:, None]))
+            local, here = self._owned(topk_ids)
+            rows, cols = here.nonzero(as_tuple=True)
+            support = g[:, :k] - c_logp[:, None] * torch.exp(zk - lse_z[:, None])
+            z[rows, local[rows, cols]] = support[rows, cols]
+        self._add_target_(z, targets, c_logp)
+        self._rebalance_(z, top, mine, norm_z[1])
+
+    # ------------------------------------------------------------------ distill helpers
+    def _fill_norms(self, stats, sums, m_z, m_u, mine):
+        ls_z, ent_z = _log_s_entropy(sums[:, 0], sums[:, 1])
+        ls_u = torch.log1p(sums[:, 2])
+        stats[:, S.LSE], stats[:, S.LOGP], stats[:, S.ENTROPY] = m_z + ls_z, sums[:, 4] - ls_z, ent_z
+        stats[:, S.T_LSE] = m_u + ls_u
+        stats[:, M_Z], stats[:, LS_Z], stats[:, M_U], stats[:, LS_U] = m_z, ls_z, m_u, ls_u
+        stats[:, _MINE_Z] = mine.to(stats.dtype)
+
+    def _global_topk(self, z, u, k):
+        """The global top-K of each row of z (lowest global id among ties): ids ``[C, K]`` and both sides' values.
+
+        Each rank offers its own top-min(K, V_rank) (the global top-K of a row is among the union, by the same
+        order), padded with -inf at ids past the vocabulary so that real entries win every tie."""
+        c, shard = z.shape[0], self.vocab_shard
+        own = min(k, z.shape[1])
+        offer = torch.empty(c, k, 3, dtype=torch.float64, device=z.device)
+        offer[:, :, 0], offer[:, :, 1] = -math.inf, 0.0
+        offer[:, :, 2] = shard.vocab + torch.arange(k, device=z.device, dtype=torch.float64)
+        if own:
+            local = topk_ids(z, own)
+            offer[:, :own, 0], offer[:, :own, 1] = z.gather(1, local).double(), u.gather(1, local).double()
+            offer[:, :own, 2] = (local + shard.offset).double()
+        pool = shard.gather(offer).permute(1, 0, 2, 3).reshape(c, shard.world * k, 3)
+        pool = pool.gather(1, pool[:, :, 2].argsort(1)[:, :, None].expand(-1, -1, 3))  # by id: lowest column wins
+        pick = topk_ids(pool[:, :, 0], k)
+        chosen = pool.gather(1, pick[:, :, None].expand(-1, -1, 3))
+        return chosen[:, :, 2].long(), chosen[:, :, 0].to(z.dtype), chosen[:, :, 1].to(z.dtype)
+
+
+# Private columns beyond TorchRowOps' layout: whether this rank holds the student's argmax, then for top-K the
+# support's student and teacher logits (K each), which distill_grad needs and only the gathered pool holds.
+_MINE_Z = TAIL_Z + 1
+_SUPPORT = _MINE_Z + 1
+
+
+def vocab_parallel_ops(group, weight: torch.Tensor, hidden: torch.Tensor,
+                       backend: str) -> Optional[VocabParallelRowOps]:
+    """The row passes for `group` (None: not vocabulary-parallel)."""
+    if group is None:
+        return None
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"vocab_parallel_group runs the tensor-op row passes; backend must be 'auto' or 'torch', "
+                         f"got {backend!r}")
+    return VocabParallelRowOps(VocabShard.create(group, weight, hidden))

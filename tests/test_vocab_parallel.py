@@ -1,0 +1,134 @@
+"""Vocabulary parallel (backends/vocab_parallel.py): 2 and 3 gloo processes, each holding a contiguous block of the
+lm_head's rows, against the unsharded call in one process (fp32, to 1e-5): loss, per-token outputs, dh, and each
+rank's block of dW/db, over every option."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import srpo_kernels as sk
+from cases import make_case
+
+N = 48
+ROUTINGS = {"sdpo": 1.0, "grpo": 0.0, "mixed": 0.5, "tied": 1.0}
+OPTIONS = [
+    dict(),
+    dict(alpha=0.0),
+    dict(alpha=1.0, temperature=0.7),
+    dict(topk=6),
+    dict(topk=6, topk_tail=False, alpha=0.0),
+    dict(topk=64, alpha=1.0),  # K above the smallest block: that rank offers all it has
+    dict(reduction="sum", entropy_beta=2.0),
+    dict(reduction="none", topk=5),
+    dict(normalizer=17.0, weight_normalizer=0.4, ref_beta=0.1),
+]
+# (world, block sizes): uneven blocks; V = 5000 in halves is the issue's acceptance case.
+LAYOUTS = [(2, (2500, 2500)), (3, (50, 100, 61))]
+
+
+def _case(routing, sizes):
+    case = make_case(seed=len(sizes), n=N, v=sum(sizes), sd_frac=ROUTINGS[routing], ref=True)
+    if routing == "tied":  # the second block starts with twins of the first's rows: top-K ties across ranks
+        n = min(sizes[:2])
+        case["weight"][sizes[0]:sizes[0] + n] = case["weight"][:n]
+        case["bias"][sizes[0]:sizes[0] + n] = case["bias"][:n]
+    # A masked vocabulary entry in the last block, one no token was sampled from (its log-prob is -inf).
+    masked = next(i for i in range(sum(sizes) - 1, 0, -1) if i not in case["token_ids"])
+    case["bias"][masked] = -torch.inf
+    return case
+
+
+def _call(case, rows, options, group=None):
+    """The loss on the vocabulary `rows` of the lm_head; returns outputs and gradients (fp32)."""
+    hidden = case["hidden"].float().requires_grad_()
+    weight = case["weight"][rows].float().requires_grad_()
+    bias = case["bias"][rows].float().requires_grad_()
+    th = case["teacher_hidden"]
+    out = sk.fused_srpo_loss(hidden, weight, case["token_ids"], case["advantages"].float(), case["route"],
+                             None if th is None else th.float(), loss_mask=case["loss_mask"], bias=bias,
+                             old_logprobs=case["old_logprobs"].float(), ref_logprobs=case["ref_logprobs"].float(),
+                             is_weights=case["is_weights"].float(), backend="torch", chunk_size=16,
+                             vocab_parallel_group=group, **options)
+    loss = out.loss
+    if options.get("reduction") == "none":
+        loss = (loss * torch.linspace(-1, 2, N)).sum()
+    loss.backward()
+    per_token = torch.stack([out.logprobs, out.entropy, out.teacher_entropy, out.divergence, out.distill_weight])
+    return dict(loss=out.loss.detach(), per_token=per_token, dh=hidden.grad, dw=weight.grad, db=bias.grad)
+
+
+def _logprobs(case, rows, group=None):
+    hidden = case["hidden"].float().requires_grad_()
+    weight = case["weight"][rows].float().requires_grad_()
+    logp, ent = sk.fused_logprobs(hidden, weight, case["token_ids"], temperature=0.9, with_entropy=True,
+                                  backend="torch", chunk_size=16, vocab_parallel_group=group)
+    (logp.sum() + (ent * torch.linspace(0, 1, N)).sum()).backward()
+    return dict(per_token=torch.stack([logp, ent]).detach(), dh=hidden.grad, dw=weight.grad)
+
+
+def _block(sizes, rank):
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _worker(rank, world, sizes, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))
+    rows = _block(sizes, rank)
+    results = {}
+    for routing in ROUTINGS:
+        case = _case(routing, sizes)
+        for i, options in enumerate(OPTIONS):
+            results[routing, i] = _call(case, rows, options, group)
+    results["logprobs"] = _logprobs(_case("grpo", sizes), rows, group)
+    try:  # ranks that pass different tokens: an error on every rank, not a hang or a wrong number
+        n = N - rank
+        sk.fused_logprobs(torch.randn(n, 4), torch.randn(sizes[rank], 4), torch.zeros(n, dtype=torch.long),
+                          vocab_parallel_group=group)
+    except ValueError as e:
+        results["mismatch"] = str(e)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _close(actual, expected, what):
+    """To 1e-5 of the tensor's scale: a sum split across ranks rounds in another order."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("world,sizes", LAYOUTS, ids=[f"{w}ranks" for w, _ in LAYOUTS])
+def test_sharded_call_equals_unsharded(world, sizes):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, sizes, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    full = slice(0, sum(sizes))
+    for routing in ROUTINGS:
+        case = _case(routing, sizes)
+        for i, options in enumerate(OPTIONS):
+            want = _call(case, full, options)
+            for r, got in enumerate(ranks):
+                got, what = got[routing, i], f"{routing} {options} rank {r}"
+                for key in ("loss", "per_token", "dh"):
+                    _close(got[key], want[key], f"{what} {key}")
+                _close(got["dw"], want["dw"][_block(sizes, r)], f"{what} dW")
+                _close(got["db"], want["db"][_block(sizes, r)], f"{what} db")
+    want = _logprobs(_case("grpo", sizes), full)
+    for r, got in enumerate(ranks):
+        for key in ("per_token", "dh"):
+            _close(got["logprobs"][key], want[key], f"fused_logprobs rank {r} {key}")
+        _close(got["logprobs"]["dw"], want["dw"][_block(sizes, r)], f"fused_logprobs rank {r} dW")
+        assert "every rank must pass the same tokens" in got.get("mismatch", "")
+
+
+def test_bad_arguments():
+    weight, hidden = torch.randn(10, 4), torch.randn(3, 4)
+    ids = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="torch.distributed to be initialised"):
+        sk.fused_logprobs(hidden, weight, ids, vocab_parallel_group=object())
+    with pytest.raises(ValueError, match="backend must be 'auto' or 'torch'"):
+        sk.fused_srpo_loss(hidden, weight, ids, 1.0, backend="cpu", vocab_parallel_group=object())
+
