@@ -6,6 +6,7 @@ shape or an out-of-range token id never turns into a silently wrong number.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -122,10 +123,10 @@ def _require_finite(**named) -> None:
 
 
 def _refuse_dtensor(weight):
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(weight, DTensor):
+    # No import: a DTensor exists only once its module is loaded (importing it costs 30+ MB and a second).
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is not None:
+        if isinstance(weight, dtensor_module.DTensor):
             raise TypeError("weight is a DTensor (a sharded parameter): pass weight.full_tensor() (differentiable; "
                             "FSDP2), or this rank's block of vocabulary rows with vocab_parallel_group")
 
