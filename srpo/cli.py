@@ -58,12 +58,16 @@ def cmd_train(args):
 
 
 def cmd_compare(args):
+    losses = ("fused", "reference") if args.loss == "both" else (args.loss,)
     results = {}
     for algo in ("srpo", "sdpo", "grpo"):
-        out = pathlib.Path(args.output_dir) / algo
-        print(f"--- {algo} ---", flush=True)
-        results[algo] = Trainer(_config(args, algo=algo, output_dir=str(out), resume=False)).train()
+        for loss in losses:
+            name = f"{algo}/{loss}"
+            out = pathlib.Path(args.output_dir) / algo / loss
+            print(f"--- {name} ---", flush=True)
+            results[name] = Trainer(_config(args, algo=algo, loss=loss, output_dir=str(out), resume=False)).train()
     print("\nSame seed and prompts; mean per step:\n" + report.compare_table(results))
+    print(f"plot: {report.compare_plot(results, pathlib.Path(args.output_dir) / 'compare.png')}")
 
 
 def main(argv=None):
@@ -73,8 +77,12 @@ def main(argv=None):
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
     compare = sub.add_parser("compare", help="srpo, sdpo and grpo on the same seed and prompts: step time by "
-                                             "phase and teacher rows")
-    _add_config_args(compare, skip=("algo", "resume"))
+                                             "phase, teacher and student rows, peak memory",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_args(compare, skip=("algo", "resume", "loss"))
+    compare.add_argument("--loss", choices=("fused", "reference", "both"), default="fused",
+                         help="fused (srpo_kernels), reference (materialised logits, as TRL and the official SDPO "
+                              "compute it), or both, side by side (default: fused)")
     compare.set_defaults(func=cmd_compare)
     args = p.parse_args(argv)
     try:

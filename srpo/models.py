@@ -5,6 +5,7 @@ import importlib.util
 import os
 import pathlib
 import string
+from typing import Optional
 
 import torch
 
@@ -34,11 +35,15 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model(tokenizer, seed: int = 0):
-    """A random 2-layer Qwen3 sized for tests (seconds per step on a CPU)."""
+QWEN3_VOCAB = 151936  # Qwen3's lm_head rows (its tokenizer's 151 669 tokens, padded)
+
+
+def tiny_model(tokenizer, seed: int = 0, vocab_size: Optional[int] = None):
+    """A random 2-layer Qwen3 sized for tests (seconds per step on a CPU). `vocab_size` pads the lm_head beyond
+    the tokenizer (as Qwen3's is): the padded rows take part in every softmax, but are never sampled."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = Qwen3Config(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
@@ -47,10 +52,28 @@ def tiny_model(tokenizer, seed: int = 0):
         return Qwen3ForCausalLM(config)
 
 
-def _attention() -> str:
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+def _attention(device: torch.device) -> str:
+    """flash-attention 2 only for a model that will run on CUDA (and only where it is installed)."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def tokenizer_vocab_only(model, tokenizer):
+    """Generation logits processors that never sample an lm_head row the tokenizer lacks (padded vocabularies),
+    or None when the lm_head has no such rows."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    n = len(tokenizer)
+    if model.get_output_embeddings().weight.shape[0] <= n:
+        return None
+
+    class _TokenizerRowsOnly(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, n:] = -float("inf")
+            return scores
+
+    return LogitsProcessorList([_TokenizerRowsOnly()])
 
 
 def smollm2_dir() -> pathlib.Path:
@@ -78,16 +101,18 @@ def smollm2_dir() -> pathlib.Path:
     return out
 
 
-def load(name: str, seed: int = 0):
-    """(model, tokenizer) for "tiny", "smollm2", or a local Hugging Face directory / cached id."""
+def load(name: str, seed: int = 0, device: torch.device = torch.device("cpu")):
+    """(model, tokenizer) for "tiny", "tiny-qwen3-vocab" (the tiny model with Qwen3's 151 936 lm_head rows, where
+    materialised logits cost), "smollm2", or a local Hugging Face directory / cached id. The caller moves the model
+    to `device`; it decides the attention implementation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name == "tiny":
+    if name in ("tiny", "tiny-qwen3-vocab"):
         tokenizer = tiny_tokenizer()
-        return tiny_model(tokenizer, seed), tokenizer
+        return tiny_model(tokenizer, seed, QWEN3_VOCAB if name == "tiny-qwen3-vocab" else None), tokenizer
     path = smollm2_dir() if name == "smollm2" else name
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=_attention())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=_attention(device))
     return model, tokenizer

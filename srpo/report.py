@@ -4,15 +4,29 @@ from __future__ import annotations
 import pathlib
 from typing import Dict, List
 
-PHASES = ("time_generate", "time_teacher", "time_loss", "time_optim")
+PHASES = ("time_generate", "time_teacher", "time_old_logprobs", "time_loss", "time_optim")
+
+
+def steps_of(history: List[dict]) -> List[dict]:
+    """The training steps' records (the step-0 record holds only the baseline evaluation)."""
+    return [r for r in history if "reward_mean" in r]
+
+
+def evaluations(history: List[dict]) -> List[tuple]:
+    return [(r["step"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
 
 
 def table(history: List[dict]) -> str:
-    cols = ("step", "reward_mean", "accuracy", "sdpo_rollouts", "teacher_rows", "kl", "clip_fraction",
-            "response_len") + PHASES
-    lines = [" ".join(f"{c.replace('time_', 't_'):>13}" for c in cols)]
-    for rec in history:
-        lines.append(" ".join(f"{rec[c]:>13.3f}" if isinstance(rec[c], float) else f"{rec[c]:>13}" for c in cols))
+    cols = ("step", "reward_mean", "accuracy", "sdpo_rollouts", "teacher_rows", "student_rows", "kl",
+            "clip_fraction", "response_len", "peak_memory_mb") + PHASES
+    lines = [" ".join(f"{c.replace('time_', 't_').replace('_memory', ''):>13}" for c in cols)]
+    for rec in steps_of(history):
+        lines.append(" ".join(f"{rec.get(c, 0):>13.3f}" if isinstance(rec.get(c, 0), float) else f"{rec[c]:>13}"
+                              for c in cols))
+    evals = evaluations(history)
+    if evals:
+        lines.append("\neval accuracy (greedy, held-out prompts): "
+                     + ", ".join(f"step {s}: {a:.3f}" for s, a in evals))
     return "\n".join(lines)
 
 
@@ -22,11 +36,12 @@ def plots(history: List[dict], out_dir: pathlib.Path) -> List[pathlib.Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evals = evaluations(history)
+    history = steps_of(history)
     steps = [r["step"] for r in history]
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [r["reward_mean"] for r in history], marker="o", label="train reward")
-    evals = [(r["step"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
     if evals:
         ax.plot(*zip(*evals), marker="s", label="eval accuracy (greedy)")
     ax.set(xlabel="step", ylabel="reward / accuracy", title="Reward")
@@ -42,7 +57,7 @@ def plots(history: List[dict], out_dir: pathlib.Path) -> List[pathlib.Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bottom = [0.0] * len(history)
     for phase in PHASES:
-        vals = [r[phase] for r in history]
+        vals = [r.get(phase, 0.0) for r in history]
         ax.bar(steps, vals, bottom=bottom, label=phase.replace("time_", ""))
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set(xlabel="step", ylabel="seconds", title="Step time by phase")
@@ -60,13 +75,45 @@ def _save(fig, path):
     return path
 
 
+COMPARED = ("accuracy", "teacher_rows", "student_rows", "peak_memory_mb")
+
+
 def compare_table(results: Dict[str, List[dict]]) -> str:
-    """Mean per-step time by phase, teacher rows and accuracy of each algorithm (same seed and prompts)."""
-    lines = [f"{'algo':>6} {'accuracy':>9} {'sdpo_rollouts':>14} {'teacher_rows':>13} "
-             + " ".join(f"{p.replace('time_', 't_'):>11}" for p in PHASES) + f" {'t_total':>9}"]
-    for algo, hist in results.items():
-        n = len(hist)
-        mean = {k: sum(r[k] for r in hist) / n for k in ("accuracy", "sdpo_rollouts", "teacher_rows") + PHASES}
-        lines.append(f"{algo:>6} {mean['accuracy']:>9.3f} {mean['sdpo_rollouts']:>14.2f} {mean['teacher_rows']:>13.2f} "
-                     + " ".join(f"{mean[p]:>11.3f}" for p in PHASES) + f" {sum(mean[p] for p in PHASES):>9.3f}")
+    """Per run (algorithm, loss): mean per step of accuracy, teacher and student rows, peak memory and time by
+    phase; same seed and prompts in every run."""
+    lines = [f"{'run':>16} " + " ".join(f"{c.replace('_memory', ''):>13}" for c in COMPARED) + " "
+             + " ".join(f"{p.replace('time_', 't_'):>14}" for p in PHASES) + f" {'t_total':>9}"]
+    for name, hist in results.items():
+        hist = steps_of(hist)
+        n = max(len(hist), 1)
+        mean = {k: sum(r.get(k, 0.0) for r in hist) / n for k in COMPARED + PHASES}
+        lines.append(f"{name:>16} " + " ".join(f"{mean[c]:>13.2f}" for c in COMPARED) + " "
+                     + " ".join(f"{mean[p]:>14.3f}" for p in PHASES) + f" {sum(mean[p] for p in PHASES):>9.3f}")
     return "\n".join(lines)
+
+
+def compare_plot(results: Dict[str, List[dict]], path: pathlib.Path) -> pathlib.Path:
+    """Mean step time by phase (stacked) and peak memory of each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, (ax, mem) = plt.subplots(1, 2, figsize=(10, 3.8))
+    bottom = [0.0] * len(names)
+    for phase in PHASES:
+        vals = []
+        for name in names:
+            hist = steps_of(results[name])
+            vals.append(sum(r.get(phase, 0.0) for r in hist) / max(len(hist), 1))
+        ax.bar(names, vals, bottom=bottom, label=phase.replace("time_", ""))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(ylabel="seconds per step", title="Step time by phase")
+    ax.legend(fontsize=7)
+    peaks = [max((r.get("peak_memory_mb", 0.0) for r in steps_of(results[n])), default=0.0) for n in names]
+    mem.bar(names, peaks)
+    mem.set(ylabel="MB", title="Peak memory per step (max over steps)")
+    for a in (ax, mem):
+        a.tick_params(axis="x", rotation=30, labelsize=7)
+    return _save(fig, path)

@@ -2,6 +2,7 @@
 loss from backbone hidden states and the lm_head weight (never ``model(...).logits``), AdamW, EMA, metrics."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -9,22 +10,25 @@ import pathlib
 import random
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 import srpo_kernels
 from . import checkpoint, models
+from .peak_memory import PeakMemory
 from .routing import ALGOS, route_group
 from .tasks import Arithmetic, JsonlDataset, get_verifier
 from .teacher import EMATeacher, chat_prompt_ids, teacher_prompt_ids
+
+LOSSES = ("fused", "reference")
 
 
 @dataclass
 class TrainConfig:
     """Every option of ``srpo train`` (the CLI's --help is generated from these fields and their comments)."""
 
-    model: str = "smollm2"  # "smollm2" (embedded SmolLM2-135M-Instruct), "tiny" (random Qwen3), or a local HF dir
+    model: str = "smollm2"  # smollm2 (embedded SmolLM2-135M-Instruct), tiny (random Qwen3), tiny-qwen3-vocab (with Qwen3's 151936-row lm_head), or a local HF dir
     algo: str = "srpo"  # srpo | grpo | sdpo
     task: str = "arithmetic"  # "arithmetic" or a JSONL file of {"prompt", "answer"[, "feedback"]}
     verifier: str = "numeric"  # for JSONL tasks: numeric | mcq | toolcall | module:function
@@ -35,7 +39,7 @@ class TrainConfig:
     group_size: int = 4  # rollouts per prompt
     max_new_tokens: int = 32  # response length cap
     temperature: float = 1.0  # sampling and loss temperature
-    lr: float = 2e-6  # AdamW learning rate
+    lr: Optional[float] = None  # AdamW learning rate (default: 1e-3 for the random tiny models, 2e-6 otherwise)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up
     max_grad_norm: float = 1.0  # gradient-norm clip
@@ -50,14 +54,19 @@ class TrainConfig:
     eps_high: float = 0.28  # GRPO clip range above 1
     dual_clip: Optional[float] = 3.0  # GRPO dual clip for negative advantages (None disables)
     std_normalize: bool = False  # divide advantages by the group std
-    micro_batch: int = 0  # rollouts per micro-batch (0: all at once); one global token normaliser per step
-    eval_every: int = 0  # greedy evaluation every N steps (0: only at the end)
+    micro_batch: int = 0  # rollouts per forward/backward (0: a whole mini-batch at once)
+    mini_batches: int = 1  # optimiser updates per epoch, each on 1/K of the step's rollouts (verl's ppo_mini_batch)
+    epochs: int = 1  # passes over the step's rollouts (verl's ppo_epochs); more than one update uses old log-probs
+    eval_every: int = 0  # greedy evaluation every N steps (0: at step 0 and at the end only)
     eval_prompts: int = 8  # held-out prompts per evaluation
     save_every: int = 1  # checkpoint every N steps
     output_dir: str = "runs/srpo"  # metrics.jsonl, checkpoint.pt, plots
     resume: bool = False  # continue from output_dir/checkpoint.pt
     seed: int = 0  # seeds the model (tiny), sampling and tasks
     backend: str = "auto"  # srpo_kernels backend
+    loss: str = "fused"  # fused (srpo_kernels, no [N, V] logits) | reference (materialised logits, as TRL and SDPO)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (bf16 autocast forwards and loss; fp32 master weights and optimiser)
     progress: bool = True  # progress bar
 
     def __post_init__(self):
@@ -70,6 +79,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2 and self.algo != "grpo":
             raise ValueError("group_size must be >= 2: routing needs siblings")
+        if self.lr is None:  # a random tiny model learns nothing at a pretrained model's rate
+            self.lr = 1e-3 if self.model.startswith("tiny") else 2e-6
+        for name in ("mini_batches", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (("loss", LOSSES), ("device", ("auto", "cpu", "cuda")), ("dtype", ("fp32", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.mini_batches * self.epochs
 
 
 @dataclass
@@ -81,9 +102,57 @@ class Rollouts:
 
 
 @dataclass
+class Batch:
+    """One step's rollouts, rewarded and routed (the output of the collect phase)."""
+
+    roll: Rollouts
+    rewards: torch.Tensor
+    advantages: List[float]
+    distill: List[bool]
+    in_loss: List[bool]
+    teacher_prompts: Dict[int, List[int]]  # distilled rollout -> the teacher's prompt (with a correct sibling)
+
+    def loss_rows(self) -> List[int]:
+        """Rollouts whose tokens count in the loss (and its token normaliser)."""
+        return [i for i, r in enumerate(self.roll.responses) if self.in_loss[i] and r]
+
+    def changes_gradient(self, i: int) -> bool:
+        """A rollout neither distilled nor with a non-zero advantage adds exactly 0 to the gradient (GRPO's surrogate
+        is ratio * advantage, and the trainer has no KL-to-reference term), so it skips the student pass."""
+        return self.distill[i] or self.advantages[i] != 0.0
+
+
+@dataclass
 class StepResult:
     metrics: dict
-    loss_inputs: dict = field(default_factory=dict)  # last micro-batch's fused-loss inputs (for checks)
+    student_rows: List[int] = field(default_factory=list)  # rollouts that went through the student pass
+    batch: Optional[Batch] = None
+    loss_inputs: dict = field(default_factory=dict)  # last micro-batch's loss inputs (for checks)
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step (CUDA work is synchronised at each phase's end)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device (use --device cpu or auto)")
+    return torch.device(name)
 
 
 class Trainer:
@@ -91,10 +160,12 @@ class Trainer:
         self.cfg = cfg
         self.out = pathlib.Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = models.load(cfg.model, cfg.seed)
-        self.model.train()
+        self.model, self.tokenizer = models.load(cfg.model, cfg.seed, self.device)
+        self.model.to(self.device).train()
         if cfg.task == "arithmetic":
             self.task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed)
             self.eval_task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed + 10_007)
@@ -105,9 +176,6 @@ class Trainer:
             self.verify = get_verifier(cfg.verifier)
         self.eval_examples = self.eval_task.sample(cfg.eval_prompts)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = max(cfg.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.ema = EMATeacher(self.model, cfg.ema_rate) if cfg.teacher == "ema" and cfg.algo != "grpo" else None
         self.step = 0
         self.history: List[dict] = []
@@ -122,7 +190,6 @@ class Trainer:
             return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.model.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
@@ -134,7 +201,7 @@ class Trainer:
     def save(self):
         checkpoint.save(self.out, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "ema": None if self.ema is None else self.ema.model.state_dict(),
+            "ema": None if self.ema is None else self.ema.model.state_dict(),
             "rng": checkpoint.rng_state(), "task_rng": self.task.state(), "step": self.step,
             "history": self.history, "verifier_errors": self.verifier_errors, "config": dataclasses.asdict(self.cfg)})
 
@@ -143,6 +210,16 @@ class Trainer:
             for rec in self.history:
                 f.write(json.dumps(rec) + "\n")
 
+    def _record(self, rec: dict):
+        self.history.append(rec)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     # ------------------------------------------------------------------ rollouts and rewards
     @torch.no_grad()
     def generate(self, examples, n: int, greedy: bool = False) -> Rollouts:
@@ -150,13 +227,15 @@ class Trainer:
         prompts = [chat_prompt_ids(tok, ex.prompt) for ex in examples]
         width = max(map(len, prompts))
         pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding for generation
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         self.model.eval()
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                                  do_sample=not greedy, temperature=cfg.temperature if not greedy else None,
-                                  top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                                  num_return_sequences=n, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        with self._autocast():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                      do_sample=not greedy, temperature=cfg.temperature if not greedy else None,
+                                      top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
+                                      num_return_sequences=n, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                                      logits_processor=models.tokenizer_vocab_only(self.model, tok))
         self.model.train()
         responses, texts, per_prompts, per_examples = [], [], [], []
         for row, seq in enumerate(out[:, width:].tolist()):
@@ -182,30 +261,14 @@ class Trainer:
                 print(f"[srpo] verifier error ({type(exc).__name__}: {exc}); reward 0")
             return 0.0
 
-    # ------------------------------------------------------------------ hidden states
-    def _response_hidden(self, model, prompts, responses):
-        """Backbone hidden states at the positions that predict each response token, flattened in rollout order."""
-        pad = self.tokenizer.pad_token_id
-        seqs = [p + r for p, r in zip(prompts, responses)]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(r)) + i * width
-                          for i, (p, r) in enumerate(zip(prompts, responses))])
-        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-
-    # ------------------------------------------------------------------ one step
-    def train_step(self) -> StepResult:
+    def collect(self) -> Batch:
+        """Generate a group per prompt, reward each rollout, route each group."""
         cfg = self.cfg
-        t0 = time.perf_counter()
         examples = self.task.sample(cfg.prompts_per_step)
         roll = self.generate(examples, cfg.group_size)
-        t_gen = time.perf_counter() - t0
-
         rewards = torch.tensor([self.reward(t, ex.answer) for t, ex in zip(roll.texts, roll.examples)])
         g = cfg.group_size
-        adv, distill, in_loss, teacher_inputs = [], [], [], {}
+        adv, distill, in_loss, teacher_prompts = [], [], [], {}
         for k in range(cfg.prompts_per_step):
             routing = route_group(rewards[k * g:(k + 1) * g], cfg.algo, cfg.std_normalize)
             adv += routing.advantages.tolist()
@@ -214,91 +277,204 @@ class Trainer:
             for j, sib in enumerate(routing.sibling):
                 if sib is not None:
                     i = k * g + j
-                    teacher_inputs[i] = teacher_prompt_ids(self.tokenizer, roll.examples[i].prompt,
-                                                           roll.texts[k * g + sib])
-        rows = [i for i in range(len(roll.responses)) if in_loss[i] and roll.responses[i]]
-        sd_rows = [i for i in rows if distill[i]]
+                    teacher_prompts[i] = teacher_prompt_ids(self.tokenizer, roll.examples[i].prompt,
+                                                            roll.texts[k * g + sib])
+        return Batch(roll, rewards, adv, distill, in_loss, teacher_prompts)
 
-        # Teacher forward only for the distilled rollouts (this is SRPO's compute saving over SDPO).
-        t1 = time.perf_counter()
-        teacher_model = self.ema.model if self.ema is not None else self.model
-        with torch.no_grad():
-            teacher_hidden = (self._response_hidden(teacher_model, [teacher_inputs[i] for i in sd_rows],
-                                                    [roll.responses[i] for i in sd_rows]) if sd_rows else None)
-        t_teacher = time.perf_counter() - t1 if sd_rows else 0.0  # no teacher rows: no teacher phase at all
+    # ------------------------------------------------------------------ hidden states
+    def _response_hidden(self, model, prompts, responses):
+        """Backbone hidden states at the positions that predict each response token, flattened in rollout order."""
+        pad = self.tokenizer.pad_token_id
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+        with self._autocast():
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(r)) + i * width
+                          for i, (p, r) in enumerate(zip(prompts, responses))]).to(self.device)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
 
-        t2 = time.perf_counter()
-        lm_head = self.model.get_output_embeddings()
-        n_tokens = sum(len(roll.responses[i]) for i in rows)
-        micro = cfg.micro_batch or max(len(rows), 1)
+    def _per_row(self, rows, responses, flat):
+        """Split a flat ``[tokens, ...]`` tensor of `rows` (in order) into one tensor per rollout."""
+        return dict(zip(rows, flat.split([len(responses[i]) for i in rows])))
+
+    def _micro_batches(self, rows):
+        size = self.cfg.micro_batch or max(len(rows), 1)
+        return [rows[s:s + size] for s in range(0, len(rows), size)]
+
+    def _lm_head(self):
+        """(weight, bias) of the lm_head in the loss dtype (bf16 casts are differentiable: fp32 masters)."""
+        head = self.model.get_output_embeddings()
+        dt = self.amp_dtype or head.weight.dtype
+        return head.weight.to(dt), None if head.bias is None else head.bias.to(dt)
+
+    @torch.no_grad()
+    def teacher_hidden(self, batch: Batch, rows: List[int]) -> Dict[int, torch.Tensor]:
+        """The teacher's hidden states of the distilled rollouts, computed once per step (SRPO's saving over SDPO:
+        no teacher pass for any other rollout)."""
+        teacher = self.ema.model if self.ema is not None else self.model
+        out = {}
+        for mb in self._micro_batches(rows):
+            flat = self._response_hidden(teacher, [batch.teacher_prompts[i] for i in mb],
+                                         [batch.roll.responses[i] for i in mb])
+            out.update(self._per_row(mb, batch.roll.responses, flat))
+        return out
+
+    @torch.no_grad()
+    def old_logprobs(self, batch: Batch, rows: List[int]) -> Dict[int, torch.Tensor]:
+        """Log-probs of the sampled tokens under the policy before this step's first update (the PPO ratio's
+        denominator), from the fused log-probs without a gradient."""
+        out = {}
+        for mb in self._micro_batches(rows):
+            hidden = self._response_hidden(self.model, [batch.roll.prompts[i] for i in mb],
+                                           [batch.roll.responses[i] for i in mb])
+            weight, bias = self._lm_head()
+            ids = torch.tensor([t for i in mb for t in batch.roll.responses[i]], device=self.device)
+            logp = srpo_kernels.fused_logprobs(hidden.to(weight.dtype), weight, ids, bias=bias,
+                                               temperature=self.cfg.temperature, backend=self.cfg.backend)
+            out.update(self._per_row(mb, batch.roll.responses, logp.float()))
+        return out
+
+    @torch.no_grad()
+    def weight_normalizer(self, teacher: Dict[int, torch.Tensor], rows: List[int], responses) -> float:
+        """Mean of exp(-entropy_beta * H_T) over the distilled tokens of `rows`, H_T the teacher's full-vocabulary
+        entropy with the lm_head's bias, as the loss computes it."""
+        hidden = torch.cat([teacher[i] for i in rows])
+        weight, bias = self._lm_head()
+        ids = torch.tensor([t for i in rows for t in responses[i]], device=self.device)
+        _, h_t = srpo_kernels.fused_logprobs(hidden.to(weight.dtype), weight, ids, bias=bias,
+                                             temperature=self.cfg.temperature, with_entropy=True,
+                                             backend=self.cfg.backend)
+        return float(torch.exp(-self.cfg.entropy_beta * h_t.double()).mean())
+
+    # ------------------------------------------------------------------ the update phase
+    def lr(self) -> float:
+        """This step's learning rate: linear warm-up over `warmup_steps` training steps, then constant (every
+        optimiser step of a training step uses it)."""
+        warm = self.cfg.warmup_steps
+        return self.cfg.lr * (min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0)
+
+    def _loss(self, hidden, weight, bias, token_ids, advantages, route, teacher_hidden, old, options):
+        dt = weight.dtype
+        th = None if teacher_hidden is None else teacher_hidden.to(dt)
+        if self.cfg.loss == "reference":
+            return srpo_kernels.reference.srpo_loss(hidden.to(dt), weight, token_ids, advantages, route, th,
+                                                    old_logprobs=old, bias=bias, **options)
+        return srpo_kernels.fused_srpo_loss(hidden.to(dt), weight, token_ids, advantages, route, th,
+                                            old_logprobs=old, bias=bias, backend=self.cfg.backend, **options)
+
+    def _accumulate(self, batch: Batch, part: List[int], active: List[int], teacher, old, totals) -> dict:
+        """Forward and backward of one mini-batch: `part` are its rollouts in the loss (they set the token
+        normaliser), `active` those that can change the gradient (the only ones the student sees)."""
+        cfg, responses = self.cfg, batch.roll.responses
+        n_tokens = sum(len(responses[i]) for i in part)
+        micro = self._micro_batches(active)
+        sd_rows = [i for i in active if batch.distill[i]]
         weight_normalizer = None
-        if teacher_hidden is not None and len(rows) > micro and cfg.entropy_beta > 0 and cfg.topk is None:
-            # One entropy-weight normaliser for the whole step (full-vocabulary teacher entropies).
-            ids = torch.tensor([t for i in sd_rows for t in roll.responses[i]])
-            _, h_t = srpo_kernels.fused_logprobs(teacher_hidden, lm_head.weight.detach(), ids,
-                                                 temperature=cfg.temperature, with_entropy=True,
-                                                 backend=cfg.backend)
-            weight_normalizer = float(torch.exp(-cfg.entropy_beta * h_t).mean())
-        sd_offset = 0
-        totals = {"loss": 0.0, "div": 0.0, "w": 0.0, "clip": 0.0, "sd_tok": 0, "g_tok": 0}
+        if len(micro) > 1 and sd_rows and cfg.entropy_beta > 0 and cfg.topk is None:
+            # One entropy-weight normaliser for the mini-batch, not one per micro-batch.
+            weight_normalizer = self.weight_normalizer(teacher, sd_rows, responses)
+        options = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                       dual_clip=cfg.dual_clip, alpha=cfg.alpha, topk=cfg.topk, topk_tail=cfg.topk_tail,
+                       is_clip=cfg.is_clip, entropy_beta=cfg.entropy_beta, normalizer=n_tokens,
+                       weight_normalizer=weight_normalizer)
         loss_inputs = {}
-        for start in range(0, len(rows), micro):
-            mb = rows[start:start + micro]
-            hidden = self._response_hidden(self.model, [roll.prompts[i] for i in mb],
-                                           [roll.responses[i] for i in mb])
-            token_ids = torch.tensor([t for i in mb for t in roll.responses[i]])
-            lens = [len(roll.responses[i]) for i in mb]
-            route = torch.tensor([distill[i] for i in mb]).repeat_interleave(torch.tensor(lens))
-            advantages = torch.tensor([adv[i] for i in mb]).repeat_interleave(torch.tensor(lens))
-            n_sd = int(route.sum())
-            th = teacher_hidden[sd_offset:sd_offset + n_sd] if n_sd else None
-            sd_offset += n_sd
-            loss_inputs = dict(hidden=hidden.detach(), weight=lm_head.weight.detach(), token_ids=token_ids,
-                               advantages=advantages, route=route, teacher_hidden=th,
-                               bias=None if lm_head.bias is None else lm_head.bias.detach(),
-                               options=dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                            dual_clip=cfg.dual_clip, alpha=cfg.alpha, topk=cfg.topk,
-                                            topk_tail=cfg.topk_tail, is_clip=cfg.is_clip,
-                                            entropy_beta=cfg.entropy_beta, normalizer=n_tokens,
-                                            weight_normalizer=weight_normalizer))
-            out = srpo_kernels.fused_srpo_loss(hidden, lm_head.weight, token_ids, advantages, route, th,
-                                               bias=lm_head.bias, backend=cfg.backend, **loss_inputs["options"])
+        weight, bias = self._lm_head()
+        for mb in micro:
+            hidden = self._response_hidden(self.model, [batch.roll.prompts[i] for i in mb],
+                                           [responses[i] for i in mb])
+            lens = torch.tensor([len(responses[i]) for i in mb], device=self.device)
+            token_ids = torch.tensor([t for i in mb for t in responses[i]], device=self.device)
+            route = torch.tensor([batch.distill[i] for i in mb], device=self.device).repeat_interleave(lens)
+            advantages = torch.tensor([batch.advantages[i] for i in mb], device=self.device).repeat_interleave(lens)
+            sd = [i for i in mb if batch.distill[i]]
+            th = torch.cat([teacher[i] for i in sd]) if sd else None
+            old_lp = None if old is None else torch.cat([old[i] for i in mb])
+            out = self._loss(hidden, weight, bias, token_ids, advantages, route, th, old_lp, options)
             out.loss.backward()
+            m, n_sd = out.metrics, len(th) if th is not None else 0
+            g_tok = len(token_ids) - n_sd
             totals["loss"] += float(out.loss.detach())
-            m = out.metrics
-            sd_tok, g_tok = n_sd, len(token_ids) - n_sd
-            totals["div"] += m["divergence_mean"] * sd_tok
-            totals["w"] += m["distill_weight_mean"] * sd_tok
+            totals["div"] += m["divergence_mean"] * n_sd
+            totals["w"] += m["distill_weight_mean"] * n_sd
             totals["clip"] += m["clip_fraction"] * g_tok
-            totals["sd_tok"] += sd_tok
+            totals["sd_tok"] += n_sd
             totals["g_tok"] += g_tok
-            loss_inputs["loss"] = float(out.loss.detach())
-        t_loss = time.perf_counter() - t2
+            loss_inputs = dict(hidden=hidden.detach(), weight=weight.detach(), token_ids=token_ids,
+                               advantages=advantages, route=route, teacher_hidden=th, old_logprobs=old_lp,
+                               bias=None if bias is None else bias.detach(), options=options,
+                               loss=float(out.loss.detach()))
+        return loss_inputs
 
-        t3 = time.perf_counter()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)) if rows else 0.0
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def update(self, batch: Batch, rows: List[int], active: set, teacher, old, timer: PhaseTimer):
+        """`epochs` passes over the rollouts in `mini_batches` parts, one optimiser step per part."""
+        cfg = self.cfg
+        k = cfg.mini_batches
+        parts = [rows[len(rows) * j // k:len(rows) * (j + 1) // k] for j in range(k)]
+        totals = {"loss": 0.0, "div": 0.0, "w": 0.0, "clip": 0.0, "sd_tok": 0, "g_tok": 0, "grad_norm": 0.0,
+                  "updates": 0}
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr()
+        loss_inputs = {}
+        for _ in range(cfg.epochs):
+            for part in parts:
+                act = [i for i in part if i in active]
+                if not act:
+                    continue  # nothing here can change the gradient: no pass, no optimiser step
+                with timer("loss"):
+                    loss_inputs = self._accumulate(batch, part, act, teacher, old, totals)
+                with timer("optim"):
+                    totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                                cfg.max_grad_norm))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                totals["updates"] += 1
+        return totals, loss_inputs
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> StepResult:
+        cfg = self.cfg
+        timer = PhaseTimer(self.device)
+        peak = PeakMemory(self.device)
+        lr = self.lr()
+        with timer("generate"):
+            batch = self.collect()
+        rows = batch.loss_rows()
+        active = [i for i in rows if batch.changes_gradient(i)]
+        sd_rows = [i for i in active if batch.distill[i]]
+        teacher = {}
+        if sd_rows:  # no teacher rows: no teacher phase at all
+            with timer("teacher"):
+                teacher = self.teacher_hidden(batch, sd_rows)
+        old = None
+        if cfg.updates_per_step > 1 and active:  # one update is on-policy: the ratio is exactly 1
+            with timer("old_logprobs"):
+                old = self.old_logprobs(batch, active)
+        totals, loss_inputs = self.update(batch, rows, set(active), teacher, old, timer)
         if self.ema is not None:
-            self.ema.update(self.model)
-        t_optim = time.perf_counter() - t3
+            with timer("optim"):
+                self.ema.update(self.model)
 
         self.step += 1
-        correct = rewards >= 0.5
-        sd_tok, g_tok = totals["sd_tok"], totals["g_tok"]
+        rewards, distill, in_loss = batch.rewards, batch.distill, batch.in_loss
+        n = len(batch.roll.responses)
+        sd_tok, g_tok, updates = totals["sd_tok"], totals["g_tok"], totals["updates"]
         rec = {
-            "step": self.step, "algo": cfg.algo, "loss": totals["loss"],
-            "reward_mean": float(rewards.mean()), "accuracy": float(correct.float().mean()),
-            "rollouts": len(roll.responses), "sdpo_rollouts": int(sum(distill)),
-            "grpo_rollouts": int(sum(1 for i in range(len(distill)) if in_loss[i] and not distill[i])),
-            "teacher_rows": len(sd_rows), "distill_weight_mean": totals["w"] / sd_tok if sd_tok else 0.0,
+            "step": self.step, "algo": cfg.algo, "loss": totals["loss"] / max(updates, 1),
+            "reward_mean": float(rewards.mean()), "accuracy": float((rewards >= 0.5).float().mean()),
+            "rollouts": n, "sdpo_rollouts": int(sum(distill)),
+            "grpo_rollouts": int(sum(1 for i in range(n) if in_loss[i] and not distill[i])),
+            "teacher_rows": len(sd_rows), "student_rows": len(active), "skipped_rollouts": len(rows) - len(active),
+            "updates": updates, "distill_weight_mean": totals["w"] / sd_tok if sd_tok else 0.0,
             "kl": totals["div"] / sd_tok if sd_tok else 0.0, "clip_fraction": totals["clip"] / g_tok if g_tok else 0.0,
-            "response_len": sum(map(len, roll.responses)) / len(roll.responses), "grad_norm": grad_norm,
-            "lr": self.scheduler.get_last_lr()[0], "verifier_errors": self.verifier_errors,
-            "time_generate": t_gen, "time_teacher": t_teacher, "time_loss": t_loss, "time_optim": t_optim,
+            "response_len": sum(map(len, batch.roll.responses)) / n,
+            "grad_norm": totals["grad_norm"] / max(updates, 1), "lr": lr,
+            "verifier_errors": self.verifier_errors, "peak_memory_mb": peak.megabytes(),
         }
-        return StepResult(rec, loss_inputs)
+        rec.update({f"time_{p}": timer.seconds.get(p, 0.0) for p in ("generate", "teacher", "old_logprobs", "loss",
+                                                                     "optim")})
+        return StepResult(rec, active, batch, loss_inputs)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -311,23 +487,24 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
+        if self.step == 0 and not self.history:  # the baseline that every later evaluation is read against
+            self._record({"step": 0, "eval_accuracy": self.evaluate()})
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algo} on {cfg.model}", disable=not cfg.progress,
                    unit="step")
         while self.step < cfg.steps:
-            result = self.train_step()
-            rec = result.metrics
+            rec = self.train_step().metrics
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
                 rec["eval_accuracy"] = self.evaluate()
-            self.history.append(rec)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            self._record(rec)
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
             bar.update(1)
             bar.set_postfix(reward=f"{rec['reward_mean']:.2f}", sdpo=rec["sdpo_rollouts"])
             bar.write(f"step {rec['step']}: reward {rec['reward_mean']:.3f} acc {rec['accuracy']:.3f} "
-                      f"sdpo {rec['sdpo_rollouts']} teacher_rows {rec['teacher_rows']} loss {rec['loss']:+.4f} "
-                      f"time gen/teacher/loss/optim {rec['time_generate']:.1f}/{rec['time_teacher']:.1f}/"
-                      f"{rec['time_loss']:.1f}/{rec['time_optim']:.1f}s")
+                      f"sdpo {rec['sdpo_rollouts']} teacher_rows {rec['teacher_rows']} student_rows "
+                      f"{rec['student_rows']} skipped {rec['skipped_rollouts']} loss {rec['loss']:+.4f} time "
+                      + "/".join(f"{rec['time_' + p]:.1f}" for p in ("generate", "teacher", "old_logprobs", "loss",
+                                                                      "optim"))
+                      + "s (generate/teacher/old_logprobs/loss/optim)")
         bar.close()
         return self.history

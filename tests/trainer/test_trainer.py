@@ -22,26 +22,34 @@ def _records(path):
     return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
 
 
+def _steps(history):
+    return [r for r in history if r["step"] > 0]
+
+
 def test_srpo_runs_teacher_only_on_distilled_rollouts(tmp_path, coin_dataset):
-    hist = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", steps=3)).train()
-    assert len(hist) == 3 and _records(tmp_path) == hist
+    records = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", steps=3)).train()
+    assert _records(tmp_path) == records
+    assert set(records[0]) == {"step", "eval_accuracy"} and records[0]["step"] == 0  # the baseline evaluation
+    hist = _steps(records)
+    assert len(hist) == 3
     assert all(r["teacher_rows"] == r["sdpo_rollouts"] for r in hist)
     assert sum(r["sdpo_rollouts"] for r in hist) > 0  # the coin makes mixed groups
     assert all(r["sdpo_rollouts"] + r["grpo_rollouts"] == r["rollouts"] for r in hist)
     for key in ("step", "reward_mean", "accuracy", "distill_weight_mean", "kl", "clip_fraction", "response_len",
-                "time_generate", "time_teacher", "time_loss", "time_optim"):
+                "student_rows", "skipped_rollouts", "peak_memory_mb", "time_generate", "time_teacher",
+                "time_old_logprobs", "time_loss", "time_optim"):
         assert key in hist[0]
     assert "eval_accuracy" in hist[-1]
 
 
 def test_grpo_has_no_teacher(tmp_path, coin_dataset):
-    hist = Trainer(tiny_config(tmp_path, algo="grpo", task=coin_dataset, verifier="coin_verifier:coin")).train()
+    hist = _steps(Trainer(tiny_config(tmp_path, algo="grpo", task=coin_dataset, verifier="coin_verifier:coin")).train())
     assert all(r["teacher_rows"] == 0 and r["time_teacher"] == 0 and r["sdpo_rollouts"] == 0 for r in hist)
 
 
 def test_sdpo_has_no_grpo_term(tmp_path, coin_dataset):
-    hist = Trainer(tiny_config(tmp_path, algo="sdpo", task=coin_dataset, verifier="coin_verifier:coin",
-                               steps=3)).train()
+    hist = _steps(Trainer(tiny_config(tmp_path, algo="sdpo", task=coin_dataset, verifier="coin_verifier:coin",
+                                      steps=3)).train())
     assert all(r["grpo_rollouts"] == 0 and r["teacher_rows"] == r["sdpo_rollouts"] for r in hist)
 
 
@@ -51,17 +59,96 @@ def test_trainer_loss_equals_reference_loss(tmp_path, coin_dataset, micro_batch)
                                   micro_batch=micro_batch))
     for _ in range(4):  # until a step has both branches
         x = trainer.train_step().loss_inputs
-        if x["teacher_hidden"] is not None and not bool(x["route"].all()):
+        if x.get("teacher_hidden") is not None and not bool(x["route"].all()):
             break
-    assert x["teacher_hidden"] is not None, "no mixed step in 4 tries"
+    assert x.get("teacher_hidden") is not None, "no mixed step in 4 tries"
     ref = srpo_kernels.reference.srpo_loss(x["hidden"].double(), x["weight"].double(), x["token_ids"],
                                            x["advantages"].double(), x["route"], x["teacher_hidden"].double(),
-                                           bias=x["bias"], **x["options"])
+                                           bias=x["bias"], old_logprobs=x["old_logprobs"], **x["options"])
     assert abs(ref.loss.item() - x["loss"]) <= 1e-5 * max(1.0, abs(ref.loss.item()))
 
 
+def _full_batch_reference_loss(trainer, batch, rows):
+    """The reference loss over every rollout in the loss, skipped ones included, from the current model."""
+    roll = batch.roll
+    with torch.no_grad():
+        hidden = trainer._response_hidden(trainer.model, [roll.prompts[i] for i in rows],
+                                          [roll.responses[i] for i in rows])
+        sd = [i for i in rows if batch.distill[i]]
+        teacher = trainer.teacher_hidden(batch, sd)
+    lens = torch.tensor([len(roll.responses[i]) for i in rows])
+    head = trainer.model.get_output_embeddings()
+    return srpo_kernels.reference.srpo_loss(
+        hidden.double(), head.weight.detach().double(), torch.tensor([t for i in rows for t in roll.responses[i]]),
+        torch.tensor([batch.advantages[i] for i in rows]).double().repeat_interleave(lens),
+        torch.tensor([batch.distill[i] for i in rows]).repeat_interleave(lens),
+        torch.cat([teacher[i] for i in sd]).double() if sd else None).loss.item()
+
+
+def test_rollouts_that_cannot_change_the_gradient_skip_the_student_pass(tmp_path, coin_dataset):
+    """Undistilled rollouts with advantage 0 (groups all right or all wrong) never reach the student's forward,
+    and the step's loss still equals the reference loss over every rollout (lr 0: the model stays put)."""
+    trainer = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", lr=0.0,
+                                  prompts_per_step=4, group_size=2))
+    student_calls = []
+    response_hidden = trainer._response_hidden
+
+    def spy(model, prompts, responses):
+        if model is trainer.model and torch.is_grad_enabled():
+            student_calls.extend(map(id, responses))
+        return response_hidden(model, prompts, responses)
+
+    trainer._response_hidden = spy
+    skipped_seen = 0
+    for _ in range(6):
+        student_calls.clear()
+        result = trainer.train_step()
+        batch, rec = result.batch, result.metrics
+        rows = batch.loss_rows()
+        skipped = [i for i in rows if not batch.distill[i] and batch.advantages[i] == 0]
+        assert rec["skipped_rollouts"] == len(skipped) and rec["student_rows"] == len(rows) - len(skipped)
+        assert not {id(batch.roll.responses[i]) for i in skipped} & set(student_calls)
+        assert sorted(student_calls) == sorted(id(batch.roll.responses[i]) for i in result.student_rows)
+        if rows:
+            expected = _full_batch_reference_loss(trainer, batch, rows)
+            assert abs(rec["loss"] - expected) <= 1e-5 * max(1.0, abs(expected))
+        skipped_seen += len(skipped)
+    assert skipped_seen, "no skipped rollout in 6 steps"
+
+
+def test_mini_batches_and_epochs_clip_against_old_logprobs(tmp_path, coin_dataset):
+    """Two mini-batches over two epochs: four optimiser steps per batch, ratios against the log-probs from before
+    the first, so the clip acts (clip_fraction > 0 at some step)."""
+    hist = _steps(Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", steps=3,
+                                      mini_batches=2, epochs=2, algo="grpo")).train())
+    assert max(r["clip_fraction"] for r in hist) > 0
+    assert all(r["updates"] <= 4 for r in hist) and max(r["updates"] for r in hist) == 4
+    assert all(r["time_old_logprobs"] > 0 for r in hist if r["student_rows"])
+
+
+def test_weight_normalizer_uses_the_lm_head_bias(tmp_path, coin_dataset):
+    trainer = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin"))
+    head = trainer.model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.randn(head.weight.shape[0]) * 3)
+    teacher = {0: torch.randn(5, head.weight.shape[1]), 1: torch.randn(3, head.weight.shape[1])}
+    responses = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    logits = (torch.cat([teacher[0], teacher[1]]) @ head.weight.detach().T + head.bias.detach()).double()
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    expected = torch.exp(-trainer.cfg.entropy_beta * entropy).mean().item()
+    assert trainer.weight_normalizer(teacher, [0, 1], responses) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bf16_step_runs_and_cuda_is_refused_without_a_gpu(tmp_path, coin_dataset):
+    hist = _steps(Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", steps=1,
+                                      dtype="bf16")).train())
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            Trainer(tiny_config(tmp_path, device="cuda"))
+
+
 def test_verifier_errors_give_zero_reward_and_training_goes_on(tmp_path, coin_dataset):
-    hist = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:broken")).train()
+    hist = _steps(Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:broken")).train())
     assert all(r["reward_mean"] == 0 for r in hist)
     assert hist[-1]["verifier_errors"] >= 2 * 2 * 4  # every rollout of both steps
 
@@ -77,8 +164,23 @@ def test_cli_train_writes_records(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     recs = _records(tmp_path)
-    assert [r["step"] for r in recs] == [1, 2] and all(r["teacher_rows"] == r["sdpo_rollouts"] for r in recs)
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert all(r["teacher_rows"] == r["sdpo_rollouts"] for r in _steps(recs))
     assert (tmp_path / "reward.png").is_file() and "teacher_rows" in out
+
+
+def test_cli_compare_runs_fused_and_reference_side_by_side(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-m", "srpo", "compare", "--model", "tiny", "--no-progress", "--loss",
+                           "both", "--steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "6",
+                           "--eval-prompts", "1", "--output-dir", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for algo in ("srpo", "sdpo", "grpo"):
+        for loss in ("fused", "reference"):
+            assert f"{algo}/{loss}" in proc.stdout
+            assert _steps(_records(tmp_path / algo / loss))
+    assert (tmp_path / "compare.png").is_file()
 
 
 def test_cli_help_documents_every_option():
@@ -119,7 +221,7 @@ def test_sigkill_and_resume_reaches_the_same_parameters(tmp_path, coin_dataset):
         assert torch.equal(tensor, b["model"][name]), name
     for name, tensor in a["ema"].items():
         assert torch.equal(tensor, b["ema"][name]), name
-    assert [r["step"] for r in _records(killed)] == list(range(1, 7))
-    drop = ("time_generate", "time_teacher", "time_loss", "time_optim")
+    assert [r["step"] for r in _records(killed)] == list(range(0, 7))
+    drop = ("time_generate", "time_teacher", "time_old_logprobs", "time_loss", "time_optim", "peak_memory_mb")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
     assert strip(_records(killed)) == strip(_records(straight))
