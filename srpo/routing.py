@@ -52,3 +52,27 @@ def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -
         else:
             sibling.append(None)
     return Routing(advantages(rewards, std_normalize), distill, in_loss, sibling)
+
+
+@dataclass
+class RoutedRollouts:
+    """Routing of a whole batch: consecutive groups of `group_size` rollouts, flattened in rollout order."""
+
+    advantages: List[float]
+    distill: List[bool]
+    in_loss: List[bool]
+    sibling: List[Optional[int]]  # batch index of the correct sibling shown to the teacher, per distilled rollout
+
+
+def route_rollouts(rewards: torch.Tensor, group_size: int, algo: str, std_normalize: bool = False) -> RoutedRollouts:
+    """``route_group`` over every group of a batch (the trainer and the TRL drop-in both route this way)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    out = RoutedRollouts([], [], [], [])
+    for k in range(0, rewards.numel(), group_size):
+        routing = route_group(rewards[k:k + group_size], algo, std_normalize)
+        out.advantages += routing.advantages.tolist()
+        out.distill += [bool(d) for d in routing.distill]
+        out.in_loss += [bool(m) for m in routing.in_loss]
+        out.sibling += [None if s is None else k + s for s in routing.sibling]
+    return out

@@ -44,7 +44,13 @@ def toolcall(response: str, answer) -> float:
     return float(action.group(1) == answer["action"] and action_input.group(1) == expected_input)
 
 
-VERIFIERS = {"numeric": numeric, "mcq": mcq, "toolcall": toolcall}
+def parity(response: str, answer) -> float:
+    """1 if the sum of the response's character codes is even: a reward with no skill behind it, for measuring
+    compute (about half of any model's rollouts pass, so every routing case occurs even with a random model)."""
+    return float(sum(map(ord, response)) % 2 == 0)
+
+
+VERIFIERS = {"numeric": numeric, "mcq": mcq, "toolcall": toolcall, "parity": parity}
 
 
 def get_verifier(spec: str) -> Callable[[str, Any], float]:
@@ -74,6 +80,24 @@ class Arithmetic:
             a, b, op = self.rng.randint(lo, hi), self.rng.randint(lo, hi), self.rng.choice(self.ops)
             out.append(Example(f"What is {a} {op} {b}? Answer with a number.", eval(f"{a}{op}{b}")))
         return out
+
+    def state(self):
+        return self.rng.getstate()
+
+    def set_state(self, state):
+        self.rng.setstate(state)
+
+
+class Parity:
+    """Prompts for the `parity` verifier (``--task parity``): the step's compute, not learning, is what it shows."""
+
+    verifier = "parity"
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def sample(self, n: int) -> List[Example]:
+        return [Example(f"Say something about the number {self.rng.randint(0, 999)}.", None) for _ in range(n)]
 
     def state(self):
         return self.rng.getstate()

@@ -17,8 +17,8 @@ import torch
 import srpo_kernels
 from . import checkpoint, models
 from .peak_memory import PeakMemory
-from .routing import ALGOS, route_group
-from .tasks import Arithmetic, JsonlDataset, get_verifier
+from .routing import ALGOS, route_rollouts
+from .tasks import Arithmetic, JsonlDataset, Parity, get_verifier
 from .teacher import EMATeacher, chat_prompt_ids, teacher_prompt_ids
 
 LOSSES = ("fused", "reference")
@@ -30,7 +30,7 @@ class TrainConfig:
 
     model: str = "smollm2"  # smollm2 (embedded SmolLM2-135M-Instruct), tiny (random Qwen3), tiny-qwen3-vocab (with Qwen3's 151936-row lm_head), or a local HF dir
     algo: str = "srpo"  # srpo | grpo | sdpo
-    task: str = "arithmetic"  # "arithmetic" or a JSONL file of {"prompt", "answer"[, "feedback"]}
+    task: str = "arithmetic"  # arithmetic, parity (a reward with no skill behind it, for measuring compute), or a JSONL file of {"prompt", "answer"[, "feedback"]}
     verifier: str = "numeric"  # for JSONL tasks: numeric | mcq | toolcall | module:function
     digits: int = 1  # arithmetic: operand digits
     ops: str = "+-"  # arithmetic: operators drawn from +, -, *
@@ -59,6 +59,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the step's rollouts (verl's ppo_epochs); more than one update uses old log-probs
     eval_every: int = 0  # greedy evaluation every N steps (0: at step 0 and at the end only)
     eval_prompts: int = 8  # held-out prompts per evaluation
+    eval_samples: int = 0  # sampled answers per held-out prompt, at the training temperature (0: one greedy answer)
     save_every: int = 1  # checkpoint every N steps
     output_dir: str = "runs/srpo"  # metrics.jsonl, checkpoint.pt, plots
     resume: bool = False  # continue from output_dir/checkpoint.pt
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError("group_size must be >= 2: routing needs siblings")
         if self.lr is None:  # a random tiny model learns nothing at a pretrained model's rate
             self.lr = 1e-3 if self.model.startswith("tiny") else 2e-6
+        if self.eval_samples < 0:
+            raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
         for name in ("mini_batches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -170,6 +173,9 @@ class Trainer:
             self.task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed)
             self.eval_task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed + 10_007)
             self.verify = get_verifier("numeric")
+        elif cfg.task == "parity":
+            self.task, self.eval_task = Parity(seed=cfg.seed), Parity(seed=cfg.seed + 10_007)
+            self.verify = get_verifier("parity")
         else:
             self.task = JsonlDataset(cfg.task, cfg.verifier, seed=cfg.seed)
             self.eval_task = JsonlDataset(cfg.task, cfg.verifier, seed=cfg.seed + 10_007)
@@ -267,19 +273,10 @@ class Trainer:
         examples = self.task.sample(cfg.prompts_per_step)
         roll = self.generate(examples, cfg.group_size)
         rewards = torch.tensor([self.reward(t, ex.answer) for t, ex in zip(roll.texts, roll.examples)])
-        g = cfg.group_size
-        adv, distill, in_loss, teacher_prompts = [], [], [], {}
-        for k in range(cfg.prompts_per_step):
-            routing = route_group(rewards[k * g:(k + 1) * g], cfg.algo, cfg.std_normalize)
-            adv += routing.advantages.tolist()
-            distill += routing.distill.tolist()
-            in_loss += routing.in_loss.tolist()
-            for j, sib in enumerate(routing.sibling):
-                if sib is not None:
-                    i = k * g + j
-                    teacher_prompts[i] = teacher_prompt_ids(self.tokenizer, roll.examples[i].prompt,
-                                                            roll.texts[k * g + sib])
-        return Batch(roll, rewards, adv, distill, in_loss, teacher_prompts)
+        routed = route_rollouts(rewards, cfg.group_size, cfg.algo, cfg.std_normalize)
+        teacher_prompts = {i: teacher_prompt_ids(self.tokenizer, roll.examples[i].prompt, roll.texts[sib])
+                           for i, sib in enumerate(routed.sibling) if sib is not None}
+        return Batch(roll, rewards, routed.advantages, routed.distill, routed.in_loss, teacher_prompts)
 
     # ------------------------------------------------------------------ hidden states
     def _response_hidden(self, model, prompts, responses):
@@ -478,9 +475,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Greedy accuracy on the held-out prompts (does not touch the training RNG)."""
-        with torch.random.fork_rng():
-            roll = self.generate(self.eval_examples, 1, greedy=True)
+        """Accuracy on the held-out prompts: one greedy answer each, or `eval_samples` sampled answers at the training
+        temperature, the same draws at every evaluation (a fixed seed, apart from the training RNG)."""
+        n = self.cfg.eval_samples
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.seed + 20_011)
+            roll = self.generate(self.eval_examples, max(n, 1), greedy=n == 0)
         return sum(self.reward(t, ex.answer) >= 0.5 for t, ex in zip(roll.texts, roll.examples)) / len(roll.texts)
 
     def train(self) -> List[dict]:

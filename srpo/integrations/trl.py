@@ -18,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import srpo_kernels
 
-from ..routing import route_group
+from ..routing import route_rollouts
 from ..teacher import EMATeacher, teacher_prompt_ids
 
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -210,18 +210,12 @@ class SRPOTrainer(FusedGRPOTrainer):
         local = len(completions)
         start = self.accelerator.process_index * local
         g = self.num_generations
-        distill, in_loss, teacher_ids = [], [], []
-        for k in range(0, rewards.numel(), g):
-            routing = route_group(rewards[k:k + g], cfg.algo)
-            for j in range(g):
-                i = k + j
-                if not start <= i < start + local:
-                    continue
-                distill.append(bool(routing.distill[j]))
-                in_loss.append(bool(routing.in_loss[j]))
-                sib = routing.sibling[j]
-                teacher_ids.append(teacher_prompt_ids(tok, all_prompts[i], all_completions[k + sib])
-                                   if sib is not None else [])
+        routed = route_rollouts(rewards, g, cfg.algo)
+        mine = range(start, start + local)  # this process's rollouts
+        distill = [routed.distill[i] for i in mine]
+        in_loss = [routed.in_loss[i] for i in mine]
+        teacher_ids = [teacher_prompt_ids(tok, all_prompts[i], all_completions[routed.sibling[i]])
+                       if routed.sibling[i] is not None else [] for i in mine]
         width = max([len(t) for t in teacher_ids] + [1])
         pad = tok.pad_token_id
         device = out["completion_ids"].device

@@ -44,3 +44,18 @@ def test_advantages_dr_grpo_and_std():
 def test_unknown_algo():
     with pytest.raises(ValueError, match="algo"):
         route_group(torch.zeros(2), "ppo")
+
+
+def test_route_rollouts_is_route_group_per_group_with_batch_sibling_indices():
+    from srpo.routing import route_rollouts
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    routed = route_rollouts(rewards, 3, "srpo")
+    for k in range(3):
+        group = route_group(rewards[3 * k:3 * k + 3], "srpo")
+        assert routed.distill[3 * k:3 * k + 3] == group.distill.tolist()
+        assert routed.advantages[3 * k:3 * k + 3] == group.advantages.tolist()
+        assert routed.sibling[3 * k:3 * k + 3] == [None if s is None else 3 * k + s for s in group.sibling]
+    assert routed.sibling == [None, 0, 0, None, None, None, None, None, 6]
+    with pytest.raises(ValueError, match="groups of 4"):
+        route_rollouts(rewards, 4, "srpo")

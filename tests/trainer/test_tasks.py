@@ -43,3 +43,14 @@ def test_malformed_dataset_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*answer"):
         JsonlDataset(str(path), "numeric")
+
+
+def test_parity_task_passes_about_half_and_replays_from_its_state():
+    from srpo.tasks import Parity, parity
+
+    assert [parity(t, None) for t in ("a", "b", "ab")] == [0.0, 1.0, 0.0]  # 97 odd, 98 even, 195 odd
+    task = Parity(seed=3)
+    state = task.state()
+    first = task.sample(4)
+    task.set_state(state)
+    assert task.sample(4) == first
