@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 
-def measure(variant: str, n: int, h: int, v: int, routing: str) -> int:
+def measure(variant: str, n: int, h: int, v: int, routing: str, dtype: str = "fp32") -> int:
     cmd = [sys.executable, "-m", "benchmarks.memory", "--variant", variant, "--n", str(n), "--h", str(h), "--v",
-           str(v), "--routing", routing]
+           str(v), "--routing", routing, "--dtype", dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
@@ -22,16 +22,17 @@ def _main():
     p.add_argument("--h", type=int, required=True)
     p.add_argument("--v", type=int, required=True)
     p.add_argument("--routing", default="half")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args()
     import torch
 
-    from benchmarks.variants import ROUTINGS, make_inputs, steps
+    from benchmarks.variants import DTYPES, ROUTINGS, make_inputs, steps
     from srpo_kernels.backends.cpu import load_error
     from benchmarks.peak_memory import _rss_bytes, peak_rss_bytes
 
     torch.set_num_threads(2)
     load_error()  # load the kernel before the baseline
-    run = steps(make_inputs(a.n, a.h, a.v, ROUTINGS[a.routing]))[a.variant]
+    run = steps(make_inputs(a.n, a.h, a.v, ROUTINGS[a.routing], dtype=DTYPES[a.dtype]))[a.variant]
     base = _rss_bytes()
     run()
     print(json.dumps({"peak_extra_bytes": max(peak_rss_bytes() - base, 0)}))

@@ -18,7 +18,7 @@ import time
 import torch
 
 from benchmarks.memory import measure as peak_memory
-from benchmarks.variants import ROUTINGS, SHAPES, make_inputs, steps
+from benchmarks.variants import DTYPES, ROUTINGS, SHAPES, make_inputs, steps
 
 CURVE_N = (512, 1024, 2048, 4096, 8192)
 CURVE_SHAPE = (256, 32_000)  # H, V of the memory/time-vs-N curves
@@ -46,27 +46,36 @@ def machine() -> str:
     return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def run_table(shapes, routings, rounds, backends, memory=True):
+def run_table(shapes, routings, rounds, backends, memory=True, dtypes=("fp32",)):
+    """One row per (dtype, shape, routing, variant); ratios are within the same dtype (bf16 against bf16's own
+    GEMM floor, peers fed bf16 inputs too)."""
     rows = []
-    for shape in shapes:
-        n, h, v = SHAPES[shape]
-        for routing in routings:
-            runs = steps(make_inputs(n, h, v, ROUTINGS[routing]), backends=backends)
-            timed = median_seconds(runs, rounds)
-            mem = {name: peak_memory(name, n, h, v, routing) for name in runs} if memory else {}
-            for name, secs in timed.items():
-                rows.append(dict(shape=shape, routing=routing, variant=name, seconds=secs,
-                                 floor_ratio=secs / timed["gemm floor"], vs_fused=secs / timed["fused cpu"],
-                                 peak_mb=mem.get(name, float("nan")) / 2 ** 20,
-                                 mem_vs_ref=mem.get(name, float("nan")) / max(mem.get("reference", 1), 1)))
-            print(f"  {shape} {routing}: " + ", ".join(f"{k} {t:.3f}s" for k, t in timed.items()), flush=True)
+    for dtype in dtypes:
+        for shape in shapes:
+            rows += _case_rows(dtype, shape, routings, rounds, backends, memory)
+    return rows
+
+
+def _case_rows(dtype, shape, routings, rounds, backends, memory):
+    rows = []
+    n, h, v = SHAPES[shape]
+    for routing in routings:
+        runs = steps(make_inputs(n, h, v, ROUTINGS[routing], dtype=DTYPES[dtype]), backends=backends)
+        timed = median_seconds(runs, rounds)
+        mem = {name: peak_memory(name, n, h, v, routing, dtype) for name in runs} if memory else {}
+        for name, secs in timed.items():
+            rows.append(dict(dtype=dtype, shape=shape, routing=routing, variant=name, seconds=secs,
+                             floor_ratio=secs / timed["gemm floor"], vs_fused=secs / timed["fused cpu"],
+                             peak_mb=mem.get(name, float("nan")) / 2 ** 20,
+                             mem_vs_ref=mem.get(name, float("nan")) / max(mem.get("reference", 1), 1)))
+        print(f"  {dtype} {shape} {routing}: " + ", ".join(f"{k} {t:.3f}s" for k, t in timed.items()), flush=True)
     return rows
 
 
 def markdown(rows, command, date) -> str:
-    head = ["| shape (N, H, V) | routing | variant | median s | / GEMM floor | / fused cpu | peak extra MB | "
-            "memory / reference |", "|---|---|---|---|---|---|---|---|"]
-    body = [f"| {r['shape']} {SHAPES[r['shape']]} | {r['routing']} | {r['variant']} | {r['seconds']:.3f} | "
+    head = ["| dtype | shape (N, H, V) | routing | variant | median s | / GEMM floor | / fused cpu | peak extra MB | "
+            "memory / reference |", "|---|---|---|---|---|---|---|---|---|"]
+    body = [f"| {r['dtype']} | {r['shape']} {SHAPES[r['shape']]} | {r['routing']} | {r['variant']} | {r['seconds']:.3f} | "
             f"{r['floor_ratio']:.2f} | {r['vs_fused']:.2f} | {r['peak_mb']:.0f} | {r['mem_vs_ref']:.3f} |"
             for r in rows]
     return "\n".join([f"Machine: {machine()}; date: {date}; command: `{command}`", ""] + head + body) + "\n"
@@ -120,6 +129,8 @@ def main(argv=None):
     p.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=list(ROUTINGS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backends", nargs="+", default=["cpu", "torch"], choices=["cpu", "torch"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
+                   help="input dtypes; each is compared with its own GEMM floor")
     p.add_argument("--no-curves", action="store_true", help="skip the memory/time-vs-N curves")
     p.add_argument("--quick", action="store_true", help="one round, no memory, no curves")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
@@ -130,8 +141,8 @@ def main(argv=None):
     command = "python -m benchmarks.report " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
     stem = f"{platform.node() or 'machine'}-{date}" + ("" if a.shapes == ["small", "smollm2"] else "-" + "-".join(a.shapes))
-    text = markdown(run_table(a.shapes, a.routings, rounds, tuple(a.backends), memory=not a.quick), command.strip(),
-                    date)
+    text = markdown(run_table(a.shapes, a.routings, rounds, tuple(a.backends), memory=not a.quick,
+                              dtypes=tuple(a.dtypes)), command.strip(), date)
     if not (a.quick or a.no_curves):
         paths, curve_table = curves(a.out, stem, rounds)
         text += "\nMemory and time vs N:\n\n" + curve_table + "\n" + "\n".join(f"![]({p.name})" for p in paths) + "\n"
