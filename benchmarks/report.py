@@ -73,10 +73,10 @@ def _case_rows(dtype, shape, routings, rounds, backends, memory):
 
 
 def markdown(rows, command, date) -> str:
-    head = ["| dtype | shape (N, H, V) | routing | variant | median s | / GEMM floor | / fused cpu | peak extra MB | "
-            "memory / reference |", "|---|---|---|---|---|---|---|---|---|"]
-    body = [f"| {r['dtype']} | {r['shape']} {SHAPES[r['shape']]} | {r['routing']} | {r['variant']} | {r['seconds']:.3f} | "
-            f"{r['floor_ratio']:.2f} | {r['vs_fused']:.2f} | {r['peak_mb']:.0f} | {r['mem_vs_ref']:.3f} |"
+    head = ["| dtype | shape (N, H, V) | routing | variant | median s | / GEMM floor | / fused cpu | peak extra MB "
+            "| memory / reference |", "|---|---|---|---|---|---|---|---|---|"]
+    body = [f"| {r['dtype']} | {r['shape']} {SHAPES[r['shape']]} | {r['routing']} | {r['variant']} | "
+            f"{r['seconds']:.3f} | {r['floor_ratio']:.2f} | {r['vs_fused']:.2f} | {r['peak_mb']:.0f} | {r['mem_vs_ref']:.3f} |"
             for r in rows]
     return "\n".join([f"Machine: {machine()}; date: {date}; command: `{command}`", ""] + head + body) + "\n"
 

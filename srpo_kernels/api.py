@@ -53,13 +53,14 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
                          ref_beta=ref_beta, reduction=reduction)
     _check_chunk_size(chunk_size)
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
-    x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
-                       ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
-                       normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg,
-                       vocab=None if shard_ops is None else shard_ops.vocab_shard.vocab)
-    ops = shard_ops or get_row_ops(backend, x.hidden.device, x.hidden.dtype, weight.shape[0])
+    flat_hidden, x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
+                                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
+                                    is_weights=is_weights, bias=bias, normalizer=normalizer,
+                                    weight_normalizer=weight_normalizer, cfg=cfg,
+                                    vocab=None if shard_ops is None else shard_ops.vocab_shard.vocab)
+    ops = shard_ops or get_row_ops(backend, flat_hidden.device, flat_hidden.dtype, weight.shape[0])
     params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
-    loss, *per_token = SRPOLossFunction.apply(x.hidden, weight, bias, params)
+    loss, *per_token = SRPOLossFunction.apply(flat_hidden, weight, bias, params)
     logp, ent, t_ent, div, w, clipped = per_token
     metrics = summarize(logp, ent, t_ent, div, w, clipped, x.route, x.valid)
     shaped = [t.reshape(x.token_shape) for t in per_token]
@@ -83,7 +84,7 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     n = flat_ids.numel()
     dtype = math_dtype(flat_h.dtype)
     device = flat_h.device
-    x = FlatInputs(hidden=flat_h, weight=weight, bias=bias, token_ids=flat_ids,
+    x = FlatInputs(token_ids=flat_ids,
                    advantages=torch.zeros(n, dtype=dtype, device=device),
                    route=torch.zeros(n, dtype=torch.bool, device=device),
                    valid=torch.ones(n, dtype=torch.bool, device=device), teacher_hidden=None, old_logprobs=None,

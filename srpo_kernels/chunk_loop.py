@@ -83,15 +83,17 @@ class Grads:
 class ChunkRunner:
     """Runs the chunk loop over flat inputs with one backend; GEMMs follow the policy of ``gemm.py``."""
 
-    def __init__(self, x: FlatInputs, cfg: SRPOLossConfig, ops: RowOps, chunk_size: Optional[int]):
+    def __init__(self, hidden, weight, bias, x: FlatInputs, cfg: SRPOLossConfig, ops: RowOps,
+                 chunk_size: Optional[int]):
         self.x, self.cfg, self.ops = x, cfg, ops
-        self.gemms = Gemms(x.weight, x.bias, cfg.temperature)
+        self.gemms = Gemms(weight, bias, cfg.temperature)
         self.dtype = self.gemms.math
-        self.hidden = x.hidden.detach()  # GEMM operand: stays in the input dtype
-        self.vocab = x.weight.shape[0]
+        self.hidden = hidden.detach()  # GEMM operand: stays in the input dtype
+        self.weight_shape = weight.shape
+        self.vocab = weight.shape[0]
         # Vocabulary-parallel ranks size chunks by the largest block: the per-chunk collectives must pair up.
         sizing = self.vocab if ops.vocab_shard is None else ops.vocab_shard.max_size
-        self.chunk = chunk_size or default_chunk_size(sizing, x.weight.shape[1], x.weight.device, ops.temporaries)
+        self.chunk = chunk_size or default_chunk_size(sizing, weight.shape[1], weight.device, ops.temporaries)
         route, valid = x.route, x.valid
         # Valid rows first inside each stream (stable, so teacher rows stay aligned with their tokens).
         sd_rows = route.nonzero().squeeze(1)
@@ -125,11 +127,11 @@ class ChunkRunner:
             grads.bias.add_(dz.sum(0).to(grads.bias.dtype))
 
     def new_grads(self, need_hidden, need_weight, need_bias) -> Grads:
-        w, acc = self.x.weight, self.dtype
+        acc, device = self.dtype, self.hidden.device
         return Grads(
-            hidden=torch.zeros(self.hidden.shape, dtype=acc, device=w.device) if need_hidden else None,
-            weight=torch.empty(w.shape, dtype=acc, device=w.device) if need_weight else None,
-            bias=torch.zeros(self.vocab, dtype=acc, device=w.device) if need_bias else None)
+            hidden=torch.zeros(self.hidden.shape, dtype=acc, device=device) if need_hidden else None,
+            weight=torch.empty(self.weight_shape, dtype=acc, device=device) if need_weight else None,
+            bias=torch.zeros(self.vocab, dtype=acc, device=device) if need_bias else None)
 
     def finish_grads(self, grads: Grads) -> None:
         """Apply the pending weight scale; under a vocabulary-parallel lm_head, sum each rank's share of dh."""
@@ -203,7 +205,7 @@ def log_weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: O
     count = float(sel.sum())
     log_total = token_math.log_weight_sum(teacher_entropy[sel], cfg) if count else -math.inf
     if x.distributed:  # every rank reaches this exactly once per pass (see normalizer_known_upfront)
-        device = x.hidden.device
+        device = x.token_ids.device
         device = device if device.type != "cpu" else None
         shift = -all_reduce_min(-log_total, device=device)  # the largest log-sum over ranks
         total, count = all_reduce_sums(math.exp(log_total - shift) if count else 0.0, count, device=device)

@@ -6,7 +6,6 @@ per-token upstream gradient in forward, so its backward re-runs the chunk loop w
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -23,7 +22,7 @@ from .inputs import FlatInputs
 
 @dataclass
 class SRPOParams:
-    inputs: FlatInputs  # its hidden/weight/bias are replaced by the Function's own arguments
+    inputs: FlatInputs
     config: SRPOLossConfig
     ops: RowOps
     chunk_size: Optional[int] = None
@@ -167,8 +166,8 @@ class SRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, params: SRPOParams):
         cfg = params.config
-        x = dataclasses.replace(params.inputs, hidden=hidden, weight=weight, bias=bias)
-        runner = ChunkRunner(x, cfg, params.ops, params.chunk_size)
+        x = params.inputs
+        runner = ChunkRunner(hidden, weight, bias, x, cfg, params.ops, params.chunk_size)
         needs = ctx.needs_input_grad[:3]
         in_forward = cfg.reduction != "none" and any(needs)
         n_valid = int(x.valid.sum())
@@ -204,8 +203,8 @@ class SRPOLossFunction(torch.autograd.Function):
             return _cast(g.hidden, dh, scale), _cast(g.weight, dw, scale), _cast(g.bias, db, scale), None
         hidden, weight, bias = ctx.saved_tensors
         params = ctx.params
-        x = dataclasses.replace(params.inputs, hidden=hidden, weight=weight, bias=bias)
-        runner = ChunkRunner(x, params.config, params.ops, params.chunk_size)
+        x = params.inputs
+        runner = ChunkRunner(hidden, weight, bias, x, params.config, params.ops, params.chunk_size)
         grads = runner.new_grads(*ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
             # A masked token contributes nothing, even under a NaN/inf upstream gradient (e.g. nansum over padding).
@@ -220,7 +219,7 @@ class SRPOLossFunction(torch.autograd.Function):
 
 @dataclass
 class LogprobParams:
-    inputs: FlatInputs  # all rows valid and GRPO-routed; hidden/weight/bias replaced as above
+    inputs: FlatInputs  # all rows valid and GRPO-routed
     temperature: float
     ops: RowOps
     chunk_size: Optional[int] = None
@@ -259,5 +258,5 @@ class LogprobsFunction(torch.autograd.Function):
 
 
 def _logprob_runner(hidden, weight, bias, params: LogprobParams) -> ChunkRunner:
-    x = dataclasses.replace(params.inputs, hidden=hidden, weight=weight, bias=bias)
-    return ChunkRunner(x, SRPOLossConfig(temperature=params.temperature), params.ops, params.chunk_size)
+    return ChunkRunner(hidden, weight, bias, params.inputs, SRPOLossConfig(temperature=params.temperature),
+                       params.ops, params.chunk_size)

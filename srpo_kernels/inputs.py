@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -21,11 +21,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass
 class FlatInputs:
-    """The loss inputs flattened to ``N`` tokens; per-token tensors are 1-D, floats are fp32 (fp64 kept)."""
+    """Everything of the loss but its differentiable operands (hidden, weight, bias: those enter the autograd Function
+    as its arguments, once), flattened to ``N`` tokens; per-token tensors are 1-D, floats fp32 (fp64 kept)."""
 
-    hidden: torch.Tensor  # [N, H]
-    weight: torch.Tensor  # [V, H]
-    bias: Optional[torch.Tensor]  # [V]
     token_ids: torch.Tensor  # [N] int64
     advantages: torch.Tensor  # [N]
     route: torch.Tensor  # [N] bool, True = SDPO branch
@@ -173,7 +171,8 @@ def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = Non
 
 def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
                    loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
-                   vocab: Optional[int] = None) -> FlatInputs:
+                   vocab: Optional[int] = None) -> Tuple[torch.Tensor, FlatInputs]:
+    """(hidden as [N, H], the rest checked and flattened)."""
     flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias, vocab)
     vocab = weight.shape[0] if vocab is None else vocab
     device = flat_hidden.device
@@ -222,7 +221,7 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
     if distributed and normalizer is None:  # D_global / world: DDP's averaging then gives the full-batch gradient
         (count,) = all_reduce_sums(float(valid.sum()), device=device if device.type != "cpu" else None)
         normalizer = max(count, 1.0) / world_size()
-    return FlatInputs(
-        hidden=flat_hidden, weight=weight, bias=bias, token_ids=flat_ids, advantages=adv, route=route_flat,
-        valid=valid, teacher_hidden=teacher_hidden, old_logprobs=old, ref_logprobs=ref, is_weights=isw,
-        normalizer=normalizer, weight_normalizer=weight_normalizer, token_shape=shape, distributed=distributed)
+    return flat_hidden, FlatInputs(
+        token_ids=flat_ids, advantages=adv, route=route_flat, valid=valid, teacher_hidden=teacher_hidden,
+        old_logprobs=old, ref_logprobs=ref, is_weights=isw, normalizer=normalizer,
+        weight_normalizer=weight_normalizer, token_shape=shape, distributed=distributed)

@@ -104,11 +104,12 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
     cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                          alpha=alpha, topk=topk, topk_tail=topk_tail, is_clip=is_clip, entropy_beta=entropy_beta,
                          ref_beta=ref_beta, reduction=reduction)
-    x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, old_logprobs=old_logprobs,
-                       ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights, bias=bias,
-                       normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg)
-    dtype = math_dtype(x.hidden.dtype)
-    z = _logits(x.hidden, weight, bias, temperature, dtype)
+    flat_hidden, x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
+                                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
+                                    is_weights=is_weights, bias=bias, normalizer=normalizer,
+                                    weight_normalizer=weight_normalizer, cfg=cfg)
+    dtype = math_dtype(flat_hidden.dtype)
+    z = _logits(flat_hidden, weight, bias, temperature, dtype)
     log_p = z.log_softmax(-1)
     logp = log_p.gather(-1, x.token_ids[:, None]).squeeze(-1)
     entropy = _entropy(log_p)

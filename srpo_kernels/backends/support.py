@@ -84,9 +84,9 @@ def divergence_grad(lp, lq, aux, alpha):
     return (1 - alpha) * xlogy_diff(p, d, aux[..., None])
 
 
-# Private columns of the tensor-op backends' stats: the row max and log-sum of shifted exps (lse = m + log s) after the student
-# stats; in the distill stats, both sides' and the student's tail log-prob before its floor at LOG_TINY (the tail
-# gradient spreads by p_j / p_tail).
+# Private columns of the tensor-op backends' stats: the row max and log-sum of shifted exps (lse = m + log s) after
+# the student stats; in the distill stats, both sides' and the student's tail log-prob before its floor at LOG_TINY
+# (the tail gradient spreads by p_j / p_tail).
 STUDENT_M = S.N_STUDENT_STATS
 M_Z, LS_Z, M_U, LS_U, TAIL_Z = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 5)
 
