@@ -117,6 +117,9 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
 
     # GRPO branch (every token computed; routing selects below).
     old = x.old_logprobs if x.old_logprobs is not None else logp.detach()
+    # A masked token enters at ratio 1: exp(logp - old) overflows fp32 for old < -88, and masking after it would
+    # back-propagate 0 * inf = NaN into every gradient.
+    old = torch.where(x.valid, old, logp.detach())
     ratio = torch.exp(logp - old)
     adv = x.advantages
     unclipped = -adv * ratio

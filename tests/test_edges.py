@@ -114,3 +114,18 @@ def test_fp32_gradients_of_flat_distributions(backend, alpha, scale):
     case = make_case(seed=7, n=3, h=31, v=673, sd_frac=1.0, mask_frac=0.0, scale=scale)
     assert_fp32_no_worse_than_naive(fused(backend), case, keys=("grad_hidden", "grad_weight", "grad_bias"),
                                     alpha=alpha)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_token_with_a_vanishing_old_logprob(backend):
+    """A masked token whose old log-prob is -200 (exp(logp - old) overflows fp32) contributes nothing: the reference's
+    gradients stay finite (they were NaN everywhere) and the fused ones equal them."""
+    case = make_case(seed=5, n=12, v=61, mask_frac=0.0)
+    case["loss_mask"][4] = False
+    case["old_logprobs"][4] = -200.0
+    ref = run(ref_loss, case, dtype=torch.float32)
+    grads = ("grad_hidden", "grad_weight", "grad_bias")
+    assert all(bool(torch.isfinite(ref[k]).all()) for k in grads)
+    ours = run(fused(backend), case, dtype=torch.float32)
+    for k in ("loss",) + grads:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5)
