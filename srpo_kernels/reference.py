@@ -117,20 +117,24 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
 
     # GRPO branch (every token computed; routing selects below).
     old = x.old_logprobs if x.old_logprobs is not None else logp.detach()
-    # A masked token enters at ratio 1: exp(logp - old) overflows fp32 for old < -88, and masking after it would
-    # back-propagate 0 * inf = NaN into every gradient.
-    old = torch.where(x.valid, old, logp.detach())
-    ratio = torch.exp(logp - old)
     adv = x.advantages
-    unclipped = -adv * ratio
-    clipped_loss = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
-    loss_g = torch.maximum(unclipped, clipped_loss)
-    clipped = clipped_loss > unclipped
-    if dual_clip is not None:
-        cap = -dual_clip * adv
-        dual = (adv < 0) & (loss_g > cap)
-        loss_g = torch.where(adv < 0, torch.minimum(loss_g, cap), loss_g)
-        clipped = clipped | dual
+
+    def surrogate(ratio):
+        unclipped = -adv * ratio
+        clipped_loss = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+        loss = torch.maximum(unclipped, clipped_loss)
+        clipped = clipped_loss > unclipped
+        if dual_clip is not None:
+            cap = -dual_clip * adv
+            dual = (adv < 0) & (loss > cap)
+            loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
+            clipped = clipped | dual
+        return loss, clipped
+
+    # The loss takes a masked token at ratio 1: exp(logp - old) overflows fp32 for old < -88, and masking after it
+    # would back-propagate 0 * inf = NaN into every gradient. The clipped diagnostic keeps every position's own ratio.
+    loss_g, _ = surrogate(torch.exp(logp - torch.where(x.valid, old, logp.detach())))
+    _, clipped = surrogate(torch.exp(logp.detach() - old))
 
     # SDPO branch, teacher only on the routed rows.
     sd = x.route

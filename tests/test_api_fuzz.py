@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import srpo_kernels as sk
-from cases import assert_fp32_no_worse_than_naive, fused, make_case, ref_loss, run
+from cases import assert_fp32_no_worse_than_naive, fused, make_case, near_topk_tie, ref_loss, run
 
 pytestmark = pytest.mark.slow
 NEAR_EQUAL = 0.05  # a divergence below this marks a row whose teacher and student nearly agree (see _check_valid)
@@ -56,26 +56,12 @@ def _apply_edges(case, problem, edge):
     return case
 
 
-def _near_topk_tie(case, opts):
-    """fp32 and fp64 may order two logits closer than fp32 resolves differently at the top-K boundary, which changes
-    the support itself (exact ties are broken by the id rule, the same everywhere)."""
-    k, v = opts["topk"], case["weight"].shape[0]
-    if k is None or k >= v or not len(case["hidden"]):
-        return False
-    z = case["hidden"] @ case["weight"].T
-    if case.get("bias") is not None:
-        z = z + case["bias"]
-    top = z.topk(k + 1, dim=-1).values
-    gap = (top[:, k - 1] - top[:, k]).abs()
-    return bool(((gap > 0) & (gap < 1e-4 * top[:, 0].abs().clamp_min(1.0))).any())
-
-
 def _check_valid(backend, problem, opts, edge):
     ref = problem.pop("ref")
     case = _apply_edges(make_case(**problem, ref=ref), problem, edge)
     if ref:
         opts["ref_beta"] = 0.05
-    assume(not _near_topk_tie(case, opts))
+    assume(not near_topk_tie(case, opts))
     truth = run(ref_loss, case, **opts)
     # A sampled token deep in a sharp tail makes the k3 penalty exp(ref - logp) astronomically large, where fp32
     # keeps no relative digits to compare; such losses are no training regime.
