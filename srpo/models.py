@@ -43,9 +43,9 @@ def tiny_model(tokenizer, seed: int = 0, vocab_size: Optional[int] = None):
     the tokenizer (as Qwen3's is): the padded rows take part in every softmax, but are never sampled."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+    config = Qwen3Config(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

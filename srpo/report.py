@@ -25,7 +25,7 @@ def table(history: List[dict]) -> str:
                               for c in cols))
     evals = evaluations(history)
     if evals:
-        lines.append("\neval accuracy (greedy, held-out prompts): "
+        lines.append("\neval accuracy (held-out prompts): "
                      + ", ".join(f"step {s}: {a:.3f}" for s, a in evals))
     return "\n".join(lines)
 
@@ -43,7 +43,7 @@ def plots(history: List[dict], out_dir: pathlib.Path) -> List[pathlib.Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [r["reward_mean"] for r in history], marker="o", label="train reward")
     if evals:
-        ax.plot(*zip(*evals), marker="s", label="eval accuracy (greedy)")
+        ax.plot(*zip(*evals), marker="s", label="eval accuracy (held-out prompts)")
     ax.set(xlabel="step", ylabel="reward / accuracy", title="Reward")
     ax.legend()
     paths.append(_save(fig, out_dir / "reward.png"))

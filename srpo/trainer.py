@@ -39,7 +39,7 @@ class TrainConfig:
     group_size: int = 4  # rollouts per prompt
     max_new_tokens: int = 32  # response length cap
     temperature: float = 1.0  # sampling and loss temperature
-    lr: Optional[float] = None  # AdamW learning rate (default: 1e-3 for the random tiny models, 2e-6 otherwise)
+    lr: Optional[float] = None  # AdamW learning rate (default: 1e-3 for the random tiny models, 1e-5 otherwise)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up
     max_grad_norm: float = 1.0  # gradient-norm clip
@@ -57,9 +57,9 @@ class TrainConfig:
     micro_batch: int = 0  # rollouts per forward/backward (0: a whole mini-batch at once)
     mini_batches: int = 1  # optimiser updates per epoch, each on 1/K of the step's rollouts (verl's ppo_mini_batch)
     epochs: int = 1  # passes over the step's rollouts (verl's ppo_epochs); more than one update uses old log-probs
-    eval_every: int = 0  # greedy evaluation every N steps (0: at step 0 and at the end only)
-    eval_prompts: int = 8  # held-out prompts per evaluation
-    eval_samples: int = 0  # sampled answers per held-out prompt, at the training temperature (0: one greedy answer)
+    eval_every: int = 0  # evaluate every N steps (0: at step 0 and at the end only)
+    eval_prompts: int = 16  # held-out prompts per evaluation
+    eval_samples: int = 4  # sampled answers per held-out prompt, at the training temperature (0: one greedy answer)
     save_every: int = 1  # checkpoint every N steps
     output_dir: str = "runs/srpo"  # metrics.jsonl, checkpoint.pt, plots
     resume: bool = False  # continue from output_dir/checkpoint.pt
@@ -81,7 +81,7 @@ class TrainConfig:
         if self.group_size < 2 and self.algo != "grpo":
             raise ValueError("group_size must be >= 2: routing needs siblings")
         if self.lr is None:  # a random tiny model learns nothing at a pretrained model's rate
-            self.lr = 1e-3 if self.model.startswith("tiny") else 2e-6
+            self.lr = 1e-3 if self.model.startswith("tiny") else 1e-5
         if self.eval_samples < 0:
             raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
         for name in ("mini_batches", "epochs"):
