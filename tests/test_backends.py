@@ -10,7 +10,7 @@ import torch
 from srpo_kernels.backends import get_row_ops
 from srpo_kernels.backends import row_ops as S
 from srpo_kernels.backends.cpu import CpuRowOps, load_error
-from srpo_kernels.backends.torch_chunked import TorchRowOps
+from srpo_kernels.backends.torch_chunked import torch_row_ops
 
 
 def test_auto_picks_cpu_kernel_for_cpu_fp32_and_torch_for_fp64():
@@ -51,7 +51,7 @@ def _rows(seed, c=6, v=1031, scale=3.0):
 @pytest.mark.parametrize("topk,tail", [(None, True), (20, True), (20, False)])
 def test_cpu_row_passes_match_torch(alpha, topk, tail):
     z, u, y = _rows(0)
-    cpu, ref = CpuRowOps(), TorchRowOps()
+    cpu, ref = CpuRowOps(), torch_row_ops()
     u_cpu = u.clone()  # distill_stats may leave private data in u for distill_grad
     s_cpu, ids_cpu = cpu.distill_stats(z.clone(), u_cpu, y, alpha, topk, tail)
     s_ref, ids_ref = ref.distill_stats(z.clone(), u.clone(), y, alpha, topk, tail)
@@ -76,7 +76,7 @@ def test_cpu_row_passes_handle_minus_inf_logits(alpha, teacher_masked):
     z[:, :7] = -math.inf
     u[:, teacher_masked] = -math.inf
     y = y.clamp_min(12)  # targets on unmasked entries
-    cpu, ref = CpuRowOps(), TorchRowOps()
+    cpu, ref = CpuRowOps(), torch_row_ops()
     u_cpu = u.clone()
     s_cpu, _ = cpu.distill_stats(z.clone(), u_cpu, y, alpha, None, True)
     s_ref, _ = ref.distill_stats(z.clone(), u.clone(), y, alpha, None, True)
@@ -96,7 +96,7 @@ def test_cpu_student_passes_match_torch(masked):
     if masked:  # vocabulary entries masked with -inf: zero probability, zero gradient
         z[:, :7] = -math.inf
         y = y.clamp_min(7)
-    cpu, ref = CpuRowOps(), TorchRowOps()
+    cpu, ref = CpuRowOps(), torch_row_ops()
     s_cpu, s_ref = cpu.student_stats(z, y), ref.student_stats(z, y)
     n = S.N_STUDENT_STATS
     assert torch.allclose(s_cpu[:, :n], s_ref[:, :n], rtol=1e-5, atol=1e-6)
@@ -125,6 +125,6 @@ def test_topk_ties_go_to_the_lowest_ids_in_every_backend():
     assert [sorted(r) for r in topk_ids(z, k).tolist()] == expected
     u = torch.randn(5, 400, generator=g)
     targets = torch.zeros(5, dtype=torch.long)
-    for ops in (TorchRowOps(), CpuRowOps()):
+    for ops in (torch_row_ops(), CpuRowOps()):
         _, ids = ops.distill_stats(z.clone(), u.clone(), targets, 0.5, k, True)
         assert [sorted(r) for r in ids.tolist()] == expected, ops.name

@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="triton not installed (pip install 'srpo-ke
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-from srpo_kernels.backends.triton import TritonRowOps  # noqa: E402 (needs triton)
+from srpo_kernels.backends.triton import TritonPasses  # noqa: E402 (needs triton)
 
 CASES = {
     "jsd": {},
@@ -118,7 +118,7 @@ def test_onchip_forward_no_worse_than_naive(dtype, monkeypatch):
         hidden, weight, bias, ids = _logprob_case(dtype, seed)
         truth = sk.reference.logprobs(hidden.double(), weight.double(), ids, bias.double(), 0.7, with_entropy=True)
         naive = sk.reference.logprobs(hidden, weight, ids, bias.to(dtype), 0.7, with_entropy=True)
-        monkeypatch.setattr(TritonRowOps, "lse_entropy", _chunked_pass_called)  # the chunked path must not run
+        monkeypatch.setattr(TritonPasses, "lse_entropy", _chunked_pass_called)  # the chunked path must not run
         with torch.no_grad():
             ours = sk.fused_logprobs(hidden.to(DEVICE), weight.to(DEVICE), ids.to(DEVICE), bias.to(DEVICE), 0.7,
                                      with_entropy=True, backend="triton")

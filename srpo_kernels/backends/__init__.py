@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .row_ops import RowOps
-from .torch_chunked import TorchRowOps
+from .torch_chunked import torch_row_ops
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 _warned = set()
@@ -43,7 +43,7 @@ def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return TorchRowOps()
+        return torch_row_ops()
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
@@ -61,27 +61,27 @@ def get_row_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
         err = _triton_error(device, dtype)
         if err:
             raise ValueError(f"backend='triton' is unavailable: {err}")
-        from .triton import TritonRowOps
+        from .triton import triton_row_ops
 
-        return TritonRowOps()
+        return triton_row_ops()
     # auto
     if device.type == "cpu" and dtype != torch.float64:  # fp64 (gradcheck) stays exact in the torch backend
         from .cpu import MAX_VOCAB, CpuRowOps, load_error
 
         if vocab >= MAX_VOCAB:  # the C++ kernel stores a row's argmax as an exact float
-            return TorchRowOps()
+            return torch_row_ops()
         err = load_error()
         if err is None:
             return CpuRowOps()
         _warn_once("cpu", f"srpo_kernels: the C++ CPU kernel is unavailable ({err}); using the chunked PyTorch "
                           "backend (same results, slower)")
-        return TorchRowOps()
+        return torch_row_ops()
     if device.type == "cpu":
-        return TorchRowOps()
+        return torch_row_ops()
     if device.type == "cuda" and not _triton_error(device, dtype):
-        from .triton import TritonRowOps
+        from .triton import triton_row_ops
 
-        return TritonRowOps()
+        return triton_row_ops()
     _warn_once(f"auto-{device.type}", f"srpo_kernels: no fused kernel for {device.type} tensors; using the chunked "
                                       "PyTorch backend")
-    return TorchRowOps()
+    return torch_row_ops()

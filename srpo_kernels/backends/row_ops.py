@@ -28,6 +28,27 @@ T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM = 3, 4, 5, 6, 7, 8
 N_STUDENT_STATS, N_DISTILL_STATS = 3, 9
 
 
+class VocabPasses(Protocol):
+    """The five vocabulary-wide passes of the backends built from tensor ops (tensor_row_ops.TensorRowOps builds the
+    RowOps contract from them): the chunked PyTorch backend supplies them as tensor ops, the Triton backend as
+    kernels. ``norm*`` are (row max, log s) pairs: log-probs are (x - max) - log s."""
+
+    def lse_entropy(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: (max, log sum exp(x - max), entropy of softmax(x)); rows may hold -inf."""
+
+    def full_divergence(self, z, u, norm_z, norm_u, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per row: D_alpha(softmax z, softmax u) over the full vocabulary, and the sum its gradient needs."""
+
+    def fill_student_grad(self, z, norm, entropy, c_logp, c_ent) -> None:
+        """z <- -c_logp p - c_ent p (log p + H), in place."""
+
+    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha: float) -> None:
+        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place."""
+
+    def fill_tail_grad(self, z, lse_z, g_tail, shift, c_logp) -> None:
+        """z <- g_tail exp(z - shift) - c_logp exp(z - lse_z), in place (every entry as a top-K tail member)."""
+
+
 class RowOps(Protocol):
     name: str
     # How many [C, V] fp32 temporaries the passes allocate beside the logits buffer at their peak: the chunk loop

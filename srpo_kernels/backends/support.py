@@ -96,7 +96,7 @@ def norm_of(stats, m_col):
 
 
 def shifted_logp(x, norm):
-    """log softmax entries as (x - m) - log s, rounded like log_softmax (see TorchRowOps.lse_entropy)."""
+    """log softmax entries as (x - m) - log s, rounded like log_softmax (see torch_chunked.TorchPasses.lse_entropy)."""
     m, log_s = norm
     return (x - m[:, None]) - log_s[:, None]
 

@@ -12,8 +12,8 @@ Every rank runs the same chunk loop over the same tokens on its own ``[C, V_rank
   top-K taken from their union under the same tie rule as everywhere (lowest global id); the tail follows from
   ``[C, 4]`` maxima and ``[C, 7]`` sums. The support math on ``[C, K+1]`` then runs identically on every rank.
 
-The shifted sums mirror TorchRowOps.lse_entropy (the max's own term kept out of the sum, log1p), so a sharded call
-rounds like the unsharded one. ``dh`` is all-reduced once per pass (ChunkRunner.finish_grads).
+The shifted sums mirror torch_chunked.TorchPasses.lse_entropy (the max's own term kept out of the sum, log1p), so a
+sharded call rounds like the unsharded one. ``dh`` is all-reduced once per pass (ChunkRunner.finish_grads).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import row_ops as S
+from .torch_chunked import TORCH_TEMPORARIES
 from .support import (LOG_TINY, LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs,
                       divergence_and_aux, divergence_grad, effective_topk, entropy_of, norm_of, shifted_logp,
                       topk_ids, xlogy_diff)
@@ -116,7 +117,7 @@ class VocabParallelRowOps:
     """The RowOps of one rank's vocabulary block (tensor ops on any device; collectives over ``shard.group``)."""
 
     name = "vocab-parallel"
-    temporaries = 6  # as TorchRowOps: the same tensor-op passes
+    temporaries = TORCH_TEMPORARIES  # the torch backend's tensor-op passes, and their temporaries
     linear_student_stats = None
 
     def __init__(self, shard: VocabShard):
@@ -223,7 +224,7 @@ class VocabParallelRowOps:
         if topk_tail:
             for col, m_t, r_t, m_col in ((S.P_NORM, m_tz, sums[:, 5], M_Z), (S.Q_NORM, m_tu, sums[:, 6], M_U)):
                 m, log_s = norm_of(stats, m_col)
-                tail = (m_t - m) + (torch.log1p(r_t) - log_s)  # the tail's log-prob, as TorchRowOps._tail_norm
+                tail = (m_t - m) + (torch.log1p(r_t) - log_s)  # the tail's log-prob, as TensorRowOps._tail_norm
                 stats[:, col] = tail.clamp_min(LOG_TINY)
                 if col == S.P_NORM:
                     stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
@@ -291,7 +292,7 @@ class VocabParallelRowOps:
         return chosen[:, :, 2].long(), chosen[:, :, 0].to(z.dtype), chosen[:, :, 1].to(z.dtype)
 
 
-# Private columns beyond TorchRowOps' layout: whether this rank holds the student's argmax, then for top-K the
+# Private columns beyond TensorRowOps' layout: whether this rank holds the student's argmax, then for top-K the
 # support's student and teacher logits (K each), which distill_grad needs and only the gathered pool holds.
 _MINE_Z = TAIL_Z + 1
 _SUPPORT = _MINE_Z + 1

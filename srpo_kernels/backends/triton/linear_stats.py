@@ -89,7 +89,7 @@ _tuned = None if interpreting() else triton.autotune(_CONFIGS, key=["n_cols", "n
 
 
 def _combine(m, s, t):
-    """Merge per-span partials [N, spans] into (max, log s, entropy) [N] (see TorchRowOps.lse_entropy)."""
+    """Merge per-span partials [N, spans] into (max, log s, entropy) [N] (see torch_chunked.TorchPasses.lse_entropy)."""
     top = m.max(1, keepdim=True).values
     live = s > 0
     shift = torch.where(live, m - top, torch.zeros_like(m))

@@ -1,5 +1,5 @@
 """Per-row max m, log s (s = sum e^(x - m), so lse = m + log s) and entropy of softmax(x) in one online pass over
-vocabulary blocks (entries may be -inf); see TorchRowOps.lse_entropy for why m and log s stay apart."""
+vocabulary blocks (entries may be -inf); see torch_chunked.TorchPasses.lse_entropy for why m and log s stay apart."""
 import torch
 import triton
 import triton.language as tl

@@ -1,0 +1,96 @@
+"""The RowOps contract built from five vocabulary-wide passes (row_ops.VocabPasses): the chunked PyTorch backend
+supplies them as tensor ops, the Triton backend as kernels. Everything else here is shared: the stats layout, top-K
+selection, the small ``[C, K+1]`` support math, the target term and the rebalance."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from . import row_ops as S
+from .row_ops import VocabPasses
+from .support import (LOG_TINY, LS_U, LS_Z, M_U, M_Z, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs,
+                      divergence_and_aux, divergence_grad, effective_topk, entropy_of, norm_of, rebalance_,
+                      shifted_logp, topk_ids)
+
+
+class TensorRowOps:
+    """row_ops.RowOps over `passes`; `temporaries` and `linear_student_stats` as RowOps declares them."""
+
+    vocab_shard = None
+
+    def __init__(self, passes: VocabPasses, name: str, temporaries: int,
+                 linear_student_stats: Optional[Callable] = None):
+        self.passes, self.name, self.temporaries = passes, name, temporaries
+        self.linear_student_stats = linear_student_stats
+
+    def student_stats(self, z, targets):
+        m, log_s, entropy = self.passes.lse_entropy(z)
+        logp = shifted_logp(z.gather(1, targets[:, None]), (m, log_s)).squeeze(1)
+        return torch.stack([m + log_s, logp, entropy, m, log_s], 1)  # private (max, log s) at STUDENT_M
+
+    def student_grad(self, z, targets, stats, c_logp, c_ent):
+        top, sharp = argmax_and_sharp(z, stats[:, S.LSE])
+        self.passes.fill_student_grad(z, norm_of(stats, STUDENT_M), stats[:, S.ENTROPY], c_logp, c_ent)
+        z.scatter_add_(1, targets[:, None], c_logp[:, None])
+        rebalance_(z, top, sharp)
+
+    def _tail_norm(self, x, ids):
+        """(max, log s) of each row without the top-K ids (exact: no 1 - sum cancellation)."""
+        saved = x.gather(1, ids)
+        x.scatter_(1, ids, -math.inf)
+        m, log_s, _ = self.passes.lse_entropy(x)
+        x.scatter_(1, ids, saved)
+        return m, log_s
+
+    def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
+        stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS + 5)
+        student = self.student_stats(z, targets)
+        stats[:, :S.N_STUDENT_STATS] = student[:, :S.N_STUDENT_STATS]
+        stats[:, M_Z], stats[:, LS_Z] = norm_of(student, STUDENT_M)
+        stats[:, M_U], stats[:, LS_U], ent_u = self.passes.lse_entropy(u)
+        stats[:, S.T_LSE] = stats[:, M_U] + stats[:, LS_U]
+        topk = effective_topk(topk, z.shape[1])
+        if topk is None:
+            stats[:, S.T_ENTROPY] = ent_u
+            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.passes.full_divergence(
+                z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha)
+            return stats, None
+        ids = topk_ids(z, topk)
+        zk, uk = z.gather(1, ids), u.gather(1, ids)
+        if topk_tail:
+            for col, x, m_col in ((S.P_NORM, z, M_Z), (S.Q_NORM, u, M_U)):
+                m_t, ls_t = self._tail_norm(x, ids)
+                m, ls = norm_of(stats, m_col)
+                tail = (m_t - m) + (ls_t - ls)  # the tail's log-prob
+                stats[:, col] = tail.clamp_min(LOG_TINY)
+                if col == S.P_NORM:
+                    stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
+        else:  # the contract's normalisers; the support log-probs themselves come from log_softmax
+            stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
+        lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
+        stats[:, S.T_ENTROPY] = entropy_of(lq)
+        stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)
+        return stats, ids
+
+    def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
+        lse_z = stats[:, S.LSE]
+        top, sharp = argmax_and_sharp(z, lse_z)
+        if topk_ids is None:
+            self.passes.fill_distill_grad(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), stats[:, S.AUX_KL],
+                                          c_logp, c_div, alpha)
+        else:
+            zk, uk = z.gather(1, topk_ids), u.gather(1, topk_ids)
+            lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
+            g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
+            # The tail bucket's gradient spreads over its members in proportion p_j / p_tail (none without a tail).
+            if topk_tail:
+                # Spread by p_j / p_tail with the tail's own mass, not its floor (the reference's gradient too).
+                self.passes.fill_tail_grad(z, lse_z, g[:, -1], lse_z + stats[:, TAIL_Z], c_logp)
+            else:  # shift = lse keeps exp(z - shift) <= 1, so 0 * exp never meets an inf
+                self.passes.fill_tail_grad(z, lse_z, torch.zeros_like(lse_z), lse_z, c_logp)
+            k = topk_ids.shape[1]
+            z.scatter_(1, topk_ids, g[:, :k] - c_logp[:, None] * torch.exp(zk - lse_z[:, None]))
+        z.scatter_add_(1, targets[:, None], c_logp[:, None])
+        rebalance_(z, top, sharp)
