@@ -130,3 +130,21 @@ def rebalance_(grad, top, sharp):
     own = grad.gather(1, top)
     grad.scatter_(1, top, 0.0)
     grad.scatter_(1, top, torch.where(sharp, -grad.sum(1, keepdim=True), own))
+
+
+def fill_support_stats(stats, zk, uk, alpha, tails) -> None:
+    """The top-K columns of the distill stats from the support's logits ``zk``, ``uk`` ``[C, K]``: normalisers,
+    teacher entropy and divergence over the support. `tails`: each side's (max, log s) over the entries outside the
+    support, for a tail bucket; None renormalises over the K entries."""
+    if tails is not None:
+        for col, (m_t, ls_t), m_col in zip((S.P_NORM, S.Q_NORM), tails, (M_Z, M_U)):
+            m, ls = norm_of(stats, m_col)
+            tail = (m_t - m) + (ls_t - ls)  # the tail's log-prob, exact (no 1 - sum cancellation)
+            stats[:, col] = tail.clamp_min(LOG_TINY)
+            if col == S.P_NORM:  # unfloored for the gradient, which spreads by p_j / p_tail
+                stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
+    else:  # the contract's normalisers; the support log-probs themselves come from log_softmax
+        stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
+    lp, lq = bucket_logprobs(zk, uk, stats, tails is not None)
+    stats[:, S.T_ENTROPY] = entropy_of(lq)
+    stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)

@@ -10,9 +10,8 @@ import torch
 
 from . import row_ops as S
 from .row_ops import VocabPasses
-from .support import (LOG_TINY, LS_U, LS_Z, M_U, M_Z, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs,
-                      divergence_and_aux, divergence_grad, effective_topk, entropy_of, norm_of, rebalance_,
-                      shifted_logp, topk_ids)
+from .support import (LS_U, LS_Z, M_U, M_Z, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs, divergence_grad,
+                      effective_topk, fill_support_stats, norm_of, rebalance_, shifted_logp, topk_ids)
 
 
 class TensorRowOps:
@@ -59,19 +58,8 @@ class TensorRowOps:
             return stats, None
         ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
-        if topk_tail:
-            for col, x, m_col in ((S.P_NORM, z, M_Z), (S.Q_NORM, u, M_U)):
-                m_t, ls_t = self._tail_norm(x, ids)
-                m, ls = norm_of(stats, m_col)
-                tail = (m_t - m) + (ls_t - ls)  # the tail's log-prob
-                stats[:, col] = tail.clamp_min(LOG_TINY)
-                if col == S.P_NORM:
-                    stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
-        else:  # the contract's normalisers; the support log-probs themselves come from log_softmax
-            stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
-        lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
-        stats[:, S.T_ENTROPY] = entropy_of(lq)
-        stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)
+        tails = [self._tail_norm(z, ids), self._tail_norm(u, ids)] if topk_tail else None
+        fill_support_stats(stats, zk, uk, alpha, tails)
         return stats, ids
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):

@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 
 from . import row_ops as S
+from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs,
+                      divergence_and_aux, divergence_grad, effective_topk, fill_support_stats, norm_of,
+                      shifted_logp, topk_ids, xlogy_diff)
 from .torch_chunked import TORCH_TEMPORARIES
-from .support import (LOG_TINY, LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs,
-                      divergence_and_aux, divergence_grad, effective_topk, entropy_of, norm_of, shifted_logp,
-                      topk_ids, xlogy_diff)
 
 
 @dataclass(frozen=True)
@@ -221,18 +221,8 @@ class VocabParallelRowOps:
         sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z),
                                                   r_tz, r_tu], 1))
         self._fill_norms(stats, sums, m_z, m_u, mine)
-        if topk_tail:
-            for col, m_t, r_t, m_col in ((S.P_NORM, m_tz, sums[:, 5], M_Z), (S.Q_NORM, m_tu, sums[:, 6], M_U)):
-                m, log_s = norm_of(stats, m_col)
-                tail = (m_t - m) + (torch.log1p(r_t) - log_s)  # the tail's log-prob, as TensorRowOps._tail_norm
-                stats[:, col] = tail.clamp_min(LOG_TINY)
-                if col == S.P_NORM:
-                    stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
-        else:
-            stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
-        lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
-        stats[:, S.T_ENTROPY] = entropy_of(lq)
-        stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)
+        tails = [(m_tz, torch.log1p(sums[:, 5])), (m_tu, torch.log1p(sums[:, 6]))] if topk_tail else None
+        fill_support_stats(stats, zk, uk, alpha, tails)
         return stats, ids
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
