@@ -15,7 +15,7 @@ import time
 TRAINERS = ("fused", "trl")
 
 
-def _run_one(which: str, steps: int, rollouts: int, length: int) -> dict:
+def _run_one(which: str, steps: int, rollouts: int, length: int, bf16: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -48,7 +48,7 @@ def _run_one(which: str, steps: int, rollouts: int, length: int) -> dict:
     timer = StepTimes()
     args = GRPOConfig(output_dir=f"/tmp/trl-dropin-{which}", per_device_train_batch_size=rollouts,
                       num_generations=4, max_completion_length=length, max_steps=steps, learning_rate=1e-6,
-                      beta=0.0, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0)
+                      beta=0.0, use_cpu=True, bf16=bf16, report_to=[], save_strategy="no", logging_steps=1, seed=0)
     cls = FusedGRPOTrainer if which == "fused" else GRPOTrainer
     trainer = cls(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                   callbacks=[timer])
@@ -63,15 +63,17 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rollouts", type=int, default=16, help="rollouts per step (4 per prompt)")
     p.add_argument("--length", type=int, default=48, help="max completion tokens")
+    p.add_argument("--bf16", action="store_true", help="TRL's default bf16 autocast (slow on a CPU without bf16 "
+                                                       "units; off by default: fp32)")
     p.add_argument("--only", choices=TRAINERS, help="run one trainer in this process and print its JSON")
     a = p.parse_args()
     if a.only:
-        print(json.dumps(_run_one(a.only, a.steps, a.rollouts, a.length)))
+        print(json.dumps(_run_one(a.only, a.steps, a.rollouts, a.length, a.bf16)))
         return
     print(f"{'trainer':>8} {'s/step (median)':>16} {'peak RSS':>10} {'first loss':>11}")
     for which in TRAINERS:
         cmd = [sys.executable, "-m", "benchmarks.trl_dropin", "--only", which, "--steps", str(a.steps),
-               "--rollouts", str(a.rollouts), "--length", str(a.length)]
+               "--rollouts", str(a.rollouts), "--length", str(a.length)] + (["--bf16"] if a.bf16 else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         times = sorted(r["step_seconds"])
