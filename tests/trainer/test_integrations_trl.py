@@ -159,3 +159,57 @@ def test_fused_loss_under_fsdp2_reaches_the_shards(tmp_path, own_head):
     _fused_loss(model)[0].backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _zero3_worker(rank, world, port, out_file):
+    import os
+    from types import SimpleNamespace
+
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    from srpo.integrations.trl import backbone_hidden, gathered_lm_head
+    import srpo_kernels
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model, ids, adv = _fsdp_problem(False)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 3}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=config)
+    sharded = engine.module.lm_head.weight.numel()  # 0: ZeRO-3 partitioned it away
+    hidden = backbone_hidden(engine, ids[:, :-1], torch.ones_like(ids[:, :-1]))
+    trainer = SimpleNamespace(model=engine, accelerator=SimpleNamespace(state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=3))))
+    with gathered_lm_head(trainer) as (weight, bias):
+        loss = srpo_kernels.fused_srpo_loss(hidden, weight, ids[:, 1:], adv, bias=bias, backend="torch").loss
+    engine.backward(loss)
+    grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
+    if rank == 0:
+        torch.save((grads, sharded), out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fused_loss_under_deepspeed_zero3_reaches_the_shards(tmp_path):
+    """DeepSpeed ZeRO-3 on the CPU (2 gloo processes): the drop-in gathers the partitioned lm_head for the loss, and
+    every parameter's gradient equals the single-process one."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (optional: pip install deepspeed; ZeRO-3 runs on "
+                                            "the CPU with gloo)")
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_file = tmp_path / "grads.pt"
+    mp.spawn(_zero3_worker, args=(2, port, str(out_file)), nprocs=2, join=True)
+    grads, sharded = torch.load(out_file)
+    assert sharded == 0
+    model, _, _ = _fsdp_problem(False)
+    _fused_loss(model)[0].backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
