@@ -21,9 +21,9 @@ def _dataset():
 
 
 def _args(cls, tmp_path, **over):
-    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, use_bias_correction_kl=False, num_generations=4, max_completion_length=8,
-              max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-              beta=0.0, seed=0)
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, use_bias_correction_kl=False, num_generations=4,
+              max_completion_length=8, max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
+              save_strategy="no", beta=0.0, seed=0)
     kw.update(over)
     return cls(**kw)
 
