@@ -24,10 +24,9 @@ from typing import Optional
 import torch
 
 from . import row_ops as S
-from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs,
-                      divergence_and_aux, divergence_grad, effective_topk, fill_support_stats, norm_of,
-                      shifted_logp, topk_ids, xlogy_diff)
-from .torch_chunked import TORCH_TEMPORARIES
+from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
+                      effective_topk, fill_support_stats, norm_of, topk_ids)
+from .torch_chunked import TORCH_TEMPORARIES, TorchPasses
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class VocabShard:
             raise ValueError("hidden must have shape [..., H]")
         world = dist.get_world_size(group)
         n = hidden.numel() // max(hidden.shape[-1], 1)
-        mine = torch.tensor([weight.shape[0], n, hidden.shape[-1]], dtype=torch.int64, device=_comm_device(hidden))
+        mine = torch.tensor([weight.shape[0], n, hidden.shape[-1]], dtype=torch.int64, device=hidden.device)
         blocks = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(blocks, mine, group=group)
         sizes = [int(b[0]) for b in blocks]
@@ -77,10 +76,6 @@ class VocabShard:
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t, group=self.group)
         return t
-
-
-def _comm_device(t: torch.Tensor) -> torch.device:
-    return t.device if t.device.type != "cpu" else torch.device("cpu")
 
 
 def _block_max(x):
@@ -122,6 +117,8 @@ class VocabParallelRowOps:
 
     def __init__(self, shard: VocabShard):
         self.vocab_shard = shard
+        # Per-entry passes given the global (max, log s) of a row: the torch backend's, unchanged on a block.
+        self.passes = TorchPasses()
 
     # ------------------------------------------------------------------ helpers
     def _maxima(self, local):
@@ -133,22 +130,17 @@ class VocabParallelRowOps:
         mine = owner == self.vocab_shard.rank
         return [(m[:, i], mine[:, i], top) for i, (_, top) in enumerate(local)]
 
-    def _local_targets(self, targets):
-        local = targets - self.vocab_shard.offset
-        here = (local >= 0) & (local < self.vocab_shard.size)
-        return local.clamp(0, max(self.vocab_shard.size - 1, 0))[:, None], here
-
     def _target_shifted(self, z, targets, m):
         """z_y - m on the rank that holds y, 0 elsewhere (summed over ranks: z_y - m exactly)."""
         if z.shape[1] == 0:
             return z.new_zeros(z.shape[0])
-        idx, here = self._local_targets(targets)
-        return torch.where(here, z.gather(1, idx).squeeze(1) - m, torch.zeros_like(m))
+        idx, here = self._owned(targets)
+        return torch.where(here, z.gather(1, idx[:, None]).squeeze(1) - m, torch.zeros_like(m))
 
     def _add_target_(self, grad, targets, c_logp):
         if grad.shape[1]:
-            idx, here = self._local_targets(targets)
-            grad.scatter_add_(1, idx, torch.where(here, c_logp, torch.zeros_like(c_logp))[:, None])
+            idx, here = self._owned(targets)
+            grad.scatter_add_(1, idx[:, None], torch.where(here, c_logp, torch.zeros_like(c_logp))[:, None])
 
     def _rebalance_(self, grad, top, mine, log_s):
         """support.rebalance_ across ranks: the rank holding the argmax sets it to minus the sum of every other
@@ -163,7 +155,7 @@ class VocabParallelRowOps:
         grad.scatter_(1, top, torch.where((mine & sharp)[:, None], -others[:, None], own))
 
     def _owned(self, ids):
-        """(local column, held here) of global ids ``[C, K]``."""
+        """(local column, held here) of global ids (any shape; the column is clamped into the block elsewhere)."""
         local = ids - self.vocab_shard.offset
         here = (local >= 0) & (local < self.vocab_shard.size)
         return local.clamp(0, max(self.vocab_shard.size - 1, 0)), here
@@ -174,19 +166,15 @@ class VocabParallelRowOps:
         r, t = _moments(z, m, mine, top)
         sums = self.vocab_shard.sum_(torch.stack([r, t, self._target_shifted(z, targets, m)], 1))
         log_s, entropy = _log_s_entropy(sums[:, 0], sums[:, 1])
+        # private columns: (max, log s) at STUDENT_M, then whether this rank holds the argmax (_MINE_STUDENT)
         return torch.stack([m + log_s, sums[:, 2] - log_s, entropy, m, log_s, mine.to(z.dtype)], 1)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
         _, top = _block_max(z)
-        m, log_s = norm_of(stats, STUDENT_M)
-        log_p = shifted_logp(z, (m, log_s))
-        p = log_p.exp()
-        grad = -c_logp[:, None] * p
-        if c_ent is not None:
-            grad -= c_ent[:, None] * xlogy_diff(p, log_p, -stats[:, S.ENTROPY, None])
-        z.copy_(grad)
+        norm = norm_of(stats, STUDENT_M)
+        self.passes.fill_student_grad(z, norm, stats[:, S.ENTROPY], c_logp, c_ent)
         self._add_target_(z, targets, c_logp)
-        self._rebalance_(z, top, stats[:, STUDENT_M + 2] > 0, log_s)
+        self._rebalance_(z, top, stats[:, _MINE_STUDENT] > 0, norm[1])
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
         k = effective_topk(topk, self.vocab_shard.vocab)
@@ -198,8 +186,7 @@ class VocabParallelRowOps:
             sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z)], 1))
             self._fill_norms(stats, sums, m_z, m_u, mine)
             stats[:, S.T_ENTROPY] = _log_s_entropy(sums[:, 2], sums[:, 3])[1]
-            d_aux = divergence_and_aux(shifted_logp(z, norm_of(stats, M_Z)), shifted_logp(u, norm_of(stats, M_U)),
-                                       alpha)
+            d_aux = self.passes.full_divergence(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha)  # this block's
             stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.vocab_shard.sum_(torch.stack(d_aux, 1)).unbind(1)
             return stats, None
         ids, zk, uk = self._global_topk(z, u, k)
@@ -231,11 +218,7 @@ class VocabParallelRowOps:
         norm_z = norm_of(stats, M_Z)
         mine = stats[:, _MINE_Z] > 0
         if topk_ids is None:
-            log_p = shifted_logp(z, norm_z)
-            grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_of(stats, M_U)), stats[:, S.AUX_KL],
-                                                    alpha)
-            grad -= c_logp[:, None] * log_p.exp()
-            z.copy_(grad)
+            self.passes.fill_distill_grad(z, u, norm_z, norm_of(stats, M_U), stats[:, S.AUX_KL], c_logp, c_div, alpha)
         else:
             k = topk_ids.shape[1]
             zk, uk = stats[:, _SUPPORT:_SUPPORT + k], stats[:, _SUPPORT + k:]
@@ -244,7 +227,7 @@ class VocabParallelRowOps:
             # Every entry as a tail member (spread by p_j / p_tail, none without a tail), then the support's own.
             g_tail = g[:, -1] if topk_tail else torch.zeros_like(lse_z)
             shift = lse_z + stats[:, TAIL_Z] if topk_tail else lse_z
-            z.copy_(g_tail[:, None] * torch.exp(z - shift[:, None]) - c_logp[:, None] * torch.exp(z - lse_z[:, None]))
+            self.passes.fill_tail_grad(z, lse_z, g_tail, shift, c_logp)
             local, here = self._owned(topk_ids)
             rows, cols = here.nonzero(as_tuple=True)
             support = g[:, :k] - c_logp[:, None] * torch.exp(zk - lse_z[:, None])
@@ -282,8 +265,10 @@ class VocabParallelRowOps:
         return chosen[:, :, 2].long(), chosen[:, :, 0].to(z.dtype), chosen[:, :, 1].to(z.dtype)
 
 
-# Private columns beyond TensorRowOps' layout: whether this rank holds the student's argmax, then for top-K the
-# support's student and teacher logits (K each), which distill_grad needs and only the gathered pool holds.
+# Private columns beyond TensorRowOps' layout: whether this rank holds the student's argmax (after the student
+# stats' (max, log s); in the distill stats after theirs), then for top-K the support's student and teacher logits
+# (K each), which distill_grad needs and only the gathered pool holds.
+_MINE_STUDENT = STUDENT_M + 2
 _MINE_Z = TAIL_Z + 1
 _SUPPORT = _MINE_Z + 1
 
