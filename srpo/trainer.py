@@ -169,6 +169,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = models.load(cfg.model, cfg.seed, self.device)
         self.model.to(self.device).train()
+        self.logits_processor = models.tokenizer_vocab_only(self.model, self.tokenizer)
         if cfg.task == "arithmetic":
             self.task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed)
             self.eval_task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed + 10_007)
@@ -241,7 +242,7 @@ class Trainer:
                                       do_sample=not greedy, temperature=cfg.temperature if not greedy else None,
                                       top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
                                       num_return_sequences=n, pad_token_id=pad, eos_token_id=tok.eos_token_id,
-                                      logits_processor=models.tokenizer_vocab_only(self.model, tok))
+                                      logits_processor=self.logits_processor)
         self.model.train()
         responses, texts, per_prompts, per_examples = [], [], [], []
         for row, seq in enumerate(out[:, width:].tolist()):
@@ -318,18 +319,26 @@ class Trainer:
             out.update(self._per_row(mb, batch.roll.responses, flat))
         return out
 
+    def _token_ids(self, rows, responses) -> torch.Tensor:
+        """The sampled tokens of `rows`, flattened in rollout order (as _response_hidden flattens their states)."""
+        return torch.tensor([t for i in rows for t in responses[i]], device=self.device)
+
+    def _fused_logprobs(self, hidden, head, rows, responses, with_entropy=False):
+        """fused_logprobs of the sampled tokens of `rows` from their hidden states; `head` is _lm_head()."""
+        weight, bias = head
+        return srpo_kernels.fused_logprobs(hidden.to(weight.dtype), weight, self._token_ids(rows, responses),
+                                           bias=bias, temperature=self.cfg.temperature, with_entropy=with_entropy,
+                                           backend=self.cfg.backend)
+
     @torch.no_grad()
     def old_logprobs(self, batch: Batch, rows: List[int]) -> Dict[int, torch.Tensor]:
         """Log-probs of the sampled tokens under the policy before this step's first update (the PPO ratio's
         denominator), from the fused log-probs without a gradient."""
-        out = {}
+        out, head = {}, self._lm_head()
         for mb in self._micro_batches(rows):
             hidden = self._response_hidden(self.model, [batch.roll.prompts[i] for i in mb],
                                            [batch.roll.responses[i] for i in mb])
-            weight, bias = self._lm_head()
-            ids = torch.tensor([t for i in mb for t in batch.roll.responses[i]], device=self.device)
-            logp = srpo_kernels.fused_logprobs(hidden.to(weight.dtype), weight, ids, bias=bias,
-                                               temperature=self.cfg.temperature, backend=self.cfg.backend)
+            logp = self._fused_logprobs(hidden, head, mb, batch.roll.responses)
             out.update(self._per_row(mb, batch.roll.responses, logp.float()))
         return out
 
@@ -337,12 +346,8 @@ class Trainer:
     def weight_normalizer(self, teacher: Dict[int, torch.Tensor], rows: List[int], responses) -> float:
         """Mean of exp(-entropy_beta * H_T) over the distilled tokens of `rows`, H_T the teacher's full-vocabulary
         entropy with the lm_head's bias, as the loss computes it."""
-        hidden = torch.cat([teacher[i] for i in rows])
-        weight, bias = self._lm_head()
-        ids = torch.tensor([t for i in rows for t in responses[i]], device=self.device)
-        _, h_t = srpo_kernels.fused_logprobs(hidden.to(weight.dtype), weight, ids, bias=bias,
-                                             temperature=self.cfg.temperature, with_entropy=True,
-                                             backend=self.cfg.backend)
+        _, h_t = self._fused_logprobs(torch.cat([teacher[i] for i in rows]), self._lm_head(), rows, responses,
+                                      with_entropy=True)
         return float(torch.exp(-self.cfg.entropy_beta * h_t.double()).mean())
 
     # ------------------------------------------------------------------ the update phase
@@ -382,7 +387,7 @@ class Trainer:
             hidden = self._response_hidden(self.model, [batch.roll.prompts[i] for i in mb],
                                            [responses[i] for i in mb])
             lens = torch.tensor([len(responses[i]) for i in mb], device=self.device)
-            token_ids = torch.tensor([t for i in mb for t in responses[i]], device=self.device)
+            token_ids = self._token_ids(mb, responses)
             route = torch.tensor([batch.distill[i] for i in mb], device=self.device).repeat_interleave(lens)
             advantages = torch.tensor([batch.advantages[i] for i in mb], device=self.device).repeat_interleave(lens)
             sd = [i for i in mb if batch.distill[i]]
