@@ -1,5 +1,5 @@
 """Peak extra memory of one variant's forward+backward, in a fresh process: peak RSS (VmHWM) minus the RSS once
-the inputs exist. ``python -m benchmarks.memory --variant "fused cpu" --n 2048 --h 1024 --v 151936 --routing half``"""
+the inputs exist, after a warm-up call on a tiny problem (see benchmarks/peak_memory.py). ``python -m benchmarks.memory --variant "fused cpu" --n 2048 --h 1024 --v 151936 --routing half``"""
 from __future__ import annotations
 
 import argparse
@@ -28,12 +28,13 @@ def _main():
 
     from benchmarks.variants import DTYPES, ROUTINGS, make_inputs, steps
     from srpo_kernels.backends.cpu import load_error
-    from benchmarks.peak_memory import _rss_bytes, peak_rss_bytes
+    from benchmarks.peak_memory import peak_rss_bytes, start_peak
 
     torch.set_num_threads(2)
     load_error()  # load the kernel before the baseline
+    steps(make_inputs(64, 64, 4096, ROUTINGS[a.routing], dtype=DTYPES[a.dtype]))[a.variant]()  # warm-up
     run = steps(make_inputs(a.n, a.h, a.v, ROUTINGS[a.routing], dtype=DTYPES[a.dtype]))[a.variant]
-    base = _rss_bytes()
+    base = start_peak()
     run()
     print(json.dumps({"peak_extra_bytes": max(peak_rss_bytes() - base, 0)}))
 
