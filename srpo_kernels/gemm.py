@@ -9,9 +9,12 @@
   directly (``out_dtype``, torch >= 2.8). The CPU build of torch has no such op: there the GEMM writes its
   input-dtype result into a scratch buffer and one pass widens it, exactly as rounded as the naive bf16 logits.
 - Backward: ``dL/dz`` is narrowed to the input dtype for the ``dh`` and ``dW`` GEMMs (as autograd does for the
-  naive loss). ``dW`` and ``db`` accumulate in fp32 across chunks; the CPU's ``dW`` GEMM runs in fp32 on widened
-  operands of ``C x V`` and ``C x H`` (never a ``V x H`` copy of the weight), since only an fp32 GEMM can add into
-  the fp32 accumulator there.
+  naive loss). ``dW`` and ``db`` accumulate in fp32 across chunks. On CUDA the ``dW`` GEMM adds into the fp32
+  accumulator itself (``addmm(out_dtype=...)``). The CPU's bf16 GEMM cannot, so there it runs per block of
+  vocabulary rows, each block's ``[rows, H]`` result (a chunk's share of ``dW``, rounded once to the input dtype, as
+  the naive loss rounds its whole ``dW``) added into the accumulator while it is in cache: never a ``V x H``
+  temporary, and 2.3-2.8x faster than an fp32 GEMM on widened operands on a Sapphire Rapids CPU (AMX) at
+  C = 256-512, H = 256-1024.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from typing import Optional
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# The CPU's low-precision dW GEMM runs per block of about this many entries of dW (4 MiB of bf16, 8 MiB of the fp32
+# accumulator): 2048-8192 rows for H = 256-1024, the fastest measured on 2 Sapphire Rapids cores (256-row blocks were
+# up to 1.8x slower).
+DW_BLOCK_ELEMENTS = 1 << 21
 _out_dtype_ok = {}  # device type -> whether torch.mm/addmm take out_dtype there (probed once)
 # CPU feature flags (/proc/cpuinfo) of native bf16/fp16 dot products: AVX-512/AMX on x86, bf16/fp16 on Arm.
 _CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}
@@ -121,7 +128,13 @@ class Gemms:
         """acc (fp32/fp64, V x H) <- beta * acc + dz^T h, with no V x H temporary."""
         if self.fp32_out:
             torch.addmm(acc, dz_op.T, h, beta=beta, out_dtype=self.math, out=acc)
-        elif self.low:  # CPU: fp32 GEMM on the widened dz (already fp32) and rows of h
-            torch.addmm(acc, dz.T, h.to(self.math), beta=beta, out=acc)
+        elif self.low:  # CPU: see the module's docstring
+            rows = max(64, DW_BLOCK_ELEMENTS // max(1, h.shape[1]))
+            for v0 in range(0, acc.shape[0], rows):
+                block, part = acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h)
+                if beta == 0.0:  # the accumulator is not written yet: it may hold anything, NaN included
+                    block.copy_(part)
+                else:
+                    torch.add(part, block, alpha=beta, out=block)
         else:
             torch.addmm(acc, dz.T, h, beta=beta, out=acc)

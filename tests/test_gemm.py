@@ -1,0 +1,32 @@
+"""gemm.py: the GEMM precision policy's dW accumulation, on the CPU's low-precision path (forced here whatever
+this CPU has: the result does not depend on the hardware, only the speed does)."""
+import pytest
+import torch
+
+from srpo_kernels import gemm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.37])
+def test_blockwise_low_precision_dw_accumulates_in_fp32(dtype, beta, monkeypatch):
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)
+    monkeypatch.setattr(gemm, "DW_BLOCK_ELEMENTS", 1)  # 64-row blocks: V = 203 takes four, the last one partial
+    g = torch.Generator().manual_seed(0)
+    v, h_dim, c = 203, 24, 37
+    weight = torch.randn(v, h_dim, generator=g).to(dtype)
+    gemms = gemm.Gemms(weight, None, 1.0)
+    assert gemms.low and not gemms.fp32_out  # the CPU path
+    dz = torch.randn(c, v, generator=g)
+    dz_op = gemms.narrow(dz, torch.empty(c, v, dtype=dtype))
+    h = torch.randn(c, h_dim, generator=g).to(dtype)
+    before = torch.randn(v, h_dim, generator=g)
+    acc = before.clone() if beta else torch.full((v, h_dim), float("nan"))  # beta 0: unwritten, NaN ignored
+    gemms.add_grad_weight(acc, dz, dz_op, h, beta)
+
+    part = dz_op.double().T @ h.double()
+    expected = beta * before.double() + part
+    # Each block's share is rounded once to the input dtype, as the naive loss rounds its dW (then fp32 adds).
+    eps = torch.finfo(dtype).eps
+    bound = eps * part.abs() + 4 * torch.finfo(torch.float32).eps * (expected.abs() + part.abs())
+    assert torch.isfinite(acc).all()
+    assert ((acc.double() - expected).abs() <= bound).all()
