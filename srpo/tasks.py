@@ -50,11 +50,25 @@ def parity(response: str, answer) -> float:
     return float(sum(map(ord, response)) % 2 == 0)
 
 
-VERIFIERS = {"numeric": numeric, "mcq": mcq, "toolcall": toolcall, "parity": parity}
+def math_verify(response: str, answer) -> float:
+    """1 if Hugging Face's math-verify (optional extra ``[tasks]``) finds the response's final answer equal to
+    `answer`: LaTeX, fractions, sets and intervals compared as mathematics, not as strings."""
+    from math_verify import parse, verify
+
+    return float(verify(parse(str(answer)), parse(response)))
+
+
+VERIFIERS = {"numeric": numeric, "mcq": mcq, "toolcall": toolcall, "parity": parity, "math-verify": math_verify}
+_EXTRA = "pip install 'srpo-kernels[tasks]'"
 
 
 def get_verifier(spec: str) -> Callable[[str, Any], float]:
     """A built-in name or ``module:function``."""
+    if spec == "math-verify":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:
+            raise ValueError(f"verifier 'math-verify' needs the math-verify package: {_EXTRA}") from None
     if spec in VERIFIERS:
         return VERIFIERS[spec]
     if ":" not in spec:
@@ -135,3 +149,64 @@ class JsonlDataset:
 
     def set_state(self, state):
         self.rng.setstate(state)
+
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def final_answer(response: str) -> str:
+    """The last <answer>...</answer> of a response, else its last non-empty line."""
+    tagged = ANSWER_TAG.findall(response)
+    if tagged:
+        return tagged[-1].strip()
+    lines = [line.strip() for line in response.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class ReasoningGym:
+    """Procedural problems from reasoning-gym (optional extra ``[tasks]``; ``--task reasoning-gym:NAME``), e.g.
+    ``basic_arithmetic``, ``leg_counting``, ``chain_sum``. Each example's answer is the dataset's entry, and the
+    reward is the dataset's own ``score_answer`` on the response's final answer (see ``final_answer``)."""
+
+    PREFIX = "reasoning-gym:"
+    FORMAT = "\nGive only the final answer, inside <answer></answer>."
+
+    def __init__(self, name: str, seed: int = 0, size: int = 1_000_000):
+        try:
+            import reasoning_gym
+        except ImportError:
+            raise ValueError(f"--task {self.PREFIX}{name} needs the reasoning-gym package: {_EXTRA}") from None
+        names = sorted(reasoning_gym.factory.DATASETS)
+        if name not in names:
+            raise ValueError(f"unknown reasoning-gym dataset {name!r}; one of {', '.join(names)}")
+        self.data = reasoning_gym.create_dataset(name, size=size, seed=seed)  # generated lazily, per index
+        self.rng = random.Random(seed)
+
+    def sample(self, n: int) -> List[Example]:
+        entries = [self.data[self.rng.randrange(len(self.data))] for _ in range(n)]
+        return [Example(e["question"] + self.FORMAT, e) for e in entries]
+
+    def verify(self, response: str, entry) -> float:
+        return float(self.data.score_answer(answer=final_answer(response), entry=entry))
+
+    def state(self):
+        return self.rng.getstate()
+
+    def set_state(self, state):
+        self.rng.setstate(state)
+
+
+def load_task(task: str, verifier: str, digits: int = 1, ops: str = "+-", seed: int = 0):
+    """(training task, held-out task, verifier) for ``TrainConfig.task``: ``arithmetic``, ``parity``,
+    ``reasoning-gym:NAME``, or a JSONL file scored by `verifier`. The held-out task draws from another seed."""
+    held_out = seed + 10_007
+    if task == "arithmetic":
+        return Arithmetic(digits, ops, seed=seed), Arithmetic(digits, ops, seed=held_out), numeric
+    if task == "parity":
+        return Parity(seed=seed), Parity(seed=held_out), parity
+    if task.startswith(ReasoningGym.PREFIX):
+        name = task[len(ReasoningGym.PREFIX):]
+        train = ReasoningGym(name, seed=seed)
+        return train, ReasoningGym(name, seed=held_out), train.verify
+    verify = get_verifier(verifier)
+    return JsonlDataset(task, verifier, seed=seed), JsonlDataset(task, verifier, seed=held_out), verify

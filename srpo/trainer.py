@@ -18,7 +18,7 @@ import srpo_kernels
 from . import checkpoint, models
 from .peak_memory import PeakMemory
 from .routing import ALGOS, route_rollouts
-from .tasks import Arithmetic, JsonlDataset, Parity, get_verifier
+from .tasks import load_task
 from .teacher import EMATeacher, chat_prompt_ids, teacher_prompt_ids
 
 LOSSES = ("fused", "reference")
@@ -30,8 +30,8 @@ class TrainConfig:
 
     model: str = "smollm2"  # smollm2 (embedded SmolLM2-135M-Instruct), tiny (random Qwen3), tiny-qwen3-vocab (with Qwen3's 151936-row lm_head), or a local HF dir
     algo: str = "srpo"  # srpo | grpo | sdpo
-    task: str = "arithmetic"  # arithmetic, parity (a reward with no skill behind it, for measuring compute), or a JSONL file of {"prompt", "answer"[, "feedback"]}
-    verifier: str = "numeric"  # for JSONL tasks: numeric | mcq | toolcall | module:function
+    task: str = "arithmetic"  # arithmetic, parity (a reward with no skill behind it, for measuring compute), reasoning-gym:NAME (extra [tasks]), or a JSONL file of {"prompt", "answer"[, "feedback"]}
+    verifier: str = "numeric"  # for JSONL tasks: numeric | mcq | toolcall | math-verify (extra [tasks]) | module:function
     digits: int = 1  # arithmetic: operand digits
     ops: str = "+-"  # arithmetic: operators drawn from +, -, *
     steps: int = 5  # optimiser steps
@@ -170,17 +170,7 @@ class Trainer:
         self.model, self.tokenizer = models.load(cfg.model, cfg.seed, self.device)
         self.model.to(self.device).train()
         self.logits_processor = models.tokenizer_vocab_only(self.model, self.tokenizer)
-        if cfg.task == "arithmetic":
-            self.task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed)
-            self.eval_task = Arithmetic(cfg.digits, cfg.ops, seed=cfg.seed + 10_007)
-            self.verify = get_verifier("numeric")
-        elif cfg.task == "parity":
-            self.task, self.eval_task = Parity(seed=cfg.seed), Parity(seed=cfg.seed + 10_007)
-            self.verify = get_verifier("parity")
-        else:
-            self.task = JsonlDataset(cfg.task, cfg.verifier, seed=cfg.seed)
-            self.eval_task = JsonlDataset(cfg.task, cfg.verifier, seed=cfg.seed + 10_007)
-            self.verify = get_verifier(cfg.verifier)
+        self.task, self.eval_task, self.verify = load_task(cfg.task, cfg.verifier, cfg.digits, cfg.ops, cfg.seed)
         self.eval_examples = self.eval_task.sample(cfg.eval_prompts)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMATeacher(self.model, cfg.ema_rate) if cfg.teacher == "ema" and cfg.algo != "grpo" else None

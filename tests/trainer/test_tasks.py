@@ -54,3 +54,47 @@ def test_parity_task_passes_about_half_and_replays_from_its_state():
     first = task.sample(4)
     task.set_state(state)
     assert task.sample(4) == first
+
+
+def test_final_answer_takes_the_last_tag_else_the_last_line():
+    from srpo.tasks import final_answer
+
+    assert final_answer("<answer>3</answer> no, <answer> 4 </answer>") == "4"
+    assert final_answer("thinking\n  7 \n\n") == "7"
+    assert final_answer("") == ""
+
+
+def test_math_verify_compares_as_mathematics():
+    pytest.importorskip("math_verify", reason="math-verify is the optional extra [tasks]")
+    verify = get_verifier("math-verify")
+    assert verify(r"So the answer is $\frac{1}{2}$.", "0.5") == 1.0
+    assert verify("so it is 4", 3) == 0.0
+
+
+def test_reasoning_gym_task_is_seeded_and_scored_by_its_dataset():
+    pytest.importorskip("reasoning_gym", reason="reasoning-gym is the optional extra [tasks]")
+    from srpo.tasks import load_task
+
+    train, held_out, verify = load_task("reasoning-gym:basic_arithmetic", "numeric", seed=5)
+    again, _, _ = load_task("reasoning-gym:basic_arithmetic", "numeric", seed=5)
+    first = train.sample(3)
+    assert [e.prompt for e in first] == [e.prompt for e in again.sample(3)]
+    assert [e.prompt for e in first] != [e.prompt for e in held_out.sample(3)]
+    entry = first[0].answer
+    assert verify(f"Let me see.\n<answer>{entry['answer']}</answer>", entry) == 1.0
+    assert verify("<answer>not a number</answer>", entry) == 0.0
+    with pytest.raises(ValueError, match="unknown reasoning-gym dataset 'nope'"):
+        load_task("reasoning-gym:nope", "numeric")
+
+
+def test_missing_optional_task_packages_are_named(monkeypatch):
+    import sys
+
+    from srpo.tasks import load_task
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(ValueError, match=r"reasoning-gym package: pip install 'srpo-kernels\[tasks\]'"):
+        load_task("reasoning-gym:basic_arithmetic", "numeric")
+    with pytest.raises(ValueError, match="math-verify package"):
+        get_verifier("math-verify")

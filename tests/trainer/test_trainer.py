@@ -225,3 +225,30 @@ def test_sigkill_and_resume_reaches_the_same_parameters(tmp_path, coin_dataset):
     drop = ("time_generate", "time_teacher", "time_old_logprobs", "time_loss", "time_optim", "peak_memory_mb")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
     assert strip(_records(killed)) == strip(_records(straight))
+
+
+def test_cli_compare_over_seeds_summarises_learning(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "srpo", "compare", "--model", "tiny", "--no-progress", "--seeds",
+                           "0,1", "--steps", "2", "--eval-every", "1", "--prompts-per-step", "2",
+                           "--max-new-tokens", "6", "--eval-prompts", "1", "--output-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for algo in ("srpo", "sdpo", "grpo"):
+        for seed in (0, 1):
+            assert [r["step"] for r in _records(tmp_path / algo / "fused" / f"seed{seed}") if "eval_accuracy" in r] \
+                == [0, 1, 2]
+    table = proc.stdout.split("Learning over seeds 0,1")[1]
+    assert all(any(line.split()[:2] == [algo, "2"] for line in table.splitlines()) for algo in ("srpo", "grpo"))
+    assert (tmp_path / "learning.png").is_file()
+
+
+def test_cli_compare_rejects_bad_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "srpo", "compare", "--seeds", "0,x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--seeds" in proc.stderr and "comma-separated integers" in proc.stderr
+
+
+def test_trains_on_a_reasoning_gym_task(tmp_path):
+    pytest.importorskip("reasoning_gym", reason="reasoning-gym is the optional extra [tasks]")
+    hist = _steps(Trainer(tiny_config(tmp_path, task="reasoning-gym:basic_arithmetic", steps=1)).train())
+    assert hist[0]["rollouts"] == 8 and hist[0]["verifier_errors"] == 0
