@@ -3,6 +3,7 @@
 // Each row of a [C, V] fp32 chunk of logits is reduced (max, sum-exp, entropy, divergence) in a few passes that
 // stay in L2, and the gradient pass overwrites the row with dL/dlogits. Rows run in parallel on torch's OpenMP
 // pool; the inner loops are `omp simd` with a branch-free exp/log so they vectorise.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -410,6 +411,67 @@ void check_chunk(const at::Tensor& z, const char* name) {
               name, " must be a contiguous fp32 CPU matrix");
 }
 
+// bf16/fp16 chunks: the GEMM's output (before bias and temperature) read by the stats passes, and dL/dz written by
+// the gradient passes for the backward GEMMs. Converting a row right before (or after) the passes that use it, while
+// it is in cache, spares the separate widening and narrowing sweeps over the whole [C, V] chunk.
+struct LowRows {
+  at::ScalarType dtype = at::kFloat;  // kFloat: none
+  char* data = nullptr;
+  int64_t row_bytes = 0;
+  explicit LowRows(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf) &&
+                    t->is_contiguous() && t->sizes() == like.sizes(),
+                name, " must be a contiguous bf16/fp16 CPU matrix shaped like the fp32 chunk");
+    dtype = t->scalar_type();
+    data = static_cast<char*>(t->data_ptr());
+    row_bytes = like.size(1) * t->element_size();
+  }
+  bool present() const { return data != nullptr; }
+  void* row(int64_t i) const { return data + i * row_bytes; }
+};
+
+// dst <- (src + bias) * inv_t in fp32 (bias may be null), as the separate passes of gemm.Gemms.logits compute it.
+template <typename T>
+void widen_row(const T* __restrict src, float* __restrict dst, int64_t n, const float* __restrict bias,
+               float inv_t) {
+  if (bias) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<float>(src[j]) + bias[j]) * inv_t;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]) * inv_t;
+  }
+}
+
+void widen(const LowRows& low, int64_t i, float* dst, int64_t n, const float* bias, float inv_t) {
+  if (!low.present()) return;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(low.dtype, "widen_row", [&] {
+    widen_row(static_cast<const scalar_t*>(low.row(i)), dst, n, bias, inv_t);
+  });
+}
+
+template <typename T>
+void narrow_row(const float* __restrict src, T* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+void narrow(const LowRows& low, int64_t i, const float* src, int64_t n) {
+  if (!low.present()) return;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(low.dtype, "narrow_row", [&] {
+    narrow_row(src, static_cast<scalar_t*>(low.row(i)), n);
+  });
+}
+
+const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t V) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                  bias->dim() == 1 && bias->size(0) == V,
+              "bias must be a contiguous fp32 CPU vector of the vocabulary's length");
+  return bias->data_ptr<float>();
+}
+
 
 void student_row_stats(const float* __restrict x, int64_t n, int64_t target, float* __restrict out) {
   float lse, ent;
@@ -453,24 +515,32 @@ void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t to
   }
 }
 
-at::Tensor student_stats(const at::Tensor& z, const at::Tensor& targets) {
+// With `low`, z is first filled from it row by row: z = (low + bias) * inv_t.
+at::Tensor student_stats(at::Tensor z, const at::Tensor& targets, const c10::optional<at::Tensor>& low,
+                         const c10::optional<at::Tensor>& bias, double inv_t) {
   check_chunk(z, "z");
   const int64_t C = z.size(0), V = z.size(1);
   TORCH_CHECK(V < kMaxVocab, "the CPU kernel supports a vocabulary below 2^24, got ", V);
+  const LowRows lz(low, z, "low");
+  const float* bp = bias_data(bias, V);
   auto out = at::empty({C, kStudentCols}, z.options());
-  const float* zp = z.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
   const int64_t* yp = targets.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) student_row_stats(zp + i * V, V, yp[i], op + i * kStudentCols);
+    for (int64_t i = b; i < e; ++i) {
+      widen(lz, i, zp + i * V, V, bp, static_cast<float>(inv_t));
+      student_row_stats(zp + i * V, V, yp[i], op + i * kStudentCols);
+    }
   });
   return out;
 }
 
-// z <- c_logp (onehot(y) - p) - c_ent p (log p + H)
+// z <- c_logp (onehot(y) - p) - c_ent p (log p + H); with `narrow`, that row in bf16/fp16 too.
 void student_grad(at::Tensor z, const at::Tensor& targets, const at::Tensor& stats, const at::Tensor& c_logp,
-                  const c10::optional<at::Tensor>& c_ent) {
+                  const c10::optional<at::Tensor>& c_ent, const c10::optional<at::Tensor>& narrow_out) {
   check_chunk(z, "z");
+  const LowRows out(narrow_out, z, "narrow");
   const int64_t C = z.size(0), V = z.size(1), ns = stats.size(1);
   float* zp = z.data_ptr<float>();
   const int64_t* yp = targets.data_ptr<int64_t>();
@@ -478,16 +548,24 @@ void student_grad(at::Tensor z, const at::Tensor& targets, const at::Tensor& sta
   const float* cl = c_logp.data_ptr<float>();
   const float* ce = c_ent.has_value() ? c_ent->data_ptr<float>() : nullptr;
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
+    for (int64_t i = b; i < e; ++i) {
       student_row_grad(zp + i * V, V, yp[i], static_cast<int64_t>(sp[i * ns + kStudentTop]), sp[i * ns + LSE],
                        sp[i * ns + kStudentLogS], sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
+      narrow(out, i, zp + i * V, V);
+    }
   });
 }
 
+// With `low_z` and `low_u`, z and u are first filled from them row by row, as in student_stats.
 std::tuple<at::Tensor, at::Tensor> distill_stats(at::Tensor z, at::Tensor u, const at::Tensor& targets,
-                                                 double alpha, int64_t topk, bool tail) {
+                                                 double alpha, int64_t topk, bool tail,
+                                                 const c10::optional<at::Tensor>& low_z,
+                                                 const c10::optional<at::Tensor>& low_u,
+                                                 const c10::optional<at::Tensor>& bias, double inv_t) {
   check_chunk(z, "z");
   check_chunk(u, "u");
+  const LowRows lz(low_z, z, "low_z"), lu(low_u, u, "low_u");
+  const float* bp = bias_data(bias, z.size(1));
   const int64_t C = z.size(0), V = z.size(1);
   const int64_t K = topk > 0 && topk < V ? topk : 0;  // 0: full vocabulary
   TORCH_CHECK(V < kMaxVocab, "the CPU kernel supports a vocabulary below 2^24, got ", V);
@@ -501,19 +579,23 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(at::Tensor z, at::Tensor u, con
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     std::vector<float> lp(K + 1), lq(K + 1), scratch(K ? 0 : 2 * V);
-    for (int64_t i = b; i < e; ++i)
+    for (int64_t i = b; i < e; ++i) {
+      widen(lz, i, zp + i * V, V, bp, static_cast<float>(inv_t));
+      widen(lu, i, up + i * V, V, bp, static_cast<float>(inv_t));
       distill_row_stats(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip + i * K, sp + i * kDistillCols,
                         lp.data(), lq.data(), scratch.data(), scratch.data() + (K ? 0 : V));
+    }
   });
   return {stats, ids};
 }
 
-// z <- c_logp (onehot(y) - p) + c_div dD/dz
+// z <- c_logp (onehot(y) - p) + c_div dD/dz; with `narrow`, that row in bf16/fp16 too.
 void distill_grad(at::Tensor z, const at::Tensor& u, const at::Tensor& targets, const at::Tensor& stats,
                   const c10::optional<at::Tensor>& topk_ids, const at::Tensor& c_logp, const at::Tensor& c_div,
-                  double alpha, bool tail) {
+                  double alpha, bool tail, const c10::optional<at::Tensor>& narrow_out) {
   check_chunk(z, "z");
   check_chunk(u, "u");
+  const LowRows out(narrow_out, z, "narrow");
   const int64_t C = z.size(0), V = z.size(1);
   const int64_t K = topk_ids.has_value() ? topk_ids->size(1) : 0;
   float* zp = z.data_ptr<float>();
@@ -526,21 +608,26 @@ void distill_grad(at::Tensor z, const at::Tensor& u, const at::Tensor& targets, 
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     std::vector<float> gk(K + 1), zk(K + 1);
-    for (int64_t i = b; i < e; ++i)
+    for (int64_t i = b; i < e; ++i) {
       distill_row_grad(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip ? ip + i * K : nullptr,
                        sp + i * kDistillCols, cl[i], cd[i], gk.data(), zk.data());
+      narrow(out, i, zp + i * V, V);
+    }
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(srpo_kernels, m) {
-  m.def("student_stats(Tensor z, Tensor targets) -> Tensor");
-  m.def("student_grad(Tensor(a!) z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent) -> ()");
+  // `low*`: the chunk's bf16/fp16 GEMM output that fills z (and u) first; `narrow`: a bf16/fp16 copy of dL/dz.
+  m.def("student_stats(Tensor(a!) z, Tensor targets, Tensor? low, Tensor? bias, float inv_t) -> Tensor");
+  m.def("student_grad(Tensor(a!) z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent, "
+        "Tensor(b!)? narrow) -> ()");
   // distill_stats leaves u as scratch for distill_grad (see row_ops.py).
-  m.def("distill_stats(Tensor z, Tensor(a!) u, Tensor targets, float alpha, int topk, bool tail) -> (Tensor, Tensor)");
+  m.def("distill_stats(Tensor(a!) z, Tensor(b!) u, Tensor targets, float alpha, int topk, bool tail, Tensor? low_z, "
+        "Tensor? low_u, Tensor? bias, float inv_t) -> (Tensor, Tensor)");
   m.def("distill_grad(Tensor(a!) z, Tensor u, Tensor targets, Tensor stats, Tensor? topk_ids, Tensor c_logp, "
-        "Tensor c_div, float alpha, bool tail) -> ()");
+        "Tensor c_div, float alpha, bool tail, Tensor(b!)? narrow) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(srpo_kernels, CPU, m) {

@@ -16,7 +16,7 @@ import torch
 
 from . import token_math
 from .backends import row_ops as S
-from .backends.row_ops import RowOps
+from .backends.row_ops import RowOps, Widen
 from .config import SRPOLossConfig
 from .distributed import all_reduce_min, all_reduce_sums
 from .gemm import Gemms
@@ -102,6 +102,8 @@ class ChunkRunner:
         g_rows = (~route).nonzero().squeeze(1)
         self.g_rows = g_rows[torch.argsort((~valid[g_rows]).to(torch.int8), stable=True)]
         self._workspace = self._scratch = None
+        # bf16/fp16 on the CPU: the backend widens the GEMM's output and narrows dL/dz row by row (row_ops.Widen).
+        self.fused_casts = self.gemms.low and not self.gemms.fp32_out and ops.fuses_casts
 
     def _buffers(self, rows: int):
         """``[rows, V]`` logits buffer (math dtype) and, for bf16/fp16 operands, a scratch of the same shape in the
@@ -116,8 +118,19 @@ class ChunkRunner:
                 self._scratch = torch.empty(need, self.vocab, dtype=self.gemms.operand, device=self.hidden.device)
         return self._workspace[:rows], None if self._scratch is None else self._scratch[:rows]
 
+    def _logits(self, h, buf, scratch, teacher_rows: int = 0):
+        """The chunk's fp32 logits in `buf` (the GEMM and, unless the backend fuses it, the widening), and the
+        Widen the backend's stats pass needs (None: `buf` is final). With `teacher_rows`, the last rows are the
+        teacher's."""
+        if not self.fused_casts:
+            return self.gemms.logits(h, buf, scratch), None
+        low = self.gemms.low_logits(h, scratch)
+        c = h.shape[0] - teacher_rows
+        return buf, Widen(low[:c], low[c:] if teacher_rows else None, self.gemms.bias, self.gemms.inv_t)
+
     def _backprop(self, dz, scratch, rows, rows_hidden, grads: Grads):
-        dz_op = self.gemms.narrow(dz, scratch)
+        # With fused casts the gradient pass has already written dL/dz into scratch in the input dtype.
+        dz_op = scratch if self.fused_casts else self.gemms.narrow(dz, scratch)
         if grads.hidden is not None:
             grads.hidden.index_copy_(0, rows, self.gemms.grad_hidden(dz_op).to(grads.hidden.dtype))
         if grads.weight is not None:
@@ -159,14 +172,17 @@ class ChunkRunner:
             r = rows[start:start + self.chunk]
             h = self.gemms.operand_rows(self.hidden.index_select(0, r))
             buf, scratch = self._buffers(r.numel())
-            z = self.gemms.logits(h, buf, scratch)
+            z, widen = self._logits(h, buf, scratch)
             targets = self.x.token_ids.index_select(0, r)
-            st = self.ops.student_stats(z, targets)
+            st = self.ops.student_stats(z, targets, widen=widen) if widen else self.ops.student_stats(z, targets)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
             if grads is None or start >= n_valid:  # only masked rows left: nothing to back-propagate
                 continue
             c_logp, c_ent = coef(r, st)
-            self.ops.student_grad(z, targets, st, c_logp, c_ent)
+            if widen:
+                self.ops.student_grad(z, targets, st, c_logp, c_ent, narrow=scratch)
+            else:
+                self.ops.student_grad(z, targets, st, c_logp, c_ent)
             self._backprop(z, scratch, r, h, grads)
 
     def distill_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
@@ -181,17 +197,20 @@ class ChunkRunner:
             h = self.gemms.operand_rows(self.hidden.index_select(0, r))
             t = self.gemms.operand_rows(teacher.index_select(0, self.teacher_rows[start:start + self.chunk]))
             buf, scratch = self._buffers(2 * c)
-            zu = self.gemms.logits(torch.cat([h, t]), buf, scratch)
+            zu, widen = self._logits(torch.cat([h, t]), buf, scratch, teacher_rows=c)
             z, u = zu[:c], zu[c:]
             targets = self.x.token_ids.index_select(0, r)
-            st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)
+            args = (z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)
+            st, ids = self.ops.distill_stats(*args, widen=widen) if widen else self.ops.distill_stats(*args)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
             stats.teacher_entropy[r], stats.divergence[r] = st[:, S.T_ENTROPY], st[:, S.DIVERGENCE]
             if grads is None or start >= n_valid:
                 continue
             c_logp, c_div = coef(r, st)
-            self.ops.distill_grad(z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail)
-            self._backprop(z, None if scratch is None else scratch[:c], r, h, grads)
+            dz_low = None if scratch is None else scratch[:c]
+            args = (z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail)
+            self.ops.distill_grad(*args, narrow=dz_low) if widen else self.ops.distill_grad(*args)
+            self._backprop(z, dz_low, r, h, grads)
 
 
 def log_weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: Optional[torch.Tensor]) -> float:

@@ -113,6 +113,11 @@ class Gemms:
             out.mul_(self.inv_t)
         return out
 
+    def low_logits(self, h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """The CPU's bf16/fp16 GEMM alone, h W^T into `scratch` (input dtype), for a backend that widens it itself
+        (bias and 1/T applied there, see row_ops.Widen)."""
+        return torch.mm(h, self.weight.T, out=scratch)
+
     def narrow(self, dz: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Tensor:
         """dL/dz as the backward GEMMs' operand: itself in fp32/fp64, else a copy in the input dtype."""
         return dz if not self.low else scratch.copy_(dz)

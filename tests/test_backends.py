@@ -128,3 +128,28 @@ def test_topk_ties_go_to_the_lowest_ids_in_every_backend():
     for ops in (torch_row_ops(), CpuRowOps()):
         _, ids = ops.distill_stats(z.clone(), u.clone(), targets, 0.5, k, True)
         assert [sorted(r) for r in ids.tolist()] == expected, ops.name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [dict(temperature=0.7), dict(topk=9, alpha=1.0), dict(reduction="none")],
+                         ids=str)
+def test_cpu_kernel_casts_rows_in_place_of_the_chunk_loops_passes(dtype, options, monkeypatch):
+    """bf16/fp16 GEMMs on the CPU: the C++ passes widen each row ((x + b) / T) and narrow its dL/dz themselves
+    (RowOps.fuses_casts). Same arithmetic as the chunk loop's separate passes, so the same bits."""
+    from cases import fused, make_case, run
+    from srpo_kernels import chunk_loop, gemm
+
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)  # the bf16-GEMM path, whatever this CPU has
+    case = make_case(seed=4, n=45, v=301)  # with a bias; 45 rows in chunks of 16: a partial chunk in each stream
+    loss = fused("cpu", chunk_size=16)
+    fused_run = run(loss, case, dtype, **options)
+    seen = []
+    original = chunk_loop.ChunkRunner._logits
+    monkeypatch.setattr(chunk_loop.ChunkRunner, "_logits",
+                        lambda self, *a, **k: (seen.append(self.fused_casts), original(self, *a, **k))[1])
+    assert run(loss, case, dtype, **options)["loss"] is not None and all(seen) and seen
+    monkeypatch.setattr(CpuRowOps, "fuses_casts", False)
+    separate = run(loss, case, dtype, **options)
+    for key, value in fused_run.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, separate[key]), key

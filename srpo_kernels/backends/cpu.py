@@ -86,6 +86,7 @@ class CpuRowOps:
     temporaries = 0  # in place, with per-thread scratch rows
     linear_student_stats = None
     vocab_shard = None
+    fuses_casts = True
 
     def __init__(self):
         error = load_error()
@@ -97,17 +98,23 @@ class CpuRowOps:
     def _f32(t):
         return None if t is None else t.contiguous().float()
 
-    def student_stats(self, z, targets):
-        return self._ops.student_stats(z, targets.contiguous())
+    def student_stats(self, z, targets, widen=None):
+        if widen is None:
+            return self._ops.student_stats(z, targets.contiguous(), None, None, 1.0)
+        return self._ops.student_stats(z, targets.contiguous(), widen.student, self._f32(widen.bias), widen.inv_t)
 
-    def student_grad(self, z, targets, stats, c_logp, c_ent):
-        self._ops.student_grad(z, targets.contiguous(), stats.contiguous(), self._f32(c_logp), self._f32(c_ent))
+    def student_grad(self, z, targets, stats, c_logp, c_ent, narrow=None):
+        self._ops.student_grad(z, targets.contiguous(), stats.contiguous(), self._f32(c_logp), self._f32(c_ent),
+                               narrow)
 
-    def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
+    def distill_stats(self, z, u, targets, alpha, topk, topk_tail, widen=None):
         k = effective_topk(topk, z.shape[1])
-        stats, ids = self._ops.distill_stats(z, u, targets.contiguous(), float(alpha), k or 0, bool(topk_tail))
+        low_z, low_u, bias, inv_t = (None, None, None, 1.0) if widen is None else \
+            (widen.student, widen.teacher, self._f32(widen.bias), widen.inv_t)
+        stats, ids = self._ops.distill_stats(z, u, targets.contiguous(), float(alpha), k or 0, bool(topk_tail),
+                                             low_z, low_u, bias, inv_t)
         return stats, (ids if k else None)
 
-    def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
+    def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail, narrow=None):
         self._ops.distill_grad(z, u, targets.contiguous(), stats, topk_ids, self._f32(c_logp), self._f32(c_div),
-                               float(alpha), bool(topk_tail))
+                               float(alpha), bool(topk_tail), narrow)

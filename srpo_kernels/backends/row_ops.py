@@ -14,6 +14,7 @@ the caller passes ``u`` on untouched and reads nothing else from it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Tuple
 
 import torch
@@ -49,8 +50,24 @@ class VocabPasses(Protocol):
         """z <- g_tail exp(z - shift) - c_logp exp(z - lse_z), in place (every entry as a top-K tail member)."""
 
 
+@dataclass
+class Widen:
+    """A chunk's logits as a bf16/fp16 GEMM wrote them, before bias and temperature, for a backend that widens them
+    into its fp32 chunk itself (``RowOps.fuses_casts``): ``z = (student + bias) / T``, ``u`` likewise from
+    ``teacher``."""
+
+    student: torch.Tensor
+    teacher: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]  # fp32
+    inv_t: float
+
+
 class RowOps(Protocol):
     name: str
+    # True: the stats passes take ``widen=Widen(...)`` and fill the fp32 chunk from it row by row, and the gradient
+    # passes take ``narrow=`` a bf16/fp16 [C, V] buffer that receives dL/dz as well, each while the row is in cache.
+    # False: the chunk loop widens and narrows in separate passes (and never passes those arguments).
+    fuses_casts: bool
     # How many [C, V] fp32 temporaries the passes allocate beside the logits buffer at their peak: the chunk loop
     # divides its chunk budget by (1 + this), so a backend of tensor ops keeps the O(C V) contract too.
     temporaries: int
@@ -61,12 +78,13 @@ class RowOps(Protocol):
     # [C, V_rank] logits and combine their statistics across the group, and dh is summed over it.
     vocab_shard: Optional[object]
 
-    def student_stats(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def student_stats(self, z: torch.Tensor, targets: torch.Tensor, widen: Optional[Widen] = None) -> torch.Tensor:
+        ...
 
-    def student_grad(self, z, targets, stats, c_logp, c_ent) -> None: ...
+    def student_grad(self, z, targets, stats, c_logp, c_ent, narrow: Optional[torch.Tensor] = None) -> None: ...
 
-    def distill_stats(self, z, u, targets, alpha: float, topk: Optional[int],
-                      topk_tail: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+    def distill_stats(self, z, u, targets, alpha: float, topk: Optional[int], topk_tail: bool,
+                      widen: Optional[Widen] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha: float, topk: Optional[int],
-                     topk_tail: bool) -> None: ...
+                     topk_tail: bool, narrow: Optional[torch.Tensor] = None) -> None: ...

@@ -18,6 +18,7 @@ class TensorRowOps:
     """row_ops.RowOps over `passes`; `temporaries` and `linear_student_stats` as RowOps declares them."""
 
     vocab_shard = None
+    fuses_casts = False  # the chunk loop widens and narrows (tensor ops and kernels read fp32 chunks)
 
     def __init__(self, passes: VocabPasses, name: str, temporaries: int,
                  linear_student_stats: Optional[Callable] = None):

@@ -114,6 +114,7 @@ class VocabParallelRowOps:
     name = "vocab-parallel"
     temporaries = TORCH_TEMPORARIES  # the torch backend's tensor-op passes, and their temporaries
     linear_student_stats = None
+    fuses_casts = False
 
     def __init__(self, shard: VocabShard):
         self.vocab_shard = shard
