@@ -38,9 +38,9 @@ def lm_head_block(vocab: int, hidden: int, world: int, rank: int) -> torch.Tenso
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=1024, help="tokens (every rank holds all of them)")
-    p.add_argument("--h", type=int, default=256, help="hidden size")
-    p.add_argument("--v", type=int, default=151936, help="vocabulary (Qwen3's by default)")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens (every rank holds all of them)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--vocab", type=int, default=151936, help="vocabulary (Qwen3's by default)")
     p.add_argument("--topk", type=int, default=None, help="distil over the global top-K support")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: from the largest block)")
     p.add_argument("--check", action="store_true", help="rank 0 also runs the unsharded call and compares")
@@ -50,12 +50,12 @@ def main():
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     g = torch.Generator().manual_seed(0)  # the same tokens on every rank
-    hidden = torch.randn(args.n, args.h, generator=g, requires_grad=True)
-    token_ids = torch.randint(0, args.v, (args.n,), generator=g)
-    advantages = torch.randn(args.n, generator=g)
-    route = torch.rand(args.n, generator=g) < 0.5
-    teacher_hidden = torch.randn(int(route.sum()), args.h, generator=g)
-    weight = lm_head_block(args.v, args.h, world, rank).requires_grad_()
+    hidden = torch.randn(args.tokens, args.hidden, generator=g, requires_grad=True)
+    token_ids = torch.randint(0, args.vocab, (args.tokens,), generator=g)
+    advantages = torch.randn(args.tokens, generator=g)
+    route = torch.rand(args.tokens, generator=g) < 0.5
+    teacher_hidden = torch.randn(int(route.sum()), args.hidden, generator=g)
+    weight = lm_head_block(args.vocab, args.hidden, world, rank).requires_grad_()
 
     with open("/proc/self/clear_refs", "w") as f:  # reset the RSS high-water mark
         f.write("5")
@@ -69,7 +69,7 @@ def main():
 
     dist.destroy_process_group()
     if args.check and rank == 0:  # after the group is gone: a one-process call must not join collectives
-        full = torch.cat([lm_head_block(args.v, args.h, world, r) for r in range(world)]).requires_grad_()
+        full = torch.cat([lm_head_block(args.vocab, args.hidden, world, r) for r in range(world)]).requires_grad_()
         h1 = hidden.detach().clone().requires_grad_()
         ref = sk.fused_srpo_loss(h1, full, token_ids, advantages, route, teacher_hidden, topk=args.topk)
         ref.loss.backward()
