@@ -7,7 +7,8 @@
   the weight), which is what the hardware computes anyway.
 - The row passes always see fp32 logits (fp64 for fp64 inputs). On CUDA a bf16/fp16 GEMM writes them in fp32
   directly (``out_dtype``, torch >= 2.8). The CPU build of torch has no such op: there the GEMM writes its
-  input-dtype result into a scratch buffer and one pass widens it, exactly as rounded as the naive bf16 logits.
+  input-dtype result into a scratch buffer, exactly as rounded as the naive bf16 logits, and the C++ backend widens
+  each row as its stats pass reads it (``low_logits``, row_ops.Widen); other backends get one widening pass.
 - Backward: ``dL/dz`` is narrowed to the input dtype for the ``dh`` and ``dW`` GEMMs (as autograd does for the
   naive loss). ``dW`` and ``db`` accumulate in fp32 across chunks. On CUDA the ``dW`` GEMM adds into the fp32
   accumulator itself (``addmm(out_dtype=...)``). The CPU's bf16 GEMM cannot, so there it runs per block of
