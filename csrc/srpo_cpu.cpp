@@ -3,7 +3,6 @@
 // Each row of a [C, V] fp32 chunk of logits is reduced (max, sum-exp, entropy, divergence) in a few passes that
 // stay in L2, and the gradient pass overwrites the row with dL/dlogits. Rows run in parallel on torch's OpenMP
 // pool; the inner loops are `omp simd` with a branch-free exp/log so they vectorise.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -431,37 +430,61 @@ struct LowRows {
   void* row(int64_t i) const { return data + i * row_bytes; }
 };
 
+// Element conversions written so that the row loops vectorise (c10's BFloat16 rounding does not): bf16 is the top
+// half of an fp32, rounded to nearest even as torch rounds it; fp16 uses the compiler's _Float16 (F16C/AVX-512 FP16
+// instructions under -march=native) where it has one.
+struct Bf16 {
+  using raw = uint16_t;
+  static ALWAYS_INLINE float load(uint16_t b) { return as_float(static_cast<int32_t>(static_cast<uint32_t>(b) << 16)); }
+  static ALWAYS_INLINE uint16_t store(float f) {
+    const uint32_t u = static_cast<uint32_t>(as_int(f));
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays a quiet NaN
+  }
+};
+struct F16 {
+#if defined(__FLT16_MAX__)
+  using raw = _Float16;
+#else
+  using raw = c10::Half;
+#endif
+  static ALWAYS_INLINE float load(raw h) { return static_cast<float>(h); }
+  static ALWAYS_INLINE raw store(float f) { return static_cast<raw>(f); }
+};
+
 // dst <- (src + bias) * inv_t in fp32 (bias may be null), as the separate passes of gemm.Gemms.logits compute it.
 template <typename T>
-void widen_row(const T* __restrict src, float* __restrict dst, int64_t n, const float* __restrict bias,
+void widen_row(const typename T::raw* __restrict src, float* __restrict dst, int64_t n, const float* __restrict bias,
                float inv_t) {
   if (bias) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<float>(src[j]) + bias[j]) * inv_t;
+    for (int64_t j = 0; j < n; ++j) dst[j] = (T::load(src[j]) + bias[j]) * inv_t;
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]) * inv_t;
+    for (int64_t j = 0; j < n; ++j) dst[j] = T::load(src[j]) * inv_t;
   }
+}
+
+template <typename T>
+void narrow_row(const float* __restrict src, typename T::raw* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = T::store(src[j]);
 }
 
 void widen(const LowRows& low, int64_t i, float* dst, int64_t n, const float* bias, float inv_t) {
   if (!low.present()) return;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(low.dtype, "widen_row", [&] {
-    widen_row(static_cast<const scalar_t*>(low.row(i)), dst, n, bias, inv_t);
-  });
-}
-
-template <typename T>
-void narrow_row(const float* __restrict src, T* __restrict dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  if (low.dtype == at::kBFloat16)
+    widen_row<Bf16>(static_cast<const Bf16::raw*>(low.row(i)), dst, n, bias, inv_t);
+  else
+    widen_row<F16>(static_cast<const F16::raw*>(low.row(i)), dst, n, bias, inv_t);
 }
 
 void narrow(const LowRows& low, int64_t i, const float* src, int64_t n) {
   if (!low.present()) return;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(low.dtype, "narrow_row", [&] {
-    narrow_row(src, static_cast<scalar_t*>(low.row(i)), n);
-  });
+  if (low.dtype == at::kBFloat16)
+    narrow_row<Bf16>(src, static_cast<Bf16::raw*>(low.row(i)), n);
+  else
+    narrow_row<F16>(src, static_cast<F16::raw*>(low.row(i)), n);
 }
 
 const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t V) {
