@@ -1,5 +1,7 @@
 """Peak extra memory of one variant's forward+backward, in a fresh process: peak RSS (VmHWM) minus the RSS once
-the inputs exist, after a warm-up call on a tiny problem (see benchmarks/peak_memory.py). ``python -m benchmarks.memory --variant "fused cpu" --n 2048 --h 1024 --v 151936 --routing half``"""
+the inputs exist, after a warm-up call on a tiny problem (see benchmarks/peak_memory.py).
+
+``python -m benchmarks.memory --variant "fused cpu" --n 2048 --h 1024 --v 151936 --routing half``"""
 from __future__ import annotations
 
 import argparse

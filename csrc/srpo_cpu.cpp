@@ -414,8 +414,8 @@ void check_chunk(const at::Tensor& z, const char* name) {
 // the gradient passes for the backward GEMMs. Converting a row right before (or after) the passes that use it, while
 // it is in cache, spares the separate widening and narrowing sweeps over the whole [C, V] chunk.
 struct LowRows {
-  at::ScalarType dtype = at::kFloat;  // kFloat: none
-  char* data = nullptr;
+  at::ScalarType dtype = at::kBFloat16;
+  char* data = nullptr;  // null: no such chunk
   int64_t row_bytes = 0;
   explicit LowRows(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
     if (!t.has_value()) return;
@@ -435,7 +435,9 @@ struct LowRows {
 // instructions under -march=native) where it has one.
 struct Bf16 {
   using raw = uint16_t;
-  static ALWAYS_INLINE float load(uint16_t b) { return as_float(static_cast<int32_t>(static_cast<uint32_t>(b) << 16)); }
+  static ALWAYS_INLINE float load(uint16_t b) {
+    return as_float(static_cast<int32_t>(static_cast<uint32_t>(b) << 16));
+  }
   static ALWAYS_INLINE uint16_t store(float f) {
     const uint32_t u = static_cast<uint32_t>(as_int(f));
     const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
