@@ -139,7 +139,8 @@ def learning_table(runs: Dict[str, List[List[dict]]]) -> str:
             first.append(evals[0][1])
             early.append((evals[1][1] if len(evals) > 1 else evals[0][1]) - evals[0][1])
             final.append(evals[-1][1])
-            tail = steps_of(hist)[-max(1, len(steps_of(hist)) // 3):]
+            steps = steps_of(hist)
+            tail = steps[-max(1, len(steps) // 3):]
             length.append(sum(r["response_len"] for r in tail) / max(len(tail), 1))
         if not first:
             continue

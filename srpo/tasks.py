@@ -77,7 +77,20 @@ def get_verifier(spec: str) -> Callable[[str, Any], float]:
     return getattr(importlib.import_module(module), func)
 
 
-class Arithmetic:
+class SeededTask:
+    """A task whose draws come from its own seeded ``rng``; ``state``/``set_state`` let checkpoints replay them."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def state(self):
+        return self.rng.getstate()
+
+    def set_state(self, state):
+        self.rng.setstate(state)
+
+
+class Arithmetic(SeededTask):
     """Generated problems ``a op b`` with `digits`-digit operands; operators from `ops`."""
 
     verifier = "numeric"
@@ -85,7 +98,8 @@ class Arithmetic:
     def __init__(self, digits: int = 2, ops: str = "+-", seed: int = 0):
         if digits < 1 or not ops or set(ops) - set("+-*"):
             raise ValueError(f"arithmetic needs digits >= 1 and ops from '+-*', got {digits}, {ops!r}")
-        self.digits, self.ops, self.rng = digits, ops, random.Random(seed)
+        super().__init__(seed)
+        self.digits, self.ops = digits, ops
 
     def sample(self, n: int) -> List[Example]:
         lo, hi = 10 ** (self.digits - 1) if self.digits > 1 else 0, 10 ** self.digits - 1
@@ -95,32 +109,17 @@ class Arithmetic:
             out.append(Example(f"What is {a} {op} {b}? Answer with a number.", eval(f"{a}{op}{b}")))
         return out
 
-    def state(self):
-        return self.rng.getstate()
 
-    def set_state(self, state):
-        self.rng.setstate(state)
-
-
-class Parity:
+class Parity(SeededTask):
     """Prompts for the `parity` verifier (``--task parity``): the step's compute, not learning, is what it shows."""
 
     verifier = "parity"
 
-    def __init__(self, seed: int = 0):
-        self.rng = random.Random(seed)
-
     def sample(self, n: int) -> List[Example]:
         return [Example(f"Say something about the number {self.rng.randint(0, 999)}.", None) for _ in range(n)]
 
-    def state(self):
-        return self.rng.getstate()
 
-    def set_state(self, state):
-        self.rng.setstate(state)
-
-
-class JsonlDataset:
+class JsonlDataset(SeededTask):
     """``{"prompt": ..., "answer": ..., "feedback"?: ...}`` per line, sampled with replacement."""
 
     def __init__(self, path: str, verifier: str, seed: int = 0):
@@ -139,16 +138,10 @@ class JsonlDataset:
         if not self.examples:
             raise ValueError(f"{path}: no examples")
         self.verifier = verifier
-        self.rng = random.Random(seed)
+        super().__init__(seed)
 
     def sample(self, n: int) -> List[Example]:
         return [self.rng.choice(self.examples) for _ in range(n)]
-
-    def state(self):
-        return self.rng.getstate()
-
-    def set_state(self, state):
-        self.rng.setstate(state)
 
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -163,7 +156,7 @@ def final_answer(response: str) -> str:
     return lines[-1] if lines else ""
 
 
-class ReasoningGym:
+class ReasoningGym(SeededTask):
     """Procedural problems from reasoning-gym (optional extra ``[tasks]``; ``--task reasoning-gym:NAME``), e.g.
     ``basic_arithmetic``, ``leg_counting``, ``chain_sum``. Each example's answer is the dataset's entry, and the
     reward is the dataset's own ``score_answer`` on the response's final answer (see ``final_answer``)."""
@@ -180,7 +173,7 @@ class ReasoningGym:
         if name not in names:
             raise ValueError(f"unknown reasoning-gym dataset {name!r}; one of {', '.join(names)}")
         self.data = reasoning_gym.create_dataset(name, size=size, seed=seed)  # generated lazily, per index
-        self.rng = random.Random(seed)
+        super().__init__(seed)
 
     def sample(self, n: int) -> List[Example]:
         entries = [self.data[self.rng.randrange(len(self.data))] for _ in range(n)]
@@ -188,12 +181,6 @@ class ReasoningGym:
 
     def verify(self, response: str, entry) -> float:
         return float(self.data.score_answer(answer=final_answer(response), entry=entry))
-
-    def state(self):
-        return self.rng.getstate()
-
-    def set_state(self, state):
-        self.rng.setstate(state)
 
 
 def load_task(task: str, verifier: str, digits: int = 1, ops: str = "+-", seed: int = 0):
