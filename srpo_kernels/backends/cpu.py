@@ -98,10 +98,16 @@ class CpuRowOps:
     def _f32(t):
         return None if t is None else t.contiguous().float()
 
-    def student_stats(self, z, targets, widen=None):
+    @classmethod
+    def _casts(cls, widen):
+        """The kernel's (student rows, teacher rows, fp32 bias, 1/T) to widen from: none without a Widen."""
         if widen is None:
-            return self._ops.student_stats(z, targets.contiguous(), None, None, 1.0)
-        return self._ops.student_stats(z, targets.contiguous(), widen.student, self._f32(widen.bias), widen.inv_t)
+            return None, None, None, 1.0
+        return widen.student, widen.teacher, cls._f32(widen.bias), widen.inv_t
+
+    def student_stats(self, z, targets, widen=None):
+        low, _, bias, inv_t = self._casts(widen)
+        return self._ops.student_stats(z, targets.contiguous(), low, bias, inv_t)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent, narrow=None):
         self._ops.student_grad(z, targets.contiguous(), stats.contiguous(), self._f32(c_logp), self._f32(c_ent),
@@ -109,10 +115,8 @@ class CpuRowOps:
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail, widen=None):
         k = effective_topk(topk, z.shape[1])
-        low_z, low_u, bias, inv_t = (None, None, None, 1.0) if widen is None else \
-            (widen.student, widen.teacher, self._f32(widen.bias), widen.inv_t)
         stats, ids = self._ops.distill_stats(z, u, targets.contiguous(), float(alpha), k or 0, bool(topk_tail),
-                                             low_z, low_u, bias, inv_t)
+                                             *self._casts(widen))
         return stats, (ids if k else None)
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail, narrow=None):
