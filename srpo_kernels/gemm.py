@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from .backends import cpu as cpu_kernel
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # The CPU's low-precision dW GEMM runs per block of about this many entries of dW (4 MiB of bf16, 8 MiB of the fp32
 # accumulator): 2048-8192 rows for H = 256-1024, the fastest measured on 2 Sapphire Rapids cores (256-row blocks were
@@ -137,10 +139,18 @@ class Gemms:
         elif self.low:  # CPU: see the module's docstring
             rows = max(64, DW_BLOCK_ELEMENTS // max(1, h.shape[1]))
             for v0 in range(0, acc.shape[0], rows):
-                block, part = acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h)
-                if beta == 0.0:  # the accumulator is not written yet: it may hold anything, NaN included
-                    block.copy_(part)
-                else:
-                    torch.add(part, block, alpha=beta, out=block)
+                _accumulate(acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h), beta)
         else:
             torch.addmm(acc, dz.T, h, beta=beta, out=acc)
+
+
+def _accumulate(block: torch.Tensor, part: torch.Tensor, beta: float) -> None:
+    """block (fp32) <- beta * block + part (bf16/fp16): one pass in the C++ kernel where it is built (torch's
+    mixed-dtype add widens `part` into a fresh temporary first). beta = 0 overwrites: the accumulator is not
+    written yet and may hold anything, NaN included."""
+    if block.dtype == torch.float32 and cpu_kernel.load_error() is None:
+        torch.ops.srpo_kernels.accumulate(block, part, beta)
+    elif beta == 0.0:
+        block.copy_(part)
+    else:
+        torch.add(part, block, alpha=beta, out=block)

@@ -8,8 +8,13 @@ from srpo_kernels import gemm
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.37])
-def test_blockwise_low_precision_dw_accumulates_in_fp32(dtype, beta, monkeypatch):
+@pytest.mark.parametrize("add", ["c++", "torch"])
+def test_blockwise_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkeypatch):
     monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)
+    if add == "torch":  # the fallback where the C++ kernel is not built
+        monkeypatch.setattr(gemm.cpu_kernel, "load_error", lambda: "disabled")
+    elif gemm.cpu_kernel.load_error() is not None:
+        pytest.skip(f"the C++ CPU kernel is unavailable: {gemm.cpu_kernel.load_error()}")
     monkeypatch.setattr(gemm, "DW_BLOCK_ELEMENTS", 1)  # 64-row blocks: V = 203 takes four, the last one partial
     g = torch.Generator().manual_seed(0)
     v, h_dim, c = 203, 24, 37
