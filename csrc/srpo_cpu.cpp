@@ -416,15 +416,18 @@ void check_chunk(const at::Tensor& z, const char* name) {
 struct LowRows {
   at::ScalarType dtype = at::kBFloat16;
   char* data = nullptr;  // null: no such chunk
-  int64_t row_bytes = 0;
-  explicit LowRows(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  int64_t rows = 0, cols = 0, row_bytes = 0;
+  LowRows() = default;
+  LowRows(const c10::optional<at::Tensor>& t, const char* name) {
     if (!t.has_value()) return;
     TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf) &&
-                    t->is_contiguous() && t->sizes() == like.sizes(),
-                name, " must be a contiguous bf16/fp16 CPU matrix shaped like the fp32 chunk");
+                    t->is_contiguous() && t->dim() == 2,
+                name, " must be a contiguous bf16/fp16 CPU matrix");
     dtype = t->scalar_type();
     data = static_cast<char*>(t->data_ptr());
-    row_bytes = like.size(1) * t->element_size();
+    rows = t->size(0);
+    cols = t->size(1);
+    row_bytes = cols * t->element_size();
   }
   bool present() const { return data != nullptr; }
   void* row(int64_t i) const { return data + i * row_bytes; }
@@ -498,6 +501,45 @@ const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t V) {
 }
 
 
+// The student's chunk as the passes see it: an fp32 [C, V] matrix worked on in place, or (bf16/fp16 GEMMs) the
+// GEMM's low-precision output, each row widened into per-thread scratch ((x + b) * inv_t) as a pass needs it and,
+// in the gradient pass, overwritten with dL/dz. The low-precision chunk then needs no fp32 [C, V] copy at all, and a
+// row's fp32 form never leaves the cache.
+struct StudentRows {
+  float* fp32 = nullptr;
+  LowRows low;
+  const float* bias = nullptr;
+  float inv_t = 1.f;
+  int64_t C = 0, V = 0;
+  StudentRows(const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& low_z,
+              const c10::optional<at::Tensor>& bias_t, double inv_temperature)
+      : low(low_z, "low_z"), inv_t(static_cast<float>(inv_temperature)) {
+    TORCH_CHECK(z.has_value() != low.present(), "give the student chunk either as z (fp32) or as low_z, not both");
+    if (z.has_value()) {
+      check_chunk(*z, "z");
+      fp32 = z->data_ptr<float>();
+      C = z->size(0);
+      V = z->size(1);
+    } else {
+      C = low.rows;
+      V = low.cols;
+    }
+    bias = bias_data(bias_t, V);
+    TORCH_CHECK(V < kMaxVocab, "the CPU kernel supports a vocabulary below 2^24, got ", V);
+  }
+  // Scratch a thread needs for load(): one row, or nothing when the chunk is fp32.
+  int64_t scratch_size() const { return fp32 ? 0 : V; }
+  float* load(int64_t i, float* scratch) const {
+    if (fp32) return fp32 + i * V;
+    widen(low, i, scratch, V, bias, inv_t);
+    return scratch;
+  }
+  void store(int64_t i, const float* x) const {
+    if (!fp32) narrow(low, i, x, V);
+  }
+};
+
+
 void student_row_stats(const float* __restrict x, int64_t n, int64_t target, float* __restrict out) {
   float lse, ent;
   const int64_t top = row_argmax(x, n);
@@ -540,90 +582,84 @@ void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t to
   }
 }
 
-// With `low`, z is first filled from it row by row: z = (low + bias) * inv_t.
-at::Tensor student_stats(at::Tensor z, const at::Tensor& targets, const c10::optional<at::Tensor>& low,
-                         const c10::optional<at::Tensor>& bias, double inv_t) {
-  check_chunk(z, "z");
-  const int64_t C = z.size(0), V = z.size(1);
-  TORCH_CHECK(V < kMaxVocab, "the CPU kernel supports a vocabulary below 2^24, got ", V);
-  const LowRows lz(low, z, "low");
-  const float* bp = bias_data(bias, V);
-  auto out = at::empty({C, kStudentCols}, z.options());
-  float* zp = z.data_ptr<float>();
+at::Tensor student_stats(const c10::optional<at::Tensor>& z, const at::Tensor& targets,
+                         const c10::optional<at::Tensor>& low_z, const c10::optional<at::Tensor>& bias, double inv_t) {
+  const StudentRows rows(z, low_z, bias, inv_t);
+  const int64_t C = rows.C, V = rows.V;
+  auto out = at::empty({C, kStudentCols}, targets.options().dtype(at::kFloat));
   const int64_t* yp = targets.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      widen(lz, i, zp + i * V, V, bp, static_cast<float>(inv_t));
-      student_row_stats(zp + i * V, V, yp[i], op + i * kStudentCols);
-    }
+    std::vector<float> scratch(rows.scratch_size());
+    for (int64_t i = b; i < e; ++i) student_row_stats(rows.load(i, scratch.data()), V, yp[i], op + i * kStudentCols);
   });
   return out;
 }
 
-// z <- c_logp (onehot(y) - p) - c_ent p (log p + H); with `narrow`, that row in bf16/fp16 too.
-void student_grad(at::Tensor z, const at::Tensor& targets, const at::Tensor& stats, const at::Tensor& c_logp,
-                  const c10::optional<at::Tensor>& c_ent, const c10::optional<at::Tensor>& narrow_out) {
-  check_chunk(z, "z");
-  const LowRows out(narrow_out, z, "narrow");
-  const int64_t C = z.size(0), V = z.size(1), ns = stats.size(1);
-  float* zp = z.data_ptr<float>();
+// The student chunk <- c_logp (onehot(y) - p) - c_ent p (log p + H), in place (bf16/fp16 for low_z).
+void student_grad(const c10::optional<at::Tensor>& z, const at::Tensor& targets, const at::Tensor& stats,
+                  const at::Tensor& c_logp, const c10::optional<at::Tensor>& c_ent,
+                  const c10::optional<at::Tensor>& low_z, const c10::optional<at::Tensor>& bias, double inv_t) {
+  const StudentRows rows(z, low_z, bias, inv_t);
+  const int64_t C = rows.C, V = rows.V, ns = stats.size(1);
   const int64_t* yp = targets.data_ptr<int64_t>();
   const float* sp = stats.data_ptr<float>();
   const float* cl = c_logp.data_ptr<float>();
   const float* ce = c_ent.has_value() ? c_ent->data_ptr<float>() : nullptr;
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> scratch(rows.scratch_size());
     for (int64_t i = b; i < e; ++i) {
-      student_row_grad(zp + i * V, V, yp[i], static_cast<int64_t>(sp[i * ns + kStudentTop]), sp[i * ns + LSE],
+      float* x = rows.load(i, scratch.data());
+      student_row_grad(x, V, yp[i], static_cast<int64_t>(sp[i * ns + kStudentTop]), sp[i * ns + LSE],
                        sp[i * ns + kStudentLogS], sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
-      narrow(out, i, zp + i * V, V);
+      rows.store(i, x);
     }
   });
 }
 
-// With `low_z` and `low_u`, z and u are first filled from them row by row, as in student_stats.
-std::tuple<at::Tensor, at::Tensor> distill_stats(at::Tensor z, at::Tensor u, const at::Tensor& targets,
-                                                 double alpha, int64_t topk, bool tail,
+// The teacher's chunk u is always fp32 (the stats pass leaves there what the gradient pass needs, see row_ops.py);
+// with `low_u` it is first filled from it row by row, as the student's rows are from `low_z`.
+std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>& z, at::Tensor u,
+                                                 const at::Tensor& targets, double alpha, int64_t topk, bool tail,
                                                  const c10::optional<at::Tensor>& low_z,
                                                  const c10::optional<at::Tensor>& low_u,
                                                  const c10::optional<at::Tensor>& bias, double inv_t) {
-  check_chunk(z, "z");
+  const StudentRows rows(z, low_z, bias, inv_t);
   check_chunk(u, "u");
-  const LowRows lz(low_z, z, "low_z"), lu(low_u, u, "low_u");
-  const float* bp = bias_data(bias, z.size(1));
-  const int64_t C = z.size(0), V = z.size(1);
+  const LowRows lu(low_u, "low_u");
+  const int64_t C = rows.C, V = rows.V;
+  TORCH_CHECK(u.size(0) == C && u.size(1) == V, "u must have the student chunk's shape");
+  TORCH_CHECK(lu.present() == rows.low.present() && (!lu.present() || (lu.rows == C && lu.cols == V)),
+              "low_u must be given, shaped like u, exactly when low_z is");
   const int64_t K = topk > 0 && topk < V ? topk : 0;  // 0: full vocabulary
-  TORCH_CHECK(V < kMaxVocab, "the CPU kernel supports a vocabulary below 2^24, got ", V);
-  auto stats = at::zeros({C, kDistillCols}, z.options());
+  auto stats = at::zeros({C, kDistillCols}, u.options());
   auto ids = at::empty({C, K}, targets.options());
-  float* zp = z.data_ptr<float>();
   float* up = u.data_ptr<float>();
   const int64_t* yp = targets.data_ptr<int64_t>();
   float* sp = stats.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> lp(K + 1), lq(K + 1), scratch(K ? 0 : 2 * V);
+    std::vector<float> lp(K + 1), lq(K + 1), exps(K ? 0 : 2 * V), scratch(rows.scratch_size());
     for (int64_t i = b; i < e; ++i) {
-      widen(lz, i, zp + i * V, V, bp, static_cast<float>(inv_t));
-      widen(lu, i, up + i * V, V, bp, static_cast<float>(inv_t));
-      distill_row_stats(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip + i * K, sp + i * kDistillCols,
-                        lp.data(), lq.data(), scratch.data(), scratch.data() + (K ? 0 : V));
+      widen(lu, i, up + i * V, V, rows.bias, rows.inv_t);
+      distill_row_stats(rows.load(i, scratch.data()), up + i * V, V, yp[i], K, tail, div, ip + i * K,
+                        sp + i * kDistillCols, lp.data(), lq.data(), exps.data(), exps.data() + (K ? 0 : V));
     }
   });
   return {stats, ids};
 }
 
-// z <- c_logp (onehot(y) - p) + c_div dD/dz; with `narrow`, that row in bf16/fp16 too.
-void distill_grad(at::Tensor z, const at::Tensor& u, const at::Tensor& targets, const at::Tensor& stats,
-                  const c10::optional<at::Tensor>& topk_ids, const at::Tensor& c_logp, const at::Tensor& c_div,
-                  double alpha, bool tail, const c10::optional<at::Tensor>& narrow_out) {
-  check_chunk(z, "z");
+// The student chunk <- c_logp (onehot(y) - p) + c_div dD/dz, in place (bf16/fp16 for low_z).
+void distill_grad(const c10::optional<at::Tensor>& z, const at::Tensor& u, const at::Tensor& targets,
+                  const at::Tensor& stats, const c10::optional<at::Tensor>& topk_ids, const at::Tensor& c_logp,
+                  const at::Tensor& c_div, double alpha, bool tail, const c10::optional<at::Tensor>& low_z,
+                  const c10::optional<at::Tensor>& bias, double inv_t) {
+  const StudentRows rows(z, low_z, bias, inv_t);
   check_chunk(u, "u");
-  const LowRows out(narrow_out, z, "narrow");
-  const int64_t C = z.size(0), V = z.size(1);
+  const int64_t C = rows.C, V = rows.V;
+  TORCH_CHECK(u.size(0) == C && u.size(1) == V, "u must have the student chunk's shape");
   const int64_t K = topk_ids.has_value() ? topk_ids->size(1) : 0;
-  float* zp = z.data_ptr<float>();
   const float* up = u.data_ptr<float>();
   const int64_t* yp = targets.data_ptr<int64_t>();
   const float* sp = stats.data_ptr<float>();
@@ -632,11 +668,12 @@ void distill_grad(at::Tensor z, const at::Tensor& u, const at::Tensor& targets, 
   const float* cd = c_div.data_ptr<float>();
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> gk(K + 1), zk(K + 1);
+    std::vector<float> gk(K + 1), zk(K + 1), scratch(rows.scratch_size());
     for (int64_t i = b; i < e; ++i) {
-      distill_row_grad(zp + i * V, up + i * V, V, yp[i], K, tail, div, ip ? ip + i * K : nullptr,
-                       sp + i * kDistillCols, cl[i], cd[i], gk.data(), zk.data());
-      narrow(out, i, zp + i * V, V);
+      float* x = rows.load(i, scratch.data());
+      distill_row_grad(x, up + i * V, V, yp[i], K, tail, div, ip ? ip + i * K : nullptr, sp + i * kDistillCols,
+                       cl[i], cd[i], gk.data(), zk.data());
+      rows.store(i, x);
     }
   });
 }
@@ -660,8 +697,8 @@ void accumulate_rows(float* __restrict acc, const typename T::raw* __restrict pa
 
 void accumulate(at::Tensor acc, const at::Tensor& part, double beta) {
   check_chunk(acc, "acc");
-  const LowRows low(part, acc, "part");
-  TORCH_CHECK(low.present(), "part must be given");
+  const LowRows low(part, "part");
+  TORCH_CHECK(low.rows == acc.size(0) && low.cols == acc.size(1), "part must have acc's shape");
   const int64_t R = acc.size(0), H = acc.size(1);
   float* ap = acc.data_ptr<float>();
   const float b = static_cast<float>(beta);
@@ -676,15 +713,16 @@ void accumulate(at::Tensor acc, const at::Tensor& part, double beta) {
 }  // namespace
 
 TORCH_LIBRARY(srpo_kernels, m) {
-  // `low*`: the chunk's bf16/fp16 GEMM output that fills z (and u) first; `narrow`: a bf16/fp16 copy of dL/dz.
-  m.def("student_stats(Tensor(a!) z, Tensor targets, Tensor? low, Tensor? bias, float inv_t) -> Tensor");
-  m.def("student_grad(Tensor(a!) z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent, "
-        "Tensor(b!)? narrow) -> ()");
+  // The student chunk is z (fp32, in place) or low_z (the bf16/fp16 GEMM output before bias and 1/T; the gradient
+  // passes overwrite it with dL/dz): exactly one of the two.
+  m.def("student_stats(Tensor? z, Tensor targets, Tensor? low_z, Tensor? bias, float inv_t) -> Tensor");
+  m.def("student_grad(Tensor(a!)? z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent, "
+        "Tensor(b!)? low_z, Tensor? bias, float inv_t) -> ()");
   // distill_stats leaves u as scratch for distill_grad (see row_ops.py).
-  m.def("distill_stats(Tensor(a!) z, Tensor(b!) u, Tensor targets, float alpha, int topk, bool tail, Tensor? low_z, "
+  m.def("distill_stats(Tensor? z, Tensor(b!) u, Tensor targets, float alpha, int topk, bool tail, Tensor? low_z, "
         "Tensor? low_u, Tensor? bias, float inv_t) -> (Tensor, Tensor)");
-  m.def("distill_grad(Tensor(a!) z, Tensor u, Tensor targets, Tensor stats, Tensor? topk_ids, Tensor c_logp, "
-        "Tensor c_div, float alpha, bool tail, Tensor(b!)? narrow) -> ()");
+  m.def("distill_grad(Tensor(a!)? z, Tensor u, Tensor targets, Tensor stats, Tensor? topk_ids, Tensor c_logp, "
+        "Tensor c_div, float alpha, bool tail, Tensor(b!)? low_z, Tensor? bias, float inv_t) -> ()");
   m.def("accumulate(Tensor(a!) acc, Tensor part, float beta) -> ()");
 }
 

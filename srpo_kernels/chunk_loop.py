@@ -114,39 +114,48 @@ class ChunkRunner:
         # bf16/fp16 on the CPU: the backend widens the GEMM's output and narrows dL/dz row by row (row_ops.Widen).
         self.fused_casts = self.gemms.low and not self.gemms.fp32_out and ops.fuses_casts
 
-    def _buffers(self, rows: int):
-        """``[rows, V]`` logits buffer (math dtype) and, for bf16/fp16 operands, a scratch of the same shape in the
+    def _buffers(self, low_rows: int, fp32_rows: int):
+        """``[fp32_rows, V]`` logits (math dtype) and, for bf16/fp16 operands, a ``[low_rows, V]`` scratch in the
         input dtype: views of one workspace each that both streams share, sized once for the larger.
 
         One allocation per run, not one per stream: buffers this large come fresh from the OS on every allocation,
         and each first touch of a page is a fault."""
         if self._workspace is None:
-            need = max(2 * min(self.chunk, self.sd_rows.numel()), min(self.chunk, self.g_rows.numel()))
-            self._workspace = torch.empty(need, self.vocab, dtype=self.dtype, device=self.hidden.device)
+            sd, g = min(self.chunk, self.sd_rows.numel()), min(self.chunk, self.g_rows.numel())
+            need = max(2 * sd, g)
+            # Fused casts keep the student's rows in the input dtype: only the teacher's need fp32 rows.
+            self._workspace = torch.empty(sd if self.fused_casts else need, self.vocab, dtype=self.dtype,
+                                          device=self.hidden.device)
             if self.gemms.low:
                 self._scratch = torch.empty(need, self.vocab, dtype=self.gemms.operand, device=self.hidden.device)
-        return self._workspace[:rows], None if self._scratch is None else self._scratch[:rows]
+        return self._workspace[:fp32_rows], None if self._scratch is None else self._scratch[:low_rows]
 
-    def _logits(self, h, buf, scratch, teacher_rows: int = 0):
-        """The chunk's fp32 logits in `buf` (the GEMM and, unless the backend fuses it, the widening), and the
-        Widen the backend's stats pass needs (None: `buf` is final). With `teacher_rows`, the last rows are the
-        teacher's."""
-        if not self.fused_casts:
-            return self.gemms.logits(h, buf, scratch), None
-        low = self.gemms.low_logits(h, scratch)
+    def _logits(self, h, teacher_rows: int = 0):
+        """A chunk's logits as the backend takes them: (z, u, widen, scratch). With `teacher_rows`, the last rows
+        of `h` are the teacher's (u), else u is None. Without fused casts z and u are fp32 (the GEMM and the
+        widening done here) and widen is None; with them z is None, widen holds the GEMM's bf16/fp16 output (in
+        `scratch`) and u the fp32 rows the backend widens the teacher's into."""
         c = h.shape[0] - teacher_rows
-        return buf, Widen(low[:c], low[c:] if teacher_rows else None, self.gemms.bias, self.gemms.inv_t)
+        if not self.fused_casts:
+            buf, scratch = self._buffers(h.shape[0], h.shape[0])
+            zu = self.gemms.logits(h, buf, scratch)
+            return zu[:c], (zu[c:] if teacher_rows else None), None, scratch
+        buf, scratch = self._buffers(h.shape[0], teacher_rows)
+        low = self.gemms.low_logits(h, scratch)
+        widen = Widen(low[:c], low[c:] if teacher_rows else None, self.gemms.bias, self.gemms.inv_t)
+        return None, (buf if teacher_rows else None), widen, scratch
 
     def _backprop(self, dz, scratch, rows, rows_hidden, grads: Grads):
-        # With fused casts the gradient pass has already written dL/dz into scratch in the input dtype.
-        dz_op = scratch if self.fused_casts else self.gemms.narrow(dz, scratch)
+        """The backward GEMMs of a chunk from dL/dz: `dz` (fp32; None where the backend has written it into
+        `scratch` in the input dtype already, fused casts)."""
+        dz_op = scratch if dz is None else self.gemms.narrow(dz, scratch)
         if grads.hidden is not None:
             grads.hidden.index_copy_(0, rows, self.gemms.grad_hidden(dz_op).to(grads.hidden.dtype))
         if grads.weight is not None:
-            self.gemms.add_grad_weight(grads.weight, dz, dz_op, rows_hidden, grads.weight_scale)
+            self.gemms.add_grad_weight(grads.weight, dz_op, rows_hidden, grads.weight_scale)
             grads.weight_scale = 1.0
-        if grads.bias is not None:
-            grads.bias.add_(dz.sum(0).to(grads.bias.dtype))
+        if grads.bias is not None:  # from the GEMMs' operand, as autograd sums the naive loss's dL/dz
+            grads.bias.add_(dz_op.sum(0, dtype=grads.bias.dtype))
 
     def new_grads(self, need_hidden, need_weight, need_bias) -> Grads:
         acc, device = self.dtype, self.hidden.device
@@ -180,8 +189,7 @@ class ChunkRunner:
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]
             h = self.gemms.operand_rows(self.hidden.index_select(0, r))
-            buf, scratch = self._buffers(r.numel())
-            z, widen = self._logits(h, buf, scratch)
+            z, _, widen, scratch = self._logits(h)
             targets = self.x.token_ids.index_select(0, r)
             st = self.ops.student_stats(z, targets, widen=widen) if widen else self.ops.student_stats(z, targets)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
@@ -189,7 +197,7 @@ class ChunkRunner:
                 continue
             c_logp, c_ent = coef(r, st)
             if widen:
-                self.ops.student_grad(z, targets, st, c_logp, c_ent, narrow=scratch)
+                self.ops.student_grad(z, targets, st, c_logp, c_ent, widen=widen)
             else:
                 self.ops.student_grad(z, targets, st, c_logp, c_ent)
             self._backprop(z, scratch, r, h, grads)
@@ -205,9 +213,7 @@ class ChunkRunner:
             # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
             h = self.gemms.operand_rows(self.hidden.index_select(0, r))
             t = self.gemms.operand_rows(teacher.index_select(0, self.teacher_rows[start:start + self.chunk]))
-            buf, scratch = self._buffers(2 * c)
-            zu, widen = self._logits(torch.cat([h, t]), buf, scratch, teacher_rows=c)
-            z, u = zu[:c], zu[c:]
+            z, u, widen, scratch = self._logits(torch.cat([h, t]), teacher_rows=c)
             targets = self.x.token_ids.index_select(0, r)
             args = (z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)
             st, ids = self.ops.distill_stats(*args, widen=widen) if widen else self.ops.distill_stats(*args)
@@ -216,10 +222,9 @@ class ChunkRunner:
             if grads is None or start >= n_valid:
                 continue
             c_logp, c_div = coef(r, st)
-            dz_low = None if scratch is None else scratch[:c]
             args = (z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail)
-            self.ops.distill_grad(*args, narrow=dz_low) if widen else self.ops.distill_grad(*args)
-            self._backprop(z, dz_low, r, h, grads)
+            self.ops.distill_grad(*args, widen=widen) if widen else self.ops.distill_grad(*args)
+            self._backprop(z, None if scratch is None else scratch[:c], r, h, grads)
 
 
 def log_weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: Optional[torch.Tensor]) -> float:

@@ -131,9 +131,8 @@ class Gemms:
             return torch.mm(dz_op, self.weight, out_dtype=self.math)
         return dz_op @ self.weight
 
-    def add_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor,
-                        beta: float) -> None:
-        """acc (fp32/fp64, V x H) <- beta * acc + dz^T h, with no V x H temporary."""
+    def add_grad_weight(self, acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float) -> None:
+        """acc (fp32/fp64, V x H) <- beta * acc + dz_op^T h, with no V x H temporary."""
         if self.fp32_out:
             torch.addmm(acc, dz_op.T, h, beta=beta, out_dtype=self.math, out=acc)
         elif self.low:  # CPU: see the module's docstring
@@ -141,7 +140,7 @@ class Gemms:
             for v0 in range(0, acc.shape[0], rows):
                 _accumulate(acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h), beta)
         else:
-            torch.addmm(acc, dz.T, h, beta=beta, out=acc)
+            torch.addmm(acc, dz_op.T, h, beta=beta, out=acc)
 
 
 def _accumulate(block: torch.Tensor, part: torch.Tensor, beta: float) -> None:

@@ -26,7 +26,7 @@ def test_blockwise_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkey
     h = torch.randn(c, h_dim, generator=g).to(dtype)
     before = torch.randn(v, h_dim, generator=g)
     acc = before.clone() if beta else torch.full((v, h_dim), float("nan"))  # beta 0: unwritten, NaN ignored
-    gemms.add_grad_weight(acc, dz, dz_op, h, beta)
+    gemms.add_grad_weight(acc, dz_op, h, beta)
 
     part = dz_op.double().T @ h.double()
     expected = beta * before.double() + part

@@ -52,9 +52,8 @@ class VocabPasses(Protocol):
 
 @dataclass
 class Widen:
-    """A chunk's logits as a bf16/fp16 GEMM wrote them, before bias and temperature, for a backend that widens them
-    into its fp32 chunk itself (``RowOps.fuses_casts``): ``z = (student + bias) / T``, ``u`` likewise from
-    ``teacher``."""
+    """A chunk's logits as a bf16/fp16 GEMM wrote them, before bias and temperature, for a backend that reads them
+    itself (``RowOps.fuses_casts``): ``z = (student + bias) / T``, ``u`` likewise from ``teacher``."""
 
     student: torch.Tensor
     teacher: Optional[torch.Tensor]
@@ -64,9 +63,10 @@ class Widen:
 
 class RowOps(Protocol):
     name: str
-    # True: the stats passes take ``widen=Widen(...)`` and fill the fp32 chunk from it row by row, and the gradient
-    # passes take ``narrow=`` a bf16/fp16 [C, V] buffer that receives dL/dz as well, each while the row is in cache.
-    # False: the chunk loop widens and narrows in separate passes (and never passes those arguments).
+    # True: with bf16/fp16 GEMMs every pass takes ``widen=Widen(...)`` and ``z=None``: the student's rows are read
+    # from ``widen.student`` (each widened while it is in cache, no fp32 [C, V] copy) and the gradient passes
+    # overwrite them there with dL/dz in that dtype; the teacher's rows are widened into the fp32 chunk ``u``.
+    # False: the chunk loop widens and narrows in separate passes (and never passes ``widen``).
     fuses_casts: bool
     # How many [C, V] fp32 temporaries the passes allocate beside the logits buffer at their peak: the chunk loop
     # divides its chunk budget by (1 + this), so a backend of tensor ops keeps the O(C V) contract too.
@@ -81,10 +81,10 @@ class RowOps(Protocol):
     def student_stats(self, z: torch.Tensor, targets: torch.Tensor, widen: Optional[Widen] = None) -> torch.Tensor:
         ...
 
-    def student_grad(self, z, targets, stats, c_logp, c_ent, narrow: Optional[torch.Tensor] = None) -> None: ...
+    def student_grad(self, z, targets, stats, c_logp, c_ent, widen: Optional[Widen] = None) -> None: ...
 
     def distill_stats(self, z, u, targets, alpha: float, topk: Optional[int], topk_tail: bool,
                       widen: Optional[Widen] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha: float, topk: Optional[int],
-                     topk_tail: bool, narrow: Optional[torch.Tensor] = None) -> None: ...
+                     topk_tail: bool, widen: Optional[Widen] = None) -> None: ...
