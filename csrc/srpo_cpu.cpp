@@ -30,9 +30,11 @@ constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail buck
 // the student's log s (student stats) or its tail log-prob before the floor (distill stats).
 enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
 constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kStudentCols = kStudentLogS + 1;
-// Private distill columns: the student's argmax, and its tail log-prob before the floor at kLogTiny (the tail's
-// gradient spreads by p_j / p_tail with the tail's own mass).
-constexpr int64_t kDistillTop = N_DISTILL, kDistillTail = kDistillTop + 1, kDistillCols = kDistillTail + 1;
+// Private distill columns: the student's argmax, its tail log-prob before the floor at kLogTiny (the tail's
+// gradient spreads by p_j / p_tail with the tail's own mass), its log s, and the teacher's row max and log s
+// (log-probs are (x - max) - log s on both sides).
+constexpr int64_t kDistillTop = N_DISTILL, kDistillTail = kDistillTop + 1, kDistillLogS = kDistillTail + 1,
+                  kTeacherMax = kDistillLogS + 1, kTeacherLogS = kTeacherMax + 1, kDistillCols = kTeacherLogS + 1;
 constexpr int64_t kMaxVocab = int64_t(1) << 24;
 
 ALWAYS_INLINE float as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -266,13 +268,14 @@ struct Divergence {
 
 // Full-vocabulary distillation gradient of one row: x <- c dD/dz - a p (the target's +a is added by the caller).
 // `y` is the teacher row as distill_row_stats left it: q for alpha = 0, else the per-entry term g with
-// dD/dz = c' p (g - aux): log p - log q for alpha = 1, the JSD term d otherwise.
-void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float lse_z, float aux, float a,
-                     float c, const Divergence& div) {
+// dD/dz = c' p (g - aux): log p - log q for alpha = 1, the JSD term d otherwise. p = exp((x - m) - log s), as in
+// the stats pass: exp(x - lse) would round each log-prob at |lse|.
+void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float m, float log_s, float aux,
+                     float a, float c, const Divergence& div) {
   if (div.mode == 0) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      float p = vexp(x[j] - lse_z);
+      float p = vexp((x[j] - m) - log_s);
       x[j] = c * (p - y[j]) - a * p;
     }
     return;
@@ -280,15 +283,19 @@ void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, 
   const float c1 = div.mode == 1 ? c : c * div.om;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    float p = vexp(x[j] - lse_z);
+    float p = vexp((x[j] - m) - log_s);
     x[j] = c1 * p * (y[j] - aux) - a * p;
   }
 }
 
-// Top-K row, every entry treated as a tail member first: x <- g_tail p_j / p_tail - a p_j.
-void tail_grad(float* __restrict x, int64_t n, float lse_z, float g_tail, float shift, float a) {
+// Top-K row, every entry treated as a tail member first: x <- g_tail p_j / p_tail - a p_j, with p_j as in
+// full_vocab_grad and p_j / p_tail = exp((x - m) - tail_shift), tail_shift = log s + log p_tail.
+void tail_grad(float* __restrict x, int64_t n, float m, float log_s, float g_tail, float tail_shift, float a) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) x[j] = g_tail * vexp(x[j] - shift) - a * vexp(x[j] - lse_z);
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = x[j] - m;
+    x[j] = g_tail * vexp(d - tail_shift) - a * vexp(d - log_s);
+  }
 }
 
 float entropy_of(const float* lq, int64_t n) {
@@ -314,6 +321,9 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
   const float sum_u = row_lse_entropy(y, V, top_u, lse_u, ent_u, lsu, full ? eu : nullptr);
   s[LSE] = lse_z; s[LOGP] = (x[target] - x[top]) - lsz; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
   s[kDistillTop] = static_cast<float>(top);
+  s[kDistillLogS] = lsz;
+  s[kTeacherMax] = max_u;
+  s[kTeacherLogS] = lsu;
   if (full) {
     float d1 = 0.f, d2 = 0.f, d3 = 0.f;
     const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1, inv_z = 1.f / sum_z,
@@ -381,11 +391,12 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
 void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V, int64_t target, int64_t K,
                                bool tail, const Divergence& div, const int64_t* row_ids, const float* s, float a,
                                float c, float* gk, float* zk) {
-  const float lse_z = s[LSE], lse_u = s[T_LSE], aux = s[AUX_KL];
+  const float lse_z = s[LSE], aux = s[AUX_KL], max_u = s[kTeacherMax], log_s_u = s[kTeacherLogS];
   const int64_t top = static_cast<int64_t>(s[kDistillTop]);
-  const bool sharp = sharp_row(x[top], lse_z);
+  const float m = x[top], log_s = s[kDistillLogS];
+  const bool sharp = sharp_row(m, lse_z);
   if (K == 0) {
-    full_vocab_grad(x, y, V, lse_z, aux, a, c, div);
+    full_vocab_grad(x, y, V, m, log_s, aux, a, c, div);
     x[target] += a;
     rebalance(x, V, top, sharp);
     return;
@@ -394,13 +405,14 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
   const float pn = s[P_NORM], qn = s[Q_NORM];
   for (int64_t k = 0; k < K; ++k) {
     zk[k] = x[row_ids[k]];
-    float lpk = tail ? zk[k] - lse_z : zk[k] - pn;
-    float lqk = tail ? y[row_ids[k]] - lse_u : y[row_ids[k]] - qn;
+    float lpk = tail ? (zk[k] - m) - log_s : zk[k] - pn;
+    float lqk = tail ? (y[row_ids[k]] - max_u) - log_s_u : y[row_ids[k]] - qn;
     gk[k] = c * div.grad(lpk, lqk, aux);
   }
   // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
-  tail_grad(x, V, lse_z, tail ? c * div.grad(pn, qn, aux) : 0.f, lse_z + (tail ? s[kDistillTail] : pn), a);
-  for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp(zk[k] - lse_z);
+  // Without a tail bucket g_tail = 0 and the shift is unused.
+  tail_grad(x, V, m, log_s, tail ? c * div.grad(pn, qn, aux) : 0.f, log_s + (tail ? s[kDistillTail] : 0.f), a);
+  for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp((zk[k] - m) - log_s);
   x[target] += a;
   rebalance(x, V, top, sharp);
 }

@@ -69,6 +69,27 @@ def test_cpu_row_passes_match_torch(alpha, topk, tail):
     assert torch.allclose(g_cpu.sum(1), torch.zeros(6), atol=1e-5)  # shift invariance
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("topk,tail", [(None, True), (20, True)])
+def test_cpu_distill_grad_rounds_log_probs_at_their_own_size(alpha, topk, tail):
+    """Logits far from 0 (here 1000 + N(0, 1), exact in fp32): exp(x - lse) would round every p at |lse| (6e-5 in
+    relative terms); (x - max) - log s rounds it as log_softmax does. Judged against the torch backend in fp32 (the
+    shifted form throughout), both against fp64 on the same fp32 logits."""
+    z, u, y = _rows(5, scale=1.0)
+    z += 1000.0
+    c_logp, c_div = torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6)
+    grads = {}
+    for name, ops, dtype in (("cpu", CpuRowOps(), torch.float32), ("torch", torch_row_ops(), torch.float32),
+                             ("fp64", torch_row_ops(), torch.float64)):
+        zz, uu = z.to(dtype), u.to(dtype).clone()  # the cpu stats pass leaves its scratch in u
+        stats, ids = ops.distill_stats(zz.clone(), uu, y, alpha, topk, tail)
+        g = zz.clone()
+        ops.distill_grad(g, uu, y, stats, ids, c_logp.to(dtype), c_div.to(dtype), alpha, topk, tail)
+        grads[name] = g.double()
+    err = {k: float((grads[k] - grads["fp64"]).abs().max()) for k in ("cpu", "torch")}
+    assert err["cpu"] <= max(1e-7, 5 * err["torch"]), err
+
+
 @pytest.mark.parametrize("alpha,teacher_masked", [(0.0, slice(0, 7)), (1.0, slice(0, 7)), (0.5, slice(5, 12))])
 def test_cpu_row_passes_handle_minus_inf_logits(alpha, teacher_masked):
     """Vocabulary entries masked with -inf (e.g. by the bias) have zero probability and contribute nothing."""
