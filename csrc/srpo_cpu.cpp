@@ -31,10 +31,12 @@ constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail buck
 enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
 constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kStudentCols = kStudentLogS + 1;
 // Private distill columns: the student's argmax, its tail log-prob before the floor at kLogTiny (the tail's
-// gradient spreads by p_j / p_tail with the tail's own mass), its log s, and the teacher's row max and log s
-// (log-probs are (x - max) - log s on both sides).
+// gradient spreads by p_j / p_tail with the tail's own mass), its log s, the (max, log s) pairs of the top-K
+// support's log-probs on each side (log p = (x - max) - log s: the whole row's with a tail bucket, the K entries'
+// without), and the support's shift (Divergence::value).
 constexpr int64_t kDistillTop = N_DISTILL, kDistillTail = kDistillTop + 1, kDistillLogS = kDistillTail + 1,
-                  kTeacherMax = kDistillLogS + 1, kTeacherLogS = kTeacherMax + 1, kDistillCols = kTeacherLogS + 1;
+                  kSupportMaxZ = kDistillLogS + 1, kSupportLogSZ = kSupportMaxZ + 1, kSupportMaxU = kSupportLogSZ + 1,
+                  kSupportLogSU = kSupportMaxU + 1, kSupportShift = kSupportLogSU + 1, kDistillCols = kSupportShift + 1;
 constexpr int64_t kMaxVocab = int64_t(1) << 24;
 
 ALWAYS_INLINE float as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -90,18 +92,21 @@ ALWAYS_INLINE float vlog1p(float t) {
   return vlog(u) - ((u - 1.0f) - t) * (2.0f - u);
 }
 
-// JSD terms d = log p - log m + log(1-a), e = log q - log m + log a, through softplus of s = log(a q / ((1-a) p)):
-// neither loses digits where p and q are far apart, which is where the gradient (1-a) p (d - sum p d) of sharp,
-// disagreeing distributions lives. Mirrors torch_chunked._jsd_terms, except that exp(-|s|) is taken as the ratio of
-// the smaller to the larger of (1-a) p and a q: p and q are on hand, a division is cheaper than an exp, and no less
-// exact (s itself carries the rounding of two log-probs).
-ALWAYS_INLINE void jsd_terms(float lp, float lq, float p, float q, float log_beta, float one_minus_a, float a,
-                             float& d, float& e) {
-  float s = lq - lp + log_beta, wp = one_minus_a * p, wq = a * q;
-  float lo = wp < wq ? wp : wq, hi = wp < wq ? wq : wp;
-  float soft = vlog1p(hi > 0.f ? lo / hi : 0.f);
-  d = -((s > 0.f ? s : 0.f) + soft);
-  e = -((s < 0.f ? -s : 0.f) + soft);
+// JSD terms d = log(p / m), e = log(q / m), m = (1-a) p + a q, from delta = log q - log p (see support.jsd_terms):
+// with s = delta + log(a / (1-a)), d = -(delta + log a + log1p(e^-s)) where s > 0, else -(log(1-a) + log1p(e^s)).
+// Neither loses digits where p and q are far apart, which is where the gradient (1-a) p (d - sum p d) of sharp,
+// disagreeing distributions lives, and delta never passes through s, whose log(a / (1-a)) would round away the digits
+// of a delta near 0 (where that gradient is a difference of nearly equal d's). exp(-|s|) is taken as the ratio of the
+// smaller to the larger of (1-a) p and a q: p and q are on hand, and a division is cheaper than an exp.
+// c0 = -log(1-a), c1 = -log(a).
+ALWAYS_INLINE void jsd_terms(float delta, float p, float q, float log_beta, float one_minus_a, float a, float c0,
+                             float c1, float& d, float& e) {
+  const float s = delta + log_beta, wp = one_minus_a * p, wq = a * q;
+  const float lo = wp < wq ? wp : wq, hi = wp < wq ? wq : wp;
+  const float soft = vlog1p(hi > 0.f ? lo / hi : 0.f);
+  const bool pos = s > 0.f;
+  d = pos ? -(delta + (soft - c1)) : c0 - soft;
+  e = pos ? c1 - soft : delta + (c0 - soft);
 }
 
 // dL/dz sums to zero over a row (shift invariance). Where one token holds almost all the probability its entry is a
@@ -224,6 +229,27 @@ void topk_ids(const float* x, int64_t n, int64_t k, int64_t* out) {
 
 inline float plogdiff(float p, float a, float b) { return p > 0.f ? p * (a - b) : 0.f; }
 
+// p phi(g), phi(g) = g + exp(-g) - 1 >= 0, for g = log p - log q: KL(p||q) = sum p phi(g), a sum of non-negative
+// terms that keeps its digits where p and q nearly agree (see support.phi_terms). The series (to g^11) below
+// |g| = 0.5, else the direct form with p exp(-g) = exp(lp - g); where p = 0 the term's limit, q.
+ALWAYS_INLINE float phi_term(float p, float lp, float g, float q) {
+  const float ag = g < 0.f ? -g : g;
+  const bool small = ag < 0.5f;
+  const float gs = small ? g : 0.f;
+  float poly = -2.5052108e-8f;  // (-1)^k / k!, k = 11 down to 2
+  poly = std::fma(poly, gs, 2.7557319e-7f);
+  poly = std::fma(poly, gs, -2.7557319e-6f);
+  poly = std::fma(poly, gs, 2.4801587e-5f);
+  poly = std::fma(poly, gs, -1.9841270e-4f);
+  poly = std::fma(poly, gs, 1.3888889e-3f);
+  poly = std::fma(poly, gs, -8.3333333e-3f);
+  poly = std::fma(poly, gs, 4.1666667e-2f);
+  poly = std::fma(poly, gs, -1.6666667e-1f);
+  poly = std::fma(poly, gs, 0.5f);
+  const float term = small ? p * gs * gs * poly : p * g + (vexp(lp - g) - p);
+  return p > 0.f ? term : q;
+}
+
 // The mode (0 forward KL, 1 reverse KL, 2 JSD) and 1 - alpha are taken from the double: alpha = 1 - 1e-8 is a JSD
 // with weight 1e-8 on KL(p||m), while static_cast<float>(alpha) would round it to reverse KL.
 struct Divergence {
@@ -234,41 +260,51 @@ struct Divergence {
       log_beta(a > 0.0 && a < 1.0 ? static_cast<float>(std::log(a / (1 - a))) : 0.f),
       c0(a < 1.0 ? static_cast<float>(-std::log1p(-a)) : 0.f), c1(a > 0.0 ? static_cast<float>(-std::log(a)) : 0.f) {}
 
-  // D and the sum its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets).
-  void value(const float* lp, const float* lq, int64_t n, float& d, float& aux) const {
+  // D and the sum its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets). Reverse
+  // KL: sum p phi(g) and sum p (g - shift), `shift` g at p's most probable entry (support.divergence_and_aux).
+  void value(const float* lp, const float* lq, int64_t n, float& d, float& aux, float& shift) const {
     double s1 = 0, s2 = 0, s3 = 0;
+    shift = 0.f;
+    if (mode == 1) {
+      int64_t top = 0;
+      for (int64_t j = 1; j < n; ++j)
+        if (lp[j] > lp[top]) top = j;
+      shift = lp[top] - lq[top];
+    }
     for (int64_t j = 0; j < n; ++j) {
       float p = std::exp(lp[j]), q = std::exp(lq[j]);
-      if (mode == 0) {
-        s1 += plogdiff(q, lq[j], lp[j]);
+      if (mode == 0) {  // KL(q||p) = sum q phi(log q - log p)
+        s1 += phi_term(q, lq[j], lq[j] - lp[j], p);
       } else if (mode == 1) {
-        s1 += plogdiff(p, lp[j], lq[j]);
+        const float g = lp[j] - lq[j];
+        s1 += phi_term(p, lp[j], g, q);
+        s3 += plogdiff(p, g, shift);
       } else {
         float dj, ej;
-        jsd_terms(lp[j], lq[j], p, q, log_beta, om, alpha, dj, ej);
-        if (p > 0.f) { s1 += p * (dj + c0); s3 += p * dj; }
-        if (q > 0.f) s2 += q * (ej + c1);
+        jsd_terms(lq[j] - lp[j], p, q, log_beta, om, alpha, c0, c1, dj, ej);
+        if (p > 0.f) s1 += p * dj;
+        if (q > 0.f) s2 += q * ej;
       }
     }
     if (mode == 0) { d = s1; aux = 0.f; }
-    else if (mode == 1) { d = s1; aux = s1; }
-    else { d = om * s1 + alpha * s2; aux = s3; }
+    else if (mode == 1) { d = s1; aux = s3; }
+    else { d = om * s1 + alpha * s2; aux = s1; }
   }
 
-  // dD/d(logit) of one support entry.
-  float grad(float lp, float lq, float aux) const {
+  // dD/d(logit) of one support entry (`shift` as value() gave it).
+  float grad(float lp, float lq, float aux, float shift) const {
     float p = std::exp(lp);
     if (mode == 0) return p - std::exp(lq);
-    if (mode == 1) return plogdiff(p, lp, lq + aux);
+    if (mode == 1) return plogdiff(p, (lp - lq) - shift, aux);
     float dj, ej;
-    jsd_terms(lp, lq, p, std::exp(lq), log_beta, om, alpha, dj, ej);
+    jsd_terms(lq - lp, p, std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
     return om * plogdiff(p, dj, aux);
   }
 };
 
 // Full-vocabulary distillation gradient of one row: x <- c dD/dz - a p (the target's +a is added by the caller).
 // `y` is the teacher row as distill_row_stats left it: q for alpha = 0, else the per-entry term g with
-// dD/dz = c' p (g - aux): log p - log q for alpha = 1, the JSD term d otherwise. p = exp((x - m) - log s), as in
+// dD/dz = c' p (g - aux): z - u for alpha = 1 (log p - log q up to a per-row constant), the JSD term d otherwise. p = exp((x - m) - log s), as in
 // the stats pass: exp(x - lse) would round each log-prob at |lse|.
 void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float m, float log_s, float aux,
                      float a, float c, const Divergence& div) {
@@ -322,50 +358,55 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
   s[LSE] = lse_z; s[LOGP] = (x[target] - x[top]) - lsz; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
   s[kDistillTop] = static_cast<float>(top);
   s[kDistillLogS] = lsz;
-  s[kTeacherMax] = max_u;
-  s[kTeacherLogS] = lsu;
   if (full) {
     float d1 = 0.f, d2 = 0.f, d3 = 0.f;
     const float a = div.alpha, lb = div.log_beta, c0 = div.c0, c1 = div.c1, inv_z = 1.f / sum_z,
                 inv_u = 1.f / sum_u;
-    // x - lse would round the log-probs at |lse|, an error that a divergence between nearly equal rows takes whole.
     const float mz = x[top], mu = max_u;
     // Entries with zero probability contribute 0 (their logs may be -inf, e.g. a -inf bias masking the vocab).
-    if (div.mode == 0) {
+    // log q - log p as (y - x) + lse_gap, lse_gap = lse_z - lse_u: exact where the rows nearly agree, where the
+    // difference of two log-probs would round each at its own size.
+    const float lse_gap = (mz - mu) + (lsz - lsu);
+    if (div.mode == 0) {  // KL(q||p) = sum q phi(log q - log p)
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
         float q = eu[j] * inv_u;
-        d1 += q > 0.f ? q * (((y[j] - mu) - lsu) - ((x[j] - mz) - lsz)) : 0.f;
+        d1 += phi_term(q, (y[j] - mu) - lsu, (y[j] - x[j]) + lse_gap, ez[j] * inv_z);
         y[j] = q;
       }
-    } else if (div.mode == 1) {
-#pragma omp simd reduction(+ : d1)
+    } else if (div.mode == 1) {  // KL = sum p phi(g); the gradient takes t = x - y and sum p t
+#pragma omp simd reduction(+ : d1, d3)
       for (int64_t j = 0; j < V; ++j) {
-        float p = ez[j] * inv_z, g = p > 0.f ? ((x[j] - mz) - lsz) - ((y[j] - mu) - lsu) : 0.f;
-        d1 += p * g;
-        y[j] = g;
+        float p = ez[j] * inv_z, t = p > 0.f ? x[j] - y[j] : 0.f;
+        d1 += phi_term(p, (x[j] - mz) - lsz, t - lse_gap, eu[j] * inv_u);
+        d3 += p * t;
+        y[j] = t;
       }
     } else {
       const float one_minus_a = div.om;
-#pragma omp simd reduction(+ : d1, d2, d3)
+#pragma omp simd reduction(+ : d1, d2)
       for (int64_t j = 0; j < V; ++j) {
-        float lpj = (x[j] - mz) - lsz, lqj = (y[j] - mu) - lsu, p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
-        jsd_terms(lpj, lqj, p, q, lb, one_minus_a, a, dj, ej);
+        float p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
+        jsd_terms((y[j] - x[j]) + lse_gap, p, q, lb, one_minus_a, a, c0, c1, dj, ej);
         dj = p > 0.f ? dj : 0.f;
         y[j] = dj;
-        d1 += p * (dj + c0);
-        d2 += q > 0.f ? q * (ej + c1) : 0.f;
-        d3 += p * dj;
+        d1 += p * dj;
+        d2 += q > 0.f ? q * ej : 0.f;
       }
+      d3 = d1;  // the gradient's sum p d
     }
     s[T_ENTROPY] = ent_u;
     s[DIVERGENCE] = div.mode != 2 ? d1 : div.om * d1 + a * d2;
-    s[AUX_KL] = div.mode == 0 ? 0.f : (div.mode == 1 ? d1 : d3);
+    s[AUX_KL] = div.mode == 0 ? 0.f : d3;
     return;
   }
   topk_ids(x, V, K, row_ids);
   int64_t n = K;
   if (tail) {
+    s[kSupportMaxZ] = x[top];
+    s[kSupportLogSZ] = lsz;
+    s[kSupportMaxU] = max_u;
+    s[kSupportLogSU] = lsu;
     for (int64_t k = 0; k < K; ++k) {
       lp[k] = (x[row_ids[k]] - x[top]) - lsz;
       lq[k] = (y[row_ids[k]] - max_u) - lsu;
@@ -381,17 +422,21 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     const float lsz = std::log(sz), lsu = std::log(su);
     s[P_NORM] = mz + lsz;
     s[Q_NORM] = mu + lsu;
+    s[kSupportMaxZ] = mz;
+    s[kSupportLogSZ] = lsz;
+    s[kSupportMaxU] = mu;
+    s[kSupportLogSU] = lsu;
     for (int64_t k = 0; k < K; ++k) { lp[k] = (x[row_ids[k]] - mz) - lsz; lq[k] = (y[row_ids[k]] - mu) - lsu; }
   }
   s[T_ENTROPY] = entropy_of(lq, n);
-  div.value(lp, lq, n, s[DIVERGENCE], s[AUX_KL]);
+  div.value(lp, lq, n, s[DIVERGENCE], s[AUX_KL], s[kSupportShift]);
 }
 
 // x <- c_logp (onehot(y) - p) + c_div dD/dx for one row.
 void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V, int64_t target, int64_t K,
                                bool tail, const Divergence& div, const int64_t* row_ids, const float* s, float a,
                                float c, float* gk, float* zk) {
-  const float lse_z = s[LSE], aux = s[AUX_KL], max_u = s[kTeacherMax], log_s_u = s[kTeacherLogS];
+  const float lse_z = s[LSE], aux = s[AUX_KL];
   const int64_t top = static_cast<int64_t>(s[kDistillTop]);
   const float m = x[top], log_s = s[kDistillLogS];
   const bool sharp = sharp_row(m, lse_z);
@@ -402,16 +447,17 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
     return;
   }
   // Support gradients first (they need the original logits of the top-K entries).
-  const float pn = s[P_NORM], qn = s[Q_NORM];
+  const float pn = s[P_NORM], qn = s[Q_NORM], shift = s[kSupportShift];
   for (int64_t k = 0; k < K; ++k) {
     zk[k] = x[row_ids[k]];
-    float lpk = tail ? (zk[k] - m) - log_s : zk[k] - pn;
-    float lqk = tail ? (y[row_ids[k]] - max_u) - log_s_u : y[row_ids[k]] - qn;
-    gk[k] = c * div.grad(lpk, lqk, aux);
+    const float lpk = (zk[k] - s[kSupportMaxZ]) - s[kSupportLogSZ];
+    const float lqk = (y[row_ids[k]] - s[kSupportMaxU]) - s[kSupportLogSU];
+    gk[k] = c * div.grad(lpk, lqk, aux, shift);
   }
   // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
   // Without a tail bucket g_tail = 0 and the shift is unused.
-  tail_grad(x, V, m, log_s, tail ? c * div.grad(pn, qn, aux) : 0.f, log_s + (tail ? s[kDistillTail] : 0.f), a);
+  tail_grad(x, V, m, log_s, tail ? c * div.grad(pn, qn, aux, shift) : 0.f, log_s + (tail ? s[kDistillTail] : 0.f),
+            a);
   for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp((zk[k] - m) - log_s);
   x[target] += a;
   rebalance(x, V, top, sharp);

@@ -96,6 +96,17 @@ def test_triton_minus_inf_bias_and_alpha_next_to_one(options):
     assert_fp32_no_worse_than_naive(fused("triton", chunk_size=16), case, to_device=_on_device, **options)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 1 - 1e-8, 1.0])
+@pytest.mark.parametrize("eps", [1e-3, 1e-2])
+def test_triton_teacher_and_student_nearly_agree(alpha, eps):
+    """tests/test_edges.py's near-agreement regime, full vocabulary, on the Triton kernels (V = 2000: two blocks)."""
+    case = make_case(seed=1, n=16, h=12, v=2000, sd_frac=1.0, mask_frac=0.0)
+    g = torch.Generator().manual_seed(101)
+    case["teacher_hidden"] = case["hidden"] + eps * torch.randn(case["hidden"].shape, generator=g,
+                                                                dtype=torch.float64)
+    assert_fp32_no_worse_than_naive(fused("triton", chunk_size=7), case, to_device=_on_device, alpha=alpha)
+
+
 def _logprob_case(dtype, seed=0):
     """37 rows, H = 45, V = 2500: multiples of no block size or vocabulary span; -inf bias entries, T = 0.7."""
     g = torch.Generator().manual_seed(seed)

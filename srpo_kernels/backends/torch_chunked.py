@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .support import divergence_and_aux, divergence_grad, shifted_logp, xlogy_diff
+from .support import (divergence_grad, jsd_terms, jsd_value_and_aux, phi_terms, reverse_kl, shifted_logp,
+                      xlogy_diff)
 from .tensor_row_ops import TensorRowOps
+
+
+def _lse_gap(norm_z, norm_u):
+    """lse_z - lse_u per row from (max, log s) pairs: log p - log q = (z - u) - this, exact where z and u nearly
+    agree (the difference of two log-probs would round each at its own size, ~|log p| eps)."""
+    return (norm_z[0] - norm_u[0]) + (norm_z[1] - norm_u[1])
 
 
 class TorchPasses:
@@ -29,8 +36,17 @@ class TorchPasses:
         return m.squeeze(-1), log_s, (log_s - t / (1 + r)).clamp_min(0.0)
 
     def full_divergence(self, z, u, norm_z, norm_u, alpha):
-        """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side."""
-        return divergence_and_aux(shifted_logp(z, norm_z), shifted_logp(u, norm_u), alpha)
+        """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side.
+        log q - log p is taken as (u - z) + _lse_gap. Reverse KL's aux is sum p (z - u): a sum over the row that
+        vocabulary blocks add up (see reverse_kl for why any per-row shift of g will do)."""
+        lp, lq = shifted_logp(z, norm_z), shifted_logp(u, norm_u)
+        if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
+            d = phi_terms(lq, (u - z) + _lse_gap(norm_z, norm_u)[:, None], lp.exp()).sum(-1)
+            return d, torch.zeros_like(d)
+        if alpha == 1.0:
+            t = z - u
+            return reverse_kl(lp, lq.exp(), t - _lse_gap(norm_z, norm_u)[:, None], t)
+        return jsd_value_and_aux(lp, lq, (u - z) + _lse_gap(norm_z, norm_u)[:, None], alpha)
 
     def fill_student_grad(self, z, norm, entropy, c_logp, c_ent):
         """z <- -c_logp p - c_ent p (log p + H), in place; ``norm`` = (row max, log s)."""
@@ -44,7 +60,13 @@ class TorchPasses:
     def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha):
         """z <- c_div dD/dz - c_logp p over the full vocabulary, in place (``norm_*`` as in full_divergence)."""
         log_p = shifted_logp(z, norm_z)
-        grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_u), aux, alpha)
+        if alpha == 1.0:  # p (t - aux) with t = z - u, as full_divergence took it
+            grad = c_div[:, None] * xlogy_diff(log_p.exp(), z - u, aux[:, None])
+        elif alpha == 0.0:
+            grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_u), aux, alpha)
+        else:  # (1-a) p (d - aux), d from delta as full_divergence took it
+            d, _ = jsd_terms((u - z) + _lse_gap(norm_z, norm_u)[:, None], alpha)
+            grad = c_div[:, None] * (1 - alpha) * xlogy_diff(log_p.exp(), d, aux[:, None])
         grad -= c_logp[:, None] * log_p.exp()
         z.copy_(grad)
 

@@ -6,7 +6,7 @@ import math
 import triton
 import triton.language as tl
 
-from .jsd_math import jsd_terms
+from .jsd_math import jsd_terms, phi_term
 from .launch import Launcher
 
 
@@ -19,35 +19,40 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, d_ptr,
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     acc3 = tl.zeros([BLOCK], tl.float32)
+    # log q - log p = (u - z) + lse_gap: exact where the rows nearly agree (see torch_chunked._lse_gap).
+    lse_gap = (m_z - m_u) + (ls_z - ls_u)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        lp = tl.load(z_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - m_z - ls_z
-        lq = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32) - m_u - ls_u
+        zv = tl.load(z_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        uv = tl.load(u_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        lp = zv - m_z - ls_z
+        lq = uv - m_u - ls_u
         p = tl.exp(lp)
         q = tl.exp(lq)
         # Entries of zero probability add 0: with masked vocabulary (-inf logits) their log terms are NaN.
         live_p = mask & (p > 0)
         live_q = mask & (q > 0)
-        if MODE == 0:
-            acc1 += tl.where(live_q, q * (lq - lp), 0.0)
-        elif MODE == 1:
-            acc1 += tl.where(live_p, p * (lp - lq), 0.0)
+        if MODE == 0:  # KL(q||p) = sum q phi(log q - log p)
+            acc1 += tl.where(mask, phi_term(q, lq, (uv - zv) + lse_gap, p), 0.0)
+        elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = z - u
+            t = tl.where(live_p, zv - uv, 0.0)
+            acc1 += tl.where(mask, phi_term(p, lp, t - lse_gap, q), 0.0)
+            acc3 += tl.where(live_p, p * t, 0.0)
         else:
-            d, e = jsd_terms(lp, lq, log_beta)
-            acc1 += tl.where(live_p, p * (d + c0), 0.0)
-            acc2 += tl.where(live_q, q * (e + c1), 0.0)
-            acc3 += tl.where(live_p, p * d, 0.0)
+            d, e = jsd_terms((uv - zv) + lse_gap, log_beta, c0, c1)
+            acc1 += tl.where(live_p, p * d, 0.0)
+            acc2 += tl.where(live_q, q * e, 0.0)
     s1 = tl.sum(acc1, 0)
     if MODE == 0:
         tl.store(d_ptr + row, s1)
         tl.store(aux_ptr + row, 0.0)
     elif MODE == 1:
         tl.store(d_ptr + row, s1)
-        tl.store(aux_ptr + row, s1)
+        tl.store(aux_ptr + row, tl.sum(acc3, 0))
     else:
         tl.store(d_ptr + row, om * s1 + alpha * tl.sum(acc2, 0))
-        tl.store(aux_ptr + row, tl.sum(acc3, 0))
+        tl.store(aux_ptr + row, s1)
 
 
 _launch = Launcher(divergence_kernel)

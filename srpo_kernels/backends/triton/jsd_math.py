@@ -1,4 +1,4 @@
-"""Device functions shared by the kernels (jsd_terms mirrors support.jsd_terms)."""
+"""Device functions shared by the kernels (phi_term and jsd_terms mirror support.phi_terms and support.jsd_terms)."""
 import triton
 import triton.language as tl
 
@@ -11,8 +11,30 @@ def log1p(x):
 
 
 @triton.jit
-def jsd_terms(lp, lq, log_beta):
-    """d = log p - log m + log(1-a), e = log q - log m + log a via softplus of s = log(a q / ((1-a) p))."""
-    s = lq - lp + log_beta
+def phi_term(p, lp, g, q):
+    """p phi(g), phi(g) = g + exp(-g) - 1, for g = log p - log q: the series (to g^11) below |g| = 0.5, else the
+    direct form with p exp(-g) = exp(lp - g); q (the limit) where p = 0."""
+    small = tl.abs(g) < 0.5
+    gs = tl.where(small, g, 0.0)
+    poly = -2.5052108e-8 * gs + 2.7557319e-7
+    poly = poly * gs - 2.7557319e-6
+    poly = poly * gs + 2.4801587e-5
+    poly = poly * gs - 1.9841270e-4
+    poly = poly * gs + 1.3888889e-3
+    poly = poly * gs - 8.3333333e-3
+    poly = poly * gs + 4.1666667e-2
+    poly = poly * gs - 1.6666667e-1
+    poly = poly * gs + 0.5
+    term = tl.where(small, p * gs * gs * poly, p * g + (tl.exp(lp - g) - p))
+    return tl.where(p > 0, term, q)
+
+
+@triton.jit
+def jsd_terms(delta, log_beta, c0, c1):
+    """d = log(p / m), e = log(q / m) from delta = log q - log p; c0 = -log(1-a), c1 = -log(a)."""
+    s = delta + log_beta
     soft = log1p(tl.exp(-tl.abs(s)))
-    return -(tl.maximum(s, 0.0) + soft), -(tl.maximum(-s, 0.0) + soft)
+    pos = s > 0
+    d = tl.where(pos, -(delta + (soft - c1)), c0 - soft)
+    e = tl.where(pos, c1 - soft, delta + (c0 - soft))
+    return d, e
