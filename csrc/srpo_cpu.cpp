@@ -229,25 +229,21 @@ void topk_ids(const float* x, int64_t n, int64_t k, int64_t* out) {
 
 inline float plogdiff(float p, float a, float b) { return p > 0.f ? p * (a - b) : 0.f; }
 
-// p phi(g), phi(g) = g + exp(-g) - 1 >= 0, for g = log p - log q: KL(p||q) = sum p phi(g), a sum of non-negative
-// terms that keeps its digits where p and q nearly agree (see support.phi_terms). The series (to g^11) below
-// |g| = 0.5, else the direct form with p exp(-g) = exp(lp - g); where p = 0 the term's limit, q.
-ALWAYS_INLINE float phi_term(float p, float lp, float g, float q) {
+// p phi(g), phi(g) = g + exp(-g) - 1 >= 0, for g = log p - log q, given pe = p exp(-g) = q: KL(p||q) = sum p phi(g),
+// a sum of non-negative terms that keeps its digits where p and q nearly agree (see support.phi_terms). The series
+// (to g^7) below |g| = 0.25, else the direct form p g + (pe - p); where p = 0 the term's limit, pe.
+ALWAYS_INLINE float phi_term(float p, float g, float pe) {
   const float ag = g < 0.f ? -g : g;
-  const bool small = ag < 0.5f;
+  const bool small = ag < 0.25f;
   const float gs = small ? g : 0.f;
-  float poly = -2.5052108e-8f;  // (-1)^k / k!, k = 11 down to 2
-  poly = std::fma(poly, gs, 2.7557319e-7f);
-  poly = std::fma(poly, gs, -2.7557319e-6f);
-  poly = std::fma(poly, gs, 2.4801587e-5f);
-  poly = std::fma(poly, gs, -1.9841270e-4f);
+  float poly = -1.9841270e-4f;  // (-1)^k / k!, k = 7 down to 2
   poly = std::fma(poly, gs, 1.3888889e-3f);
   poly = std::fma(poly, gs, -8.3333333e-3f);
   poly = std::fma(poly, gs, 4.1666667e-2f);
   poly = std::fma(poly, gs, -1.6666667e-1f);
   poly = std::fma(poly, gs, 0.5f);
-  const float term = small ? p * gs * gs * poly : p * g + (vexp(lp - g) - p);
-  return p > 0.f ? term : q;
+  const float term = small ? p * gs * gs * poly : p * g + (pe - p);
+  return p > 0.f ? term : pe;
 }
 
 // The mode (0 forward KL, 1 reverse KL, 2 JSD) and 1 - alpha are taken from the double: alpha = 1 - 1e-8 is a JSD
@@ -274,21 +270,23 @@ struct Divergence {
     for (int64_t j = 0; j < n; ++j) {
       float p = std::exp(lp[j]), q = std::exp(lq[j]);
       if (mode == 0) {  // KL(q||p) = sum q phi(log q - log p)
-        s1 += phi_term(q, lq[j], lq[j] - lp[j], p);
+        s1 += phi_term(q, lq[j] - lp[j], p);
       } else if (mode == 1) {
         const float g = lp[j] - lq[j];
-        s1 += phi_term(p, lp[j], g, q);
+        s1 += phi_term(p, g, q);
         s3 += plogdiff(p, g, shift);
       } else {
         float dj, ej;
         jsd_terms(lq[j] - lp[j], p, q, log_beta, om, alpha, c0, c1, dj, ej);
-        if (p > 0.f) s1 += p * dj;
-        if (q > 0.f) s2 += q * ej;
+        const float m = om * p + alpha * q;  // KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
+        s1 += phi_term(p, dj, m);
+        s2 += phi_term(q, ej, m);
+        if (p > 0.f) s3 += p * dj;
       }
     }
     if (mode == 0) { d = s1; aux = 0.f; }
     else if (mode == 1) { d = s1; aux = s3; }
-    else { d = om * s1 + alpha * s2; aux = s1; }
+    else { d = om * s1 + alpha * s2; aux = s3; }
   }
 
   // dD/d(logit) of one support entry (`shift` as value() gave it).
@@ -371,29 +369,30 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
 #pragma omp simd reduction(+ : d1)
       for (int64_t j = 0; j < V; ++j) {
         float q = eu[j] * inv_u;
-        d1 += phi_term(q, (y[j] - mu) - lsu, (y[j] - x[j]) + lse_gap, ez[j] * inv_z);
+        d1 += phi_term(q, (y[j] - x[j]) + lse_gap, ez[j] * inv_z);
         y[j] = q;
       }
     } else if (div.mode == 1) {  // KL = sum p phi(g); the gradient takes t = x - y and sum p t
 #pragma omp simd reduction(+ : d1, d3)
       for (int64_t j = 0; j < V; ++j) {
         float p = ez[j] * inv_z, t = p > 0.f ? x[j] - y[j] : 0.f;
-        d1 += phi_term(p, (x[j] - mz) - lsz, t - lse_gap, eu[j] * inv_u);
+        d1 += phi_term(p, t - lse_gap, eu[j] * inv_u);
         d3 += p * t;
         y[j] = t;
       }
     } else {
       const float one_minus_a = div.om;
-#pragma omp simd reduction(+ : d1, d2)
+#pragma omp simd reduction(+ : d1, d2, d3)
       for (int64_t j = 0; j < V; ++j) {
         float p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
         jsd_terms((y[j] - x[j]) + lse_gap, p, q, lb, one_minus_a, a, c0, c1, dj, ej);
+        const float m = one_minus_a * p + a * q;  // KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
+        d1 += phi_term(p, dj, m);
+        d2 += phi_term(q, ej, m);
         dj = p > 0.f ? dj : 0.f;
         y[j] = dj;
-        d1 += p * dj;
-        d2 += q > 0.f ? q * ej : 0.f;
+        d3 += p * dj;  // the gradient's sum p d
       }
-      d3 = d1;  // the gradient's sum p d
     }
     s[T_ENTROPY] = ent_u;
     s[DIVERGENCE] = div.mode != 2 ? d1 : div.om * d1 + a * d2;

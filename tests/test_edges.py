@@ -123,26 +123,17 @@ def _nearly_agreeing(seed, eps, v):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("alpha", [0.0, 1e-8, 1 - 1e-8, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 1e-8, 0.5, 1 - 1e-8, 1.0])
 @pytest.mark.parametrize("topk", [None, 5])
 @pytest.mark.parametrize("eps", [1e-3, 1e-2])
 def test_teacher_and_student_nearly_agree(backend, alpha, topk, eps):
     """Where teacher and student nearly agree (the common case in self-distillation), sum p (log p - log q) cancels
-    to ~eps^2 from terms of size eps: naive fp32 is wrong by percents at eps = 1e-3, and its luck varies. The
-    divergence is a sum of non-negative terms here (support.phi_terms), log q - log p comes from the logits' own
-    difference, and the JSD's terms keep it apart from log(a / (1-a)). Once 5-50x the naive error (alpha = 1)."""
+    to ~eps^2 from terms of size eps: naive fp32 is wrong by percents at eps = 1e-3, and its luck varies. Every
+    divergence is a sum of non-negative terms here (support.phi_terms; the JSD's two KLs to m alike), log q - log p
+    comes from the logits' own difference, and the JSD's terms keep it apart from log(a / (1-a)). Once 5-50x the
+    naive error (alpha = 1, and the gradients at 1 - 1e-8)."""
     case = _nearly_agreeing(seed=1, eps=eps, v=2000)
     assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, alpha=alpha, topk=topk)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("eps", [1e-3, 1e-2])
-def test_teacher_and_student_nearly_agree_jsd_gradients(backend, eps):
-    """The JSD at alpha = 0.5: the gradients as above. Its value is still the cancelling sum (1-a) sum p d +
-    a sum q e, rounded like the naive one's (a lucky naive draw measured 1.3x within the 5x bound once in 360)."""
-    case = _nearly_agreeing(seed=1, eps=eps, v=2000)
-    assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, keys=("grad_hidden", "grad_weight", "grad_bias"),
-                                    alpha=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -96,7 +96,7 @@ def test_triton_minus_inf_bias_and_alpha_next_to_one(options):
     assert_fp32_no_worse_than_naive(fused("triton", chunk_size=16), case, to_device=_on_device, **options)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1 - 1e-8, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1 - 1e-8, 1.0])
 @pytest.mark.parametrize("eps", [1e-3, 1e-2])
 def test_triton_teacher_and_student_nearly_agree(alpha, eps):
     """tests/test_edges.py's near-agreement regime, full vocabulary, on the Triton kernels (V = 2000: two blocks)."""

@@ -65,35 +65,36 @@ def jsd_terms(delta, alpha):
     return d, e
 
 
-# |g| below this takes phi(g) = g + exp(-g) - 1 from its series (terms to g^11: 5e-13 relative at the edge), above it
-# the direct form, which then loses at most 6e-7 relative to the cancellation of exp(-g) - 1.
-PHI_SERIES = 0.5
-_PHI_COEFFS = [(-1) ** k / math.factorial(k) for k in range(2, 12)]
+# |g| below this takes phi(g) = g + exp(-g) - 1 from its series (terms to g^7: 1e-8 relative at the edge); above it
+# p g + (q - p) cancels by at most ~16x (phi(0.25) = 0.029 from terms of ~0.25), ~1e-6 relative.
+PHI_SERIES = 0.25
+_PHI_COEFFS = [(-1) ** k / math.factorial(k) for k in range(2, 8)]
 
 
-def phi_terms(lp, g, q):
-    """p phi(g), phi(g) = g + exp(-g) - 1 >= 0, for g = log p - log q (q: the other side's probabilities).
+def phi_terms(p, g, q):
+    """p phi(g), phi(g) = g + exp(-g) - 1 >= 0, for g = log p - log q (q = p exp(-g), the other side's
+    probabilities).
 
-    KL(p||q) = sum p phi(g) when q sums to 1: a sum of non-negative terms. The usual sum p g cancels where p and q
-    nearly agree (KL ~ sum p g^2 / 2 from terms of size p |g|): at |g| ~ 1e-3 the naive fp32 KL is wrong by tens
-    of percent. This form is also unmoved, to first order, by an error common to a row's g (a rounded log-sum-exp).
-    p exp(-g) is exp(lp - g), which cannot overflow where q >> p; where p = 0 the term is its limit, q (the sum of
-    p - q over the row must be 0 for the identity to hold, including where one side underflows)."""
-    p = lp.exp()
+    KL(p||q) = sum p phi(g) when p and q each sum to 1: a sum of non-negative terms. The usual sum p g cancels where
+    p and q nearly agree (KL ~ sum p g^2 / 2 from terms of size p |g|): at |g| ~ 1e-3 the naive fp32 KL is wrong by
+    tens of percent. Below |g| = PHI_SERIES phi comes from its series; above it from p g + (q - p); where p = 0 the
+    term is its limit, q (the sum of p - q over the row must be 0 for the identity, also where one side underflows).
+    The error a row's g shares (a rounded log-sum-exp) moves the sum only where some |g| passes PHI_SERIES, by that
+    error times those entries' p, a relative error of the rounding's size there."""
     small = g.abs() < PHI_SERIES
     gs = torch.where(small, g, torch.zeros_like(g))
     poly = torch.full_like(gs, _PHI_COEFFS[-1])
     for c in reversed(_PHI_COEFFS[:-1]):
         poly = poly * gs + c
-    direct = p * g + (torch.exp(lp - g) - p)
-    return torch.where(p > 0, torch.where(small, p * gs * gs * poly, direct), q)
+    return torch.where(p > 0, torch.where(small, p * gs * gs * poly, p * g + (q - p)), q)
 
 
 def reverse_kl(lp, q, g, t):
     """KL(p||q) over the last dim and the sum its gradient p (t - sum p t) needs, from q (see phi_terms),
     g = log p - log q and t = g - c for any c fixed per row (the gradient does not depend on c; a c near g where p is large keeps the
     digits that t - sum p t would otherwise cancel)."""
-    return phi_terms(lp, g, q).sum(-1), xlogy_diff(lp.exp(), t, 0.0).sum(-1)
+    p = lp.exp()
+    return phi_terms(p, g, q).sum(-1), xlogy_diff(p, t, 0.0).sum(-1)
 
 
 def _support_shift(lp, g):
@@ -105,7 +106,7 @@ def divergence_and_aux(lp, lq, alpha):
     """D_alpha over the last dim and the sum its gradient needs: for alpha=1 sum p t with t = g - g at p's argmax
     (g = lp - lq, see reverse_kl), for the JSD sum p d (see jsd_terms)."""
     if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
-        d = phi_terms(lq, lq - lp, lp.exp()).sum(-1)
+        d = phi_terms(lq.exp(), lq - lp, lp.exp()).sum(-1)
         return d, torch.zeros_like(d)
     if alpha == 1.0:
         g = lp - lq
@@ -118,8 +119,9 @@ def jsd_value_and_aux(lp, lq, delta, alpha):
     vocabulary's is exact where the rows nearly agree, see torch_chunked.TorchPasses.full_divergence)."""
     p, q = lp.exp(), lq.exp()
     d, e = jsd_terms(delta, alpha)
-    kl_pm, kl_qm = xlogy_diff(p, d, 0.0).sum(-1), xlogy_diff(q, e, 0.0).sum(-1)
-    return (1 - alpha) * kl_pm + alpha * kl_qm, kl_pm
+    m = (1 - alpha) * p + alpha * q  # KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e): no cancellation
+    kl_pm, kl_qm = phi_terms(p, d, m).sum(-1), phi_terms(q, e, m).sum(-1)
+    return (1 - alpha) * kl_pm + alpha * kl_qm, xlogy_diff(p, d, 0.0).sum(-1)
 
 
 def divergence_grad(lp, lq, aux, alpha):

@@ -41,7 +41,7 @@ class TorchPasses:
         vocabulary blocks add up (see reverse_kl for why any per-row shift of g will do)."""
         lp, lq = shifted_logp(z, norm_z), shifted_logp(u, norm_u)
         if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
-            d = phi_terms(lq, (u - z) + _lse_gap(norm_z, norm_u)[:, None], lp.exp()).sum(-1)
+            d = phi_terms(lq.exp(), (u - z) + _lse_gap(norm_z, norm_u)[:, None], lp.exp()).sum(-1)
             return d, torch.zeros_like(d)
         if alpha == 1.0:
             t = z - u

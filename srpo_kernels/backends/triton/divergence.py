@@ -34,15 +34,17 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, d_ptr,
         live_p = mask & (p > 0)
         live_q = mask & (q > 0)
         if MODE == 0:  # KL(q||p) = sum q phi(log q - log p)
-            acc1 += tl.where(mask, phi_term(q, lq, (uv - zv) + lse_gap, p), 0.0)
+            acc1 += tl.where(mask, phi_term(q, (uv - zv) + lse_gap, p), 0.0)
         elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = z - u
             t = tl.where(live_p, zv - uv, 0.0)
-            acc1 += tl.where(mask, phi_term(p, lp, t - lse_gap, q), 0.0)
+            acc1 += tl.where(mask, phi_term(p, t - lse_gap, q), 0.0)
             acc3 += tl.where(live_p, p * t, 0.0)
         else:
             d, e = jsd_terms((uv - zv) + lse_gap, log_beta, c0, c1)
-            acc1 += tl.where(live_p, p * d, 0.0)
-            acc2 += tl.where(live_q, q * e, 0.0)
+            m = om * p + alpha * q  # KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
+            acc1 += tl.where(mask, phi_term(p, d, m), 0.0)
+            acc2 += tl.where(mask, phi_term(q, e, m), 0.0)
+            acc3 += tl.where(live_p, p * d, 0.0)
     s1 = tl.sum(acc1, 0)
     if MODE == 0:
         tl.store(d_ptr + row, s1)
@@ -52,7 +54,7 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, d_ptr,
         tl.store(aux_ptr + row, tl.sum(acc3, 0))
     else:
         tl.store(d_ptr + row, om * s1 + alpha * tl.sum(acc2, 0))
-        tl.store(aux_ptr + row, s1)
+        tl.store(aux_ptr + row, tl.sum(acc3, 0))
 
 
 _launch = Launcher(divergence_kernel)

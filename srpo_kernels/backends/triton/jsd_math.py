@@ -11,22 +11,18 @@ def log1p(x):
 
 
 @triton.jit
-def phi_term(p, lp, g, q):
-    """p phi(g), phi(g) = g + exp(-g) - 1, for g = log p - log q: the series (to g^11) below |g| = 0.5, else the
-    direct form with p exp(-g) = exp(lp - g); q (the limit) where p = 0."""
-    small = tl.abs(g) < 0.5
+def phi_term(p, g, pe):
+    """p phi(g), phi(g) = g + exp(-g) - 1, for g = log p - log q given pe = p exp(-g) = q: the series (to g^7)
+    below |g| = 0.25, else the direct form p g + (pe - p); pe (the limit) where p = 0."""
+    small = tl.abs(g) < 0.25
     gs = tl.where(small, g, 0.0)
-    poly = -2.5052108e-8 * gs + 2.7557319e-7
-    poly = poly * gs - 2.7557319e-6
-    poly = poly * gs + 2.4801587e-5
-    poly = poly * gs - 1.9841270e-4
-    poly = poly * gs + 1.3888889e-3
+    poly = -1.9841270e-4 * gs + 1.3888889e-3
     poly = poly * gs - 8.3333333e-3
     poly = poly * gs + 4.1666667e-2
     poly = poly * gs - 1.6666667e-1
     poly = poly * gs + 0.5
-    term = tl.where(small, p * gs * gs * poly, p * g + (tl.exp(lp - g) - p))
-    return tl.where(p > 0, term, q)
+    term = tl.where(small, p * gs * gs * poly, p * g + (pe - p))
+    return tl.where(p > 0, term, pe)
 
 
 @triton.jit
