@@ -256,17 +256,23 @@ struct Divergence {
       log_beta(a > 0.0 && a < 1.0 ? static_cast<float>(std::log(a / (1 - a))) : 0.f),
       c0(a < 1.0 ? static_cast<float>(-std::log1p(-a)) : 0.f), c1(a > 0.0 ? static_cast<float>(-std::log(a)) : 0.f) {}
 
-  // D and the sum its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets). Reverse
-  // KL: sum p phi(g) and sum p (g - shift), `shift` g at p's most probable entry (support.divergence_and_aux).
+  // The gradient's per-entry term (g = lp - lq for reverse KL, the JSD's d; none for forward KL) of one entry.
+  float term(float lp, float lq) const {
+    if (mode == 1) return lp - lq;
+    if (mode == 0) return 0.f;
+    float dj, ej;
+    jsd_terms(lq - lp, std::exp(lp), std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
+    return dj;
+  }
+
+  // D and the sum its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets): sum
+  // p (term - shift), `shift` the term at p's most probable entry (support.divergence_and_aux).
   void value(const float* lp, const float* lq, int64_t n, float& d, float& aux, float& shift) const {
     double s1 = 0, s2 = 0, s3 = 0;
-    shift = 0.f;
-    if (mode == 1) {
-      int64_t top = 0;
-      for (int64_t j = 1; j < n; ++j)
-        if (lp[j] > lp[top]) top = j;
-      shift = lp[top] - lq[top];
-    }
+    int64_t top = 0;
+    for (int64_t j = 1; j < n; ++j)
+      if (lp[j] > lp[top]) top = j;
+    shift = term(lp[top], lq[top]);
     for (int64_t j = 0; j < n; ++j) {
       float p = std::exp(lp[j]), q = std::exp(lq[j]);
       if (mode == 0) {  // KL(q||p) = sum q phi(log q - log p)
@@ -281,7 +287,7 @@ struct Divergence {
         const float m = om * p + alpha * q;  // KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
         s1 += phi_term(p, dj, m);
         s2 += phi_term(q, ej, m);
-        if (p > 0.f) s3 += p * dj;
+        s3 += plogdiff(p, dj, shift);
       }
     }
     if (mode == 0) { d = s1; aux = 0.f; }
@@ -296,7 +302,7 @@ struct Divergence {
     if (mode == 1) return plogdiff(p, (lp - lq) - shift, aux);
     float dj, ej;
     jsd_terms(lq - lp, p, std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
-    return om * plogdiff(p, dj, aux);
+    return om * plogdiff(p, dj - shift, aux);
   }
 };
 
@@ -372,16 +378,22 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
         d1 += phi_term(q, (y[j] - x[j]) + lse_gap, ez[j] * inv_z);
         y[j] = q;
       }
-    } else if (div.mode == 1) {  // KL = sum p phi(g); the gradient takes t = x - y and sum p t
+    } else if (div.mode == 1) {
+      // KL = sum p phi(g); the gradient takes t = (x - y) - shift and sum p t, shift the row argmax's x - y (see
+      // support.full_vocab_shift: it keeps the digits of twins tied at the top).
+      const float shift = x[top] - y[top];
 #pragma omp simd reduction(+ : d1, d3)
       for (int64_t j = 0; j < V; ++j) {
-        float p = ez[j] * inv_z, t = p > 0.f ? x[j] - y[j] : 0.f;
-        d1 += phi_term(p, t - lse_gap, eu[j] * inv_u);
+        float p = ez[j] * inv_z, diff = p > 0.f ? x[j] - y[j] : 0.f, t = p > 0.f ? diff - shift : 0.f;
+        d1 += phi_term(p, diff - lse_gap, eu[j] * inv_u);
         d3 += p * t;
         y[j] = t;
       }
     } else {
       const float one_minus_a = div.om;
+      float shift, unused;  // the gradient's d at the row's argmax (support.full_vocab_shift)
+      jsd_terms((y[top] - x[top]) + lse_gap, ez[top] * inv_z, eu[top] * inv_u, lb, one_minus_a, a, c0, c1, shift,
+                unused);
 #pragma omp simd reduction(+ : d1, d2, d3)
       for (int64_t j = 0; j < V; ++j) {
         float p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
@@ -389,9 +401,9 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
         const float m = one_minus_a * p + a * q;  // KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
         d1 += phi_term(p, dj, m);
         d2 += phi_term(q, ej, m);
-        dj = p > 0.f ? dj : 0.f;
+        dj = p > 0.f ? dj - shift : 0.f;
         y[j] = dj;
-        d3 += p * dj;  // the gradient's sum p d
+        d3 += p * dj;  // the gradient's sum p (d - shift)
       }
     }
     s[T_ENTROPY] = ent_u;

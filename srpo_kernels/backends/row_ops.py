@@ -37,13 +37,15 @@ class VocabPasses(Protocol):
     def lse_entropy(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row: (max, log sum exp(x - max), entropy of softmax(x)); rows may hold -inf."""
 
-    def full_divergence(self, z, u, norm_z, norm_u, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per row: D_alpha(softmax z, softmax u) over the full vocabulary, and the sum its gradient needs."""
+    def full_divergence(self, z, u, norm_z, norm_u, alpha: float,
+                        shift: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per row: D_alpha(softmax z, softmax u) over the full vocabulary, and the sum its gradient needs, taken
+        relative to `shift` (support.full_vocab_shift; any per-row constant gives the same gradient)."""
 
     def fill_student_grad(self, z, norm, entropy, c_logp, c_ent) -> None:
         """z <- -c_logp p - c_ent p (log p + H), in place."""
 
-    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha: float) -> None:
+    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha: float, shift) -> None:
         """z <- c_div dD/dz - c_logp p over the full vocabulary, in place."""
 
     def fill_tail_grad(self, z, lse_z, g_tail, shift, c_logp) -> None:

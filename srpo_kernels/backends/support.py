@@ -102,26 +102,42 @@ def _support_shift(lp, g):
     return g.gather(-1, lp.argmax(-1, keepdim=True))
 
 
+def full_vocab_shift(z, u, norm_z, norm_u, alpha):
+    """Per row, the full-vocabulary gradient's per-entry term (z - u for reverse KL, d of jsd_terms for the JSD) at
+    the student's argmax, which the passes subtract from every entry: p (t - sum p t) then keeps its digits where
+    tied entries share the top (twin vocabulary rows) at a large divergence, where t - sum p t of the unshifted
+    terms is a difference of nearly equal large numbers. Zeros for forward KL (no such term)."""
+    if alpha == 0.0:
+        return torch.zeros_like(norm_z[0])
+    top = z.argmax(1, keepdim=True)
+    zt, ut = z.gather(1, top).squeeze(1), u.gather(1, top).squeeze(1)
+    if alpha == 1.0:
+        return zt - ut
+    gap = (norm_z[0] - norm_u[0]) + (norm_z[1] - norm_u[1])
+    return jsd_terms((ut - zt) + gap, alpha)[0]
+
+
 def divergence_and_aux(lp, lq, alpha):
-    """D_alpha over the last dim and the sum its gradient needs: for alpha=1 sum p t with t = g - g at p's argmax
-    (g = lp - lq, see reverse_kl), for the JSD sum p d (see jsd_terms)."""
+    """D_alpha over the last dim and the sum its gradient needs: sum p t, t the per-entry term (g = lp - lq for
+    reverse KL, see reverse_kl; d of jsd_terms for the JSD) minus its value at p's argmax."""
     if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
         d = phi_terms(lq.exp(), lq - lp, lp.exp()).sum(-1)
         return d, torch.zeros_like(d)
     if alpha == 1.0:
         g = lp - lq
         return reverse_kl(lp, lq.exp(), g, g - _support_shift(lp, g))
-    return jsd_value_and_aux(lp, lq, lq - lp, alpha)
+    d = jsd_terms(lq - lp, alpha)[0]
+    return jsd_value_and_aux(lp, lq, lq - lp, alpha, _support_shift(lp, d).squeeze(-1))
 
 
-def jsd_value_and_aux(lp, lq, delta, alpha):
-    """The JSD and sum p d (see jsd_terms) from log-probs and delta = log q - log p (given separately: the full
-    vocabulary's is exact where the rows nearly agree, see torch_chunked.TorchPasses.full_divergence)."""
+def jsd_value_and_aux(lp, lq, delta, alpha, shift):
+    """The JSD and sum p (d - shift) (see jsd_terms) from log-probs and delta = log q - log p (given separately:
+    the full vocabulary's is exact where the rows nearly agree, see torch_chunked.TorchPasses.full_divergence)."""
     p, q = lp.exp(), lq.exp()
     d, e = jsd_terms(delta, alpha)
     m = (1 - alpha) * p + alpha * q  # KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e): no cancellation
     kl_pm, kl_qm = phi_terms(p, d, m).sum(-1), phi_terms(q, e, m).sum(-1)
-    return (1 - alpha) * kl_pm + alpha * kl_qm, xlogy_diff(p, d, 0.0).sum(-1)
+    return (1 - alpha) * kl_pm + alpha * kl_qm, xlogy_diff(p, d, shift[..., None]).sum(-1)
 
 
 def divergence_grad(lp, lq, aux, alpha):
@@ -133,7 +149,7 @@ def divergence_grad(lp, lq, aux, alpha):
         g = lp - lq
         return xlogy_diff(p, g - _support_shift(lp, g), aux[..., None])
     d, _ = jsd_terms(lq - lp, alpha)
-    return (1 - alpha) * xlogy_diff(p, d, aux[..., None])
+    return (1 - alpha) * xlogy_diff(p, d - _support_shift(lp, d), aux[..., None])
 
 
 # Private columns of the tensor-op backends' stats: the row max and log-sum of shifted exps (lse = m + log s) after

@@ -11,7 +11,8 @@ import torch
 from . import row_ops as S
 from .row_ops import VocabPasses
 from .support import (LS_U, LS_Z, M_U, M_Z, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs, divergence_grad,
-                      effective_topk, fill_support_stats, norm_of, rebalance_, shifted_logp, topk_ids)
+                      effective_topk, fill_support_stats, full_vocab_shift, norm_of, rebalance_, shifted_logp,
+                      topk_ids)
 
 
 class TensorRowOps:
@@ -54,8 +55,9 @@ class TensorRowOps:
         topk = effective_topk(topk, z.shape[1])
         if topk is None:
             stats[:, S.T_ENTROPY] = ent_u
+            norms = norm_of(stats, M_Z), norm_of(stats, M_U)
             stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.passes.full_divergence(
-                z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha)
+                z, u, *norms, alpha, full_vocab_shift(z, u, *norms, alpha))
             return stats, None
         ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
@@ -67,8 +69,9 @@ class TensorRowOps:
         lse_z = stats[:, S.LSE]
         top, sharp = argmax_and_sharp(z, lse_z)
         if topk_ids is None:
-            self.passes.fill_distill_grad(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), stats[:, S.AUX_KL],
-                                          c_logp, c_div, alpha)
+            norms = norm_of(stats, M_Z), norm_of(stats, M_U)
+            self.passes.fill_distill_grad(z, u, *norms, stats[:, S.AUX_KL], c_logp, c_div, alpha,
+                                          full_vocab_shift(z, u, *norms, alpha))
         else:
             zk, uk = z.gather(1, topk_ids), u.gather(1, topk_ids)
             lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)

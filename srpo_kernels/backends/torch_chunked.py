@@ -35,18 +35,18 @@ class TorchPasses:
         log_s = torch.log1p(r)
         return m.squeeze(-1), log_s, (log_s - t / (1 + r)).clamp_min(0.0)
 
-    def full_divergence(self, z, u, norm_z, norm_u, alpha):
+    def full_divergence(self, z, u, norm_z, norm_u, alpha, shift):
         """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side.
-        log q - log p is taken as (u - z) + _lse_gap. Reverse KL's aux is sum p (z - u): a sum over the row that
-        vocabulary blocks add up (see reverse_kl for why any per-row shift of g will do)."""
+        log q - log p is taken as (u - z) + _lse_gap; aux is a sum over the row, which vocabulary blocks add up
+        (see row_ops.VocabPasses for `shift`)."""
         lp, lq = shifted_logp(z, norm_z), shifted_logp(u, norm_u)
         if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
             d = phi_terms(lq.exp(), (u - z) + _lse_gap(norm_z, norm_u)[:, None], lp.exp()).sum(-1)
             return d, torch.zeros_like(d)
         if alpha == 1.0:
-            t = z - u
-            return reverse_kl(lp, lq.exp(), t - _lse_gap(norm_z, norm_u)[:, None], t)
-        return jsd_value_and_aux(lp, lq, (u - z) + _lse_gap(norm_z, norm_u)[:, None], alpha)
+            diff = z - u
+            return reverse_kl(lp, lq.exp(), diff - _lse_gap(norm_z, norm_u)[:, None], diff - shift[:, None])
+        return jsd_value_and_aux(lp, lq, (u - z) + _lse_gap(norm_z, norm_u)[:, None], alpha, shift)
 
     def fill_student_grad(self, z, norm, entropy, c_logp, c_ent):
         """z <- -c_logp p - c_ent p (log p + H), in place; ``norm`` = (row max, log s)."""
@@ -57,16 +57,16 @@ class TorchPasses:
             grad -= c_ent[:, None] * xlogy_diff(p, log_p, -entropy[:, None])
         z.copy_(grad)
 
-    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha):
+    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha, shift):
         """z <- c_div dD/dz - c_logp p over the full vocabulary, in place (``norm_*`` as in full_divergence)."""
         log_p = shifted_logp(z, norm_z)
-        if alpha == 1.0:  # p (t - aux) with t = z - u, as full_divergence took it
-            grad = c_div[:, None] * xlogy_diff(log_p.exp(), z - u, aux[:, None])
+        if alpha == 1.0:  # p (t - aux) with t = z - u - shift, as full_divergence took it
+            grad = c_div[:, None] * xlogy_diff(log_p.exp(), (z - u) - shift[:, None], aux[:, None])
         elif alpha == 0.0:
             grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_u), aux, alpha)
         else:  # (1-a) p (d - aux), d from delta as full_divergence took it
             d, _ = jsd_terms((u - z) + _lse_gap(norm_z, norm_u)[:, None], alpha)
-            grad = c_div[:, None] * (1 - alpha) * xlogy_diff(log_p.exp(), d, aux[:, None])
+            grad = c_div[:, None] * (1 - alpha) * xlogy_diff(log_p.exp(), d - shift[:, None], aux[:, None])
         grad -= c_logp[:, None] * log_p.exp()
         z.copy_(grad)
 

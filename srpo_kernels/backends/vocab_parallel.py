@@ -187,7 +187,10 @@ class VocabParallelRowOps:
             sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z)], 1))
             self._fill_norms(stats, sums, m_z, m_u, mine)
             stats[:, S.T_ENTROPY] = _log_s_entropy(sums[:, 2], sums[:, 3])[1]
-            d_aux = self.passes.full_divergence(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha)  # this block's
+            # This block's share; shift 0: the row's argmax lives on one rank (twins tied at the top of a row with a
+            # large divergence keep the unshifted terms' rounding here).
+            d_aux = self.passes.full_divergence(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha,
+                                                torch.zeros_like(stats[:, 0]))
             stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.vocab_shard.sum_(torch.stack(d_aux, 1)).unbind(1)
             return stats, None
         ids, zk, uk = self._global_topk(z, u, k)
@@ -219,7 +222,8 @@ class VocabParallelRowOps:
         norm_z = norm_of(stats, M_Z)
         mine = stats[:, _MINE_Z] > 0
         if topk_ids is None:
-            self.passes.fill_distill_grad(z, u, norm_z, norm_of(stats, M_U), stats[:, S.AUX_KL], c_logp, c_div, alpha)
+            self.passes.fill_distill_grad(z, u, norm_z, norm_of(stats, M_U), stats[:, S.AUX_KL], c_logp, c_div, alpha,
+                                          torch.zeros_like(lse_z))
         else:
             k = topk_ids.shape[1]
             zk, uk = stats[:, _SUPPORT:_SUPPORT + k], stats[:, _SUPPORT + k:]

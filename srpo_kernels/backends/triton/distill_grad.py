@@ -8,9 +8,10 @@ from .launch import Launcher
 
 
 @triton.jit
-def distill_grad_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, aux_ptr, c_logp_ptr, c_div_ptr, stride,
-                        n_cols, om, log_beta, c0, c1, MODE: tl.constexpr, BLOCK: tl.constexpr):
+def distill_grad_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, aux_ptr, shift_ptr, c_logp_ptr, c_div_ptr,
+                        stride, n_cols, om, log_beta, c0, c1, MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    shift = tl.load(shift_ptr + row)
     m_z, ls_z = tl.load(m_z_ptr + row), tl.load(ls_z_ptr + row)
     m_u, ls_u = tl.load(m_u_ptr + row), tl.load(ls_u_ptr + row)
     aux = tl.load(aux_ptr + row)
@@ -27,17 +28,17 @@ def distill_grad_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, aux_
         if MODE == 0:
             g = p - tl.exp(uv - m_u - ls_u)
         elif MODE == 1:
-            g = tl.where(p > 0, p * ((zv - uv) - aux), 0.0)  # 0, not NaN, on masked vocabulary
+            g = tl.where(p > 0, p * (((zv - uv) - shift) - aux), 0.0)  # 0, not NaN, on masked vocabulary
         else:
             d, _e = jsd_terms((uv - zv) + lse_gap, log_beta, c0, c1)
-            g = tl.where(p > 0, om * p * (d - aux), 0.0)
+            g = tl.where(p > 0, om * p * ((d - shift) - aux), 0.0)
         tl.store(ptr, c * g - a * p, mask=mask)
 
 
 _launch = Launcher(distill_grad_kernel, writes=("z_ptr",))
 
 
-def fill_distill_grad(z, u, norm_z, norm_u, aux, c_logp, c_div, alpha):
-    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u)), aux.contiguous(), c_logp.contiguous(),
-            c_div.contiguous(), z.stride(0), z.shape[1], *alpha_constants(float(alpha)),
+def fill_distill_grad(z, u, norm_z, norm_u, aux, c_logp, c_div, alpha, shift):
+    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u)), aux.contiguous(), shift.contiguous(),
+            c_logp.contiguous(), c_div.contiguous(), z.stride(0), z.shape[1], *alpha_constants(float(alpha)),
             MODE=divergence_mode(alpha))

@@ -11,9 +11,10 @@ from .launch import Launcher
 
 
 @triton.jit
-def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, d_ptr, aux_ptr, stride, n_cols, alpha, om,
-                      log_beta, c0, c1, MODE: tl.constexpr, BLOCK: tl.constexpr):
+def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, shift_ptr, d_ptr, aux_ptr, stride, n_cols,
+                      alpha, om, log_beta, c0, c1, MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    shift = tl.load(shift_ptr + row)  # the gradient's term at the row's argmax (support.full_vocab_shift)
     m_z, ls_z = tl.load(m_z_ptr + row), tl.load(ls_z_ptr + row)
     m_u, ls_u = tl.load(m_u_ptr + row), tl.load(ls_u_ptr + row)
     acc1 = tl.zeros([BLOCK], tl.float32)
@@ -35,16 +36,16 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, d_ptr,
         live_q = mask & (q > 0)
         if MODE == 0:  # KL(q||p) = sum q phi(log q - log p)
             acc1 += tl.where(mask, phi_term(q, (uv - zv) + lse_gap, p), 0.0)
-        elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = z - u
-            t = tl.where(live_p, zv - uv, 0.0)
-            acc1 += tl.where(mask, phi_term(p, t - lse_gap, q), 0.0)
-            acc3 += tl.where(live_p, p * t, 0.0)
+        elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = z - u - shift
+            diff = tl.where(live_p, zv - uv, 0.0)
+            acc1 += tl.where(mask, phi_term(p, diff - lse_gap, q), 0.0)
+            acc3 += tl.where(live_p, p * (diff - shift), 0.0)
         else:
             d, e = jsd_terms((uv - zv) + lse_gap, log_beta, c0, c1)
             m = om * p + alpha * q  # KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
             acc1 += tl.where(mask, phi_term(p, d, m), 0.0)
             acc2 += tl.where(mask, phi_term(q, e, m), 0.0)
-            acc3 += tl.where(live_p, p * d, 0.0)
+            acc3 += tl.where(live_p, p * (d - shift), 0.0)
     s1 = tl.sum(acc1, 0)
     if MODE == 0:
         tl.store(d_ptr + row, s1)
@@ -71,9 +72,9 @@ def alpha_constants(alpha: float):
     return 1.0 - alpha, math.log(alpha / (1 - alpha)), -math.log1p(-alpha), -math.log(alpha)
 
 
-def full_divergence(z, u, norm_z, norm_u, alpha):
+def full_divergence(z, u, norm_z, norm_u, alpha, shift):
     d = z.new_empty(z.shape[0])
     aux = z.new_empty(z.shape[0])
-    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u)), d, aux, z.stride(0), z.shape[1],
+    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u, shift)), d, aux, z.stride(0), z.shape[1],
             float(alpha), *alpha_constants(alpha), MODE=divergence_mode(alpha))
     return d, aux
