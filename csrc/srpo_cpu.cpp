@@ -308,8 +308,9 @@ struct Divergence {
 
 // Full-vocabulary distillation gradient of one row: x <- c dD/dz - a p (the target's +a is added by the caller).
 // `y` is the teacher row as distill_row_stats left it: q for alpha = 0, else the per-entry term g with
-// dD/dz = c' p (g - aux): z - u for alpha = 1 (log p - log q up to a per-row constant), the JSD term d otherwise. p = exp((x - m) - log s), as in
-// the stats pass: exp(x - lse) would round each log-prob at |lse|.
+// dD/dz = c' p (g - aux), g taken relative to its value at the row's argmax: z - u for alpha = 1 (log p - log q up
+// to a per-row constant), the JSD term d otherwise. p = exp((x - m) - log s), as in the stats pass: exp(x - lse)
+// would round each log-prob at |lse|.
 void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, float m, float log_s, float aux,
                      float a, float c, const Divergence& div) {
   if (div.mode == 0) {

@@ -22,7 +22,8 @@ import torch
 # Columns of student_stats.
 LSE, LOGP, ENTROPY = 0, 1, 2
 # Extra columns of distill_stats: teacher lse, teacher entropy and divergence over the support, the sum that the
-# gradient needs (KL(p||q) for reverse KL, sum p d for the JSD, see support.jsd_terms), and each side's
+# gradient needs (sum p t, t the per-entry term relative to its value at the student's argmax: see
+# support.divergence_and_aux and support.full_vocab_shift; 0 for forward KL), and each side's
 # normaliser of the top-K support (tail log-prob when the support has a tail bucket, else the log-sum-exp over the
 # K logits).
 T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM = 3, 4, 5, 6, 7, 8

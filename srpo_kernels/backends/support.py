@@ -91,8 +91,8 @@ def phi_terms(p, g, q):
 
 def reverse_kl(lp, q, g, t):
     """KL(p||q) over the last dim and the sum its gradient p (t - sum p t) needs, from q (see phi_terms),
-    g = log p - log q and t = g - c for any c fixed per row (the gradient does not depend on c; a c near g where p is large keeps the
-    digits that t - sum p t would otherwise cancel)."""
+    g = log p - log q and t = g - c for any c fixed per row (the gradient does not depend on c; a c near g where p
+    is large keeps the digits that t - sum p t would otherwise cancel)."""
     p = lp.exp()
     return phi_terms(p, g, q).sum(-1), xlogy_diff(p, t, 0.0).sum(-1)
 
