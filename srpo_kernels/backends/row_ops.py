@@ -49,8 +49,9 @@ class VocabPasses(Protocol):
     def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha: float, shift) -> None:
         """z <- c_div dD/dz - c_logp p over the full vocabulary, in place."""
 
-    def fill_tail_grad(self, z, lse_z, g_tail, shift, c_logp) -> None:
-        """z <- g_tail exp(z - shift) - c_logp exp(z - lse_z), in place (every entry as a top-K tail member)."""
+    def fill_tail_grad(self, z, norm_z, g_tail, tail_shift, c_logp) -> None:
+        """z <- g_tail exp((z - m) - tail_shift) - c_logp exp((z - m) - log s), (m, log s) = norm_z, in place (every
+        entry as a top-K tail member: p_j / p_tail with tail_shift = log s + log p_tail)."""
 
 
 @dataclass

@@ -77,12 +77,13 @@ class TensorRowOps:
             lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
             g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
             # The tail bucket's gradient spreads over its members in proportion p_j / p_tail (none without a tail).
+            norm_z = norm_of(stats, M_Z)
             if topk_tail:
                 # Spread by p_j / p_tail with the tail's own mass, not its floor (the reference's gradient too).
-                self.passes.fill_tail_grad(z, lse_z, g[:, -1], lse_z + stats[:, TAIL_Z], c_logp)
-            else:  # shift = lse keeps exp(z - shift) <= 1, so 0 * exp never meets an inf
-                self.passes.fill_tail_grad(z, lse_z, torch.zeros_like(lse_z), lse_z, c_logp)
+                self.passes.fill_tail_grad(z, norm_z, g[:, -1], norm_z[1] + stats[:, TAIL_Z], c_logp)
+            else:  # shift = log s keeps exp(z - m - shift) <= 1, so 0 * exp never meets an inf
+                self.passes.fill_tail_grad(z, norm_z, torch.zeros_like(lse_z), norm_z[1], c_logp)
             k = topk_ids.shape[1]
-            z.scatter_(1, topk_ids, g[:, :k] - c_logp[:, None] * torch.exp(zk - lse_z[:, None]))
+            z.scatter_(1, topk_ids, g[:, :k] - c_logp[:, None] * torch.exp(shifted_logp(zk, norm_z)))
         z.scatter_add_(1, targets[:, None], c_logp[:, None])
         rebalance_(z, top, sharp)

@@ -70,9 +70,12 @@ class TorchPasses:
         grad -= c_logp[:, None] * log_p.exp()
         z.copy_(grad)
 
-    def fill_tail_grad(self, z, lse_z, g_tail, shift, c_logp):
-        """z <- g_tail exp(z - shift) - c_logp exp(z - lse_z), in place (every entry as a tail member)."""
-        z.copy_(g_tail[:, None] * torch.exp(z - shift[:, None]) - c_logp[:, None] * torch.exp(z - lse_z[:, None]))
+    def fill_tail_grad(self, z, norm_z, g_tail, tail_shift, c_logp):
+        """z <- g_tail exp((z - m) - tail_shift) - c_logp exp((z - m) - log s), in place (every entry as a tail
+        member): exp(z - lse) would round each p at |lse|."""
+        d = z - norm_z[0][:, None]
+        z.copy_(g_tail[:, None] * torch.exp(d - tail_shift[:, None])
+                - c_logp[:, None] * torch.exp(d - norm_z[1][:, None]))
 
 
 # The torch passes peak at ~13 [V] fp32 rows per chunk row (1.72 GB extra at N = 2048, H = 256, V = 151 936, half

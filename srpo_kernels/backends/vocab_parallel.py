@@ -25,7 +25,7 @@ import torch
 
 from . import row_ops as S
 from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
-                      effective_topk, fill_support_stats, norm_of, topk_ids)
+                      effective_topk, fill_support_stats, norm_of, shifted_logp, topk_ids)
 from .torch_chunked import TORCH_TEMPORARIES, TorchPasses
 
 
@@ -231,11 +231,11 @@ class VocabParallelRowOps:
             g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
             # Every entry as a tail member (spread by p_j / p_tail, none without a tail), then the support's own.
             g_tail = g[:, -1] if topk_tail else torch.zeros_like(lse_z)
-            shift = lse_z + stats[:, TAIL_Z] if topk_tail else lse_z
-            self.passes.fill_tail_grad(z, lse_z, g_tail, shift, c_logp)
+            tail_shift = norm_z[1] + stats[:, TAIL_Z] if topk_tail else norm_z[1]
+            self.passes.fill_tail_grad(z, norm_z, g_tail, tail_shift, c_logp)
             local, here = self._owned(topk_ids)
             rows, cols = here.nonzero(as_tuple=True)
-            support = g[:, :k] - c_logp[:, None] * torch.exp(zk - lse_z[:, None])
+            support = g[:, :k] - c_logp[:, None] * torch.exp(shifted_logp(zk, norm_z))
             z[rows, local[rows, cols]] = support[rows, cols]
         self._add_target_(z, targets, c_logp)
         self._rebalance_(z, top, mine, norm_z[1])
