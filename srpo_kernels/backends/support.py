@@ -102,6 +102,12 @@ def _support_shift(lp, g):
     return g.gather(-1, lp.argmax(-1, keepdim=True))
 
 
+def lse_gap(norm_z, norm_u):
+    """lse_z - lse_u per row from (max, log s) pairs: log p - log q = (z - u) - this, exact where z and u nearly
+    agree (the difference of two log-probs would round each at its own size, ~|log p| eps)."""
+    return (norm_z[0] - norm_u[0]) + (norm_z[1] - norm_u[1])
+
+
 def full_vocab_shift(z, u, norm_z, norm_u, alpha):
     """Per row, the full-vocabulary gradient's per-entry term (z - u for reverse KL, d of jsd_terms for the JSD) at
     the student's argmax, which the passes subtract from every entry: p (t - sum p t) then keeps its digits where
@@ -113,8 +119,7 @@ def full_vocab_shift(z, u, norm_z, norm_u, alpha):
     zt, ut = z.gather(1, top).squeeze(1), u.gather(1, top).squeeze(1)
     if alpha == 1.0:
         return zt - ut
-    gap = (norm_z[0] - norm_u[0]) + (norm_z[1] - norm_u[1])
-    return jsd_terms((ut - zt) + gap, alpha)[0]
+    return jsd_terms((ut - zt) + lse_gap(norm_z, norm_u), alpha)[0]
 
 
 def divergence_and_aux(lp, lq, alpha):
@@ -153,10 +158,11 @@ def divergence_grad(lp, lq, aux, alpha):
 
 
 # Private columns of the tensor-op backends' stats: the row max and log-sum of shifted exps (lse = m + log s) after
-# the student stats; in the distill stats, both sides' and the student's tail log-prob before its floor at LOG_TINY
-# (the tail gradient spreads by p_j / p_tail).
+# the student stats; in the distill stats, both sides', the student's tail log-prob before its floor at LOG_TINY
+# (the tail gradient spreads by p_j / p_tail), and the full vocabulary's shift (full_vocab_shift), which the
+# gradient pass must take as the stats pass did.
 STUDENT_M = S.N_STUDENT_STATS
-M_Z, LS_Z, M_U, LS_U, TAIL_Z = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 5)
+M_Z, LS_Z, M_U, LS_U, TAIL_Z, SHIFT = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 6)
 
 
 def norm_of(stats, m_col):

@@ -10,9 +10,9 @@ import torch
 
 from . import row_ops as S
 from .row_ops import VocabPasses
-from .support import (LS_U, LS_Z, M_U, M_Z, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs, divergence_grad,
-                      effective_topk, fill_support_stats, full_vocab_shift, norm_of, rebalance_, shifted_logp,
-                      topk_ids)
+from .support import (LS_U, LS_Z, M_U, M_Z, SHIFT, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs,
+                      divergence_grad, effective_topk, fill_support_stats, full_vocab_shift, norm_of, rebalance_,
+                      shifted_logp, topk_ids)
 
 
 class TensorRowOps:
@@ -46,7 +46,7 @@ class TensorRowOps:
         return m, log_s
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
-        stats = z.new_zeros(z.shape[0], S.N_DISTILL_STATS + 5)
+        stats = z.new_zeros(z.shape[0], SHIFT + 1)
         student = self.student_stats(z, targets)
         stats[:, :S.N_STUDENT_STATS] = student[:, :S.N_STUDENT_STATS]
         stats[:, M_Z], stats[:, LS_Z] = norm_of(student, STUDENT_M)
@@ -56,8 +56,9 @@ class TensorRowOps:
         if topk is None:
             stats[:, S.T_ENTROPY] = ent_u
             norms = norm_of(stats, M_Z), norm_of(stats, M_U)
-            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.passes.full_divergence(
-                z, u, *norms, alpha, full_vocab_shift(z, u, *norms, alpha))
+            stats[:, SHIFT] = full_vocab_shift(z, u, *norms, alpha)
+            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.passes.full_divergence(z, u, *norms, alpha,
+                                                                                      stats[:, SHIFT])
             return stats, None
         ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
@@ -69,9 +70,8 @@ class TensorRowOps:
         lse_z = stats[:, S.LSE]
         top, sharp = argmax_and_sharp(z, lse_z)
         if topk_ids is None:
-            norms = norm_of(stats, M_Z), norm_of(stats, M_U)
-            self.passes.fill_distill_grad(z, u, *norms, stats[:, S.AUX_KL], c_logp, c_div, alpha,
-                                          full_vocab_shift(z, u, *norms, alpha))
+            self.passes.fill_distill_grad(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), stats[:, S.AUX_KL],
+                                          c_logp, c_div, alpha, stats[:, SHIFT])
         else:
             zk, uk = z.gather(1, topk_ids), u.gather(1, topk_ids)
             lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)

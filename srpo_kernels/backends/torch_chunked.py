@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .support import (divergence_grad, jsd_terms, jsd_value_and_aux, phi_terms, reverse_kl, shifted_logp,
-                      xlogy_diff)
+from .support import (divergence_grad, jsd_terms, jsd_value_and_aux, lse_gap, phi_terms, reverse_kl,
+                      shifted_logp, xlogy_diff)
 from .tensor_row_ops import TensorRowOps
-
-
-def _lse_gap(norm_z, norm_u):
-    """lse_z - lse_u per row from (max, log s) pairs: log p - log q = (z - u) - this, exact where z and u nearly
-    agree (the difference of two log-probs would round each at its own size, ~|log p| eps)."""
-    return (norm_z[0] - norm_u[0]) + (norm_z[1] - norm_u[1])
 
 
 class TorchPasses:
@@ -37,16 +31,16 @@ class TorchPasses:
 
     def full_divergence(self, z, u, norm_z, norm_u, alpha, shift):
         """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side.
-        log q - log p is taken as (u - z) + _lse_gap; aux is a sum over the row, which vocabulary blocks add up
+        log q - log p is taken as (u - z) + support.lse_gap; aux is a sum over the row, which vocabulary blocks add up
         (see row_ops.VocabPasses for `shift`)."""
         lp, lq = shifted_logp(z, norm_z), shifted_logp(u, norm_u)
         if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
-            d = phi_terms(lq.exp(), (u - z) + _lse_gap(norm_z, norm_u)[:, None], lp.exp()).sum(-1)
+            d = phi_terms(lq.exp(), (u - z) + lse_gap(norm_z, norm_u)[:, None], lp.exp()).sum(-1)
             return d, torch.zeros_like(d)
         if alpha == 1.0:
             diff = z - u
-            return reverse_kl(lp, lq.exp(), diff - _lse_gap(norm_z, norm_u)[:, None], diff - shift[:, None])
-        return jsd_value_and_aux(lp, lq, (u - z) + _lse_gap(norm_z, norm_u)[:, None], alpha, shift)
+            return reverse_kl(lp, lq.exp(), diff - lse_gap(norm_z, norm_u)[:, None], diff - shift[:, None])
+        return jsd_value_and_aux(lp, lq, (u - z) + lse_gap(norm_z, norm_u)[:, None], alpha, shift)
 
     def fill_student_grad(self, z, norm, entropy, c_logp, c_ent):
         """z <- -c_logp p - c_ent p (log p + H), in place; ``norm`` = (row max, log s)."""
@@ -65,7 +59,7 @@ class TorchPasses:
         elif alpha == 0.0:
             grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_u), aux, alpha)
         else:  # (1-a) p (d - aux), d from delta as full_divergence took it
-            d, _ = jsd_terms((u - z) + _lse_gap(norm_z, norm_u)[:, None], alpha)
+            d, _ = jsd_terms((u - z) + lse_gap(norm_z, norm_u)[:, None], alpha)
             grad = c_div[:, None] * (1 - alpha) * xlogy_diff(log_p.exp(), d - shift[:, None], aux[:, None])
         grad -= c_logp[:, None] * log_p.exp()
         z.copy_(grad)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import row_ops as S
-from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
+from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, SHIFT, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
                       effective_topk, fill_support_stats, norm_of, shifted_logp, topk_ids)
 from .torch_chunked import TORCH_TEMPORARIES, TorchPasses
 
@@ -274,7 +274,7 @@ class VocabParallelRowOps:
 # stats' (max, log s); in the distill stats after theirs), then for top-K the support's student and teacher logits
 # (K each), which distill_grad needs and only the gathered pool holds.
 _MINE_STUDENT = STUDENT_M + 2
-_MINE_Z = TAIL_Z + 1
+_MINE_Z = SHIFT + 1  # SHIFT itself unused here: the blocks take shift 0 (see distill_stats)
 _SUPPORT = _MINE_Z + 1
 
 
