@@ -131,19 +131,20 @@ class ChunkRunner:
         return self._workspace[:fp32_rows], None if self._scratch is None else self._scratch[:low_rows]
 
     def _logits(self, h, teacher_rows: int = 0):
-        """A chunk's logits as the backend takes them: (z, u, widen, scratch). With `teacher_rows`, the last rows
-        of `h` are the teacher's (u), else u is None. Without fused casts z and u are fp32 (the GEMM and the
-        widening done here) and widen is None; with them z is None, widen holds the GEMM's bf16/fp16 output (in
-        `scratch`) and u the fp32 rows the backend widens the teacher's into."""
+        """A chunk's logits as the backend takes them: (z, u, casts, scratch), `casts` the keyword arguments of
+        every pass. With `teacher_rows`, the last rows of `h` are the teacher's (u), else u is None. Without fused
+        casts z and u are fp32 (the GEMM and the widening done here) and `casts` is empty: such a backend never
+        sees a ``widen``. With them z is None, ``casts["widen"]`` holds the GEMM's bf16/fp16 output (in `scratch`)
+        and u the fp32 rows the backend widens the teacher's into."""
         c = h.shape[0] - teacher_rows
         if not self.fused_casts:
             buf, scratch = self._buffers(h.shape[0], h.shape[0])
             zu = self.gemms.logits(h, buf, scratch)
-            return zu[:c], (zu[c:] if teacher_rows else None), None, scratch
+            return zu[:c], (zu[c:] if teacher_rows else None), {}, scratch
         buf, scratch = self._buffers(h.shape[0], teacher_rows)
         low = self.gemms.low_logits(h, scratch)
         widen = Widen(low[:c], low[c:] if teacher_rows else None, self.gemms.bias, self.gemms.inv_t)
-        return None, (buf if teacher_rows else None), widen, scratch
+        return None, (buf if teacher_rows else None), {"widen": widen}, scratch
 
     def _backprop(self, dz, scratch, rows, rows_hidden, grads: Grads):
         """The backward GEMMs of a chunk from dL/dz: `dz` (fp32; None where the backend has written it into
@@ -189,17 +190,14 @@ class ChunkRunner:
         for start in range(0, rows.numel(), self.chunk):
             r = rows[start:start + self.chunk]
             h = self.gemms.operand_rows(self.hidden.index_select(0, r))
-            z, _, widen, scratch = self._logits(h)
+            z, _, casts, scratch = self._logits(h)
             targets = self.x.token_ids.index_select(0, r)
-            st = self.ops.student_stats(z, targets, widen=widen) if widen else self.ops.student_stats(z, targets)
+            st = self.ops.student_stats(z, targets, **casts)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
             if grads is None or start >= n_valid:  # only masked rows left: nothing to back-propagate
                 continue
             c_logp, c_ent = coef(r, st)
-            if widen:
-                self.ops.student_grad(z, targets, st, c_logp, c_ent, widen=widen)
-            else:
-                self.ops.student_grad(z, targets, st, c_logp, c_ent)
+            self.ops.student_grad(z, targets, st, c_logp, c_ent, **casts)
             self._backprop(z, scratch, r, h, grads)
 
     def distill_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
@@ -213,17 +211,15 @@ class ChunkRunner:
             # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
             h = self.gemms.operand_rows(self.hidden.index_select(0, r))
             t = self.gemms.operand_rows(teacher.index_select(0, self.teacher_rows[start:start + self.chunk]))
-            z, u, widen, scratch = self._logits(torch.cat([h, t]), teacher_rows=c)
+            z, u, casts, scratch = self._logits(torch.cat([h, t]), teacher_rows=c)
             targets = self.x.token_ids.index_select(0, r)
-            args = (z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail)
-            st, ids = self.ops.distill_stats(*args, widen=widen) if widen else self.ops.distill_stats(*args)
+            st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail, **casts)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
             stats.teacher_entropy[r], stats.divergence[r] = st[:, S.T_ENTROPY], st[:, S.DIVERGENCE]
             if grads is None or start >= n_valid:
                 continue
             c_logp, c_div = coef(r, st)
-            args = (z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail)
-            self.ops.distill_grad(*args, widen=widen) if widen else self.ops.distill_grad(*args)
+            self.ops.distill_grad(z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail, **casts)
             self._backprop(z, None if scratch is None else scratch[:c], r, h, grads)
 
 
