@@ -131,15 +131,17 @@ def divergence_and_aux(lp, lq, alpha):
     if alpha == 1.0:
         g = lp - lq
         return reverse_kl(lp, lq.exp(), g, g - _support_shift(lp, g))
-    d = jsd_terms(lq - lp, alpha)[0]
-    return jsd_value_and_aux(lp, lq, lq - lp, alpha, _support_shift(lp, d).squeeze(-1))
+    return jsd_value_and_aux(lp, lq, lq - lp, alpha)
 
 
-def jsd_value_and_aux(lp, lq, delta, alpha, shift):
+def jsd_value_and_aux(lp, lq, delta, alpha, shift=None):
     """The JSD and sum p (d - shift) (see jsd_terms) from log-probs and delta = log q - log p (given separately:
-    the full vocabulary's is exact where the rows nearly agree, see torch_chunked.TorchPasses.full_divergence)."""
+    the full vocabulary's is exact where the rows nearly agree, see torch_chunked.TorchPasses.full_divergence).
+    `shift` None: d at p's argmax (_support_shift)."""
     p, q = lp.exp(), lq.exp()
     d, e = jsd_terms(delta, alpha)
+    if shift is None:
+        shift = _support_shift(lp, d).squeeze(-1)
     m = (1 - alpha) * p + alpha * q  # KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e): no cancellation
     kl_pm, kl_qm = phi_terms(p, d, m).sum(-1), phi_terms(q, e, m).sum(-1)
     return (1 - alpha) * kl_pm + alpha * kl_qm, xlogy_diff(p, d, shift[..., None]).sum(-1)
