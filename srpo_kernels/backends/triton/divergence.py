@@ -20,7 +20,7 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, shift_
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     acc3 = tl.zeros([BLOCK], tl.float32)
-    # log q - log p = (u - z) + lse_gap: exact where the rows nearly agree (see torch_chunked._lse_gap).
+    # log q - log p = (u - z) + lse_gap: exact where the rows nearly agree (see support.lse_gap).
     lse_gap = (m_z - m_u) + (ls_z - ls_u)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
