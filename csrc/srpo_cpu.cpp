@@ -188,12 +188,20 @@ inline float row_lse_entropy(const float* __restrict x, int64_t n, int64_t top, 
   return s;
 }
 
-// The log-probability of the tail bucket: the row's log-sum-exp with `ids` excluded, minus its own, both in the
-// shifted form of row_lse_entropy ((x_t - m) + log1p(r_t) - log s, t the tail's argmax). x - lse would round at |lse|:
-// a tail holding all but e^-100 of the mass came out 1e-5 away from 0.
+// The log-probability of the tail bucket (support.tail_logprob). Where the tail holds most of the mass, log1p(-the
+// support's mass `support`, from its log-probs): the shifted form below rounds at |log s| there (1e-7 on a flat row
+// of 168, 10x the naive error, which an entropy weight exp(-beta H_T) multiplies by beta). Elsewhere the row's
+// log-sum-exp with `ids` excluded, minus its own, both in the shifted form of row_lse_entropy ((x_t - m) +
+// log1p(r_t) - log s, t the tail's argmax): 1 - sum would cancel, and x - lse would round at |lse| (a tail holding
+// all but e^-100 of the mass came out 1e-5 away from 0).
 // Returns the floored value; `unfloored` gets the value itself (0 for an empty tail).
-inline float tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float m, float log_s,
+constexpr float kTailFromSupport = 0.5f;
+inline float tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float m, float log_s, float support,
                           float& unfloored) {
+  if (support < kTailFromSupport) {
+    unfloored = std::log1p(-support);
+    return std::max(unfloored, kLogTiny);
+  }
   std::vector<float> saved(k);
   for (int64_t i = 0; i < k; ++i) { saved[i] = x[ids[i]]; x[ids[i]] = -std::numeric_limits<float>::infinity(); }
   const int64_t t = row_argmax(x, n);
@@ -424,8 +432,10 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
       lq[k] = (y[row_ids[k]] - max_u) - lsu;
     }
     float unused;
-    s[P_NORM] = lp[K] = tail_logprob(x, V, row_ids, K, x[top], lsz, s[kDistillTail]);
-    s[Q_NORM] = lq[K] = tail_logprob(y, V, row_ids, K, max_u, lsu, unused);
+    double mass_z = 0, mass_u = 0;  // the support's mass: double, as K may be large
+    for (int64_t k = 0; k < K; ++k) { mass_z += std::exp(lp[k]); mass_u += std::exp(lq[k]); }
+    s[P_NORM] = lp[K] = tail_logprob(x, V, row_ids, K, x[top], lsz, static_cast<float>(mass_z), s[kDistillTail]);
+    s[Q_NORM] = lq[K] = tail_logprob(y, V, row_ids, K, max_u, lsu, static_cast<float>(mass_u), unused);
     n = K + 1;
   } else {
     float mz = -INFINITY, mu = -INFINITY, sz = 0.f, su = 0.f;

@@ -187,3 +187,15 @@ def test_top_k_tail_gradient_takes_shifted_log_probs(backend):
     case["bias"][30:60] = case["bias"][:30]
     assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, alpha=0.5, topk=1, temperature=0.5,
                                     reduction="sum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topk", [1, 5])
+def test_top_k_tail_holding_most_of_the_mass(backend, topk):
+    """On a flat row the tail bucket holds nearly everything and log p_tail ~ -K/V: taken as (m_t - m) + (log s_t -
+    log s) it rounded at |log s| ~ 5, and exp(-beta H_T) multiplied that by beta = 300 (2.5x the naive error in the
+    distill weights, found by random draws). It is now log1p(-the support's mass) wherever the support holds less
+    than half."""
+    case = make_case(seed=3964, n=16, h=4, v=168, sd_frac=1.0, mask_frac=0.3, bias=False, old=False, isw=False,
+                     scale=0.3)
+    assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, alpha=0.5, topk=topk, entropy_beta=300.0)

@@ -107,6 +107,14 @@ def test_triton_teacher_and_student_nearly_agree(alpha, eps):
     assert_fp32_no_worse_than_naive(fused("triton", chunk_size=7), case, to_device=_on_device, alpha=alpha)
 
 
+def test_triton_top_k_tail_holding_most_of_the_mass():
+    """tests/test_edges.py's flat rows whose tail bucket holds nearly everything, at entropy_beta = 300."""
+    case = make_case(seed=3964, n=16, h=4, v=168, sd_frac=1.0, mask_frac=0.3, bias=False, old=False, isw=False,
+                     scale=0.3)
+    assert_fp32_no_worse_than_naive(fused("triton", chunk_size=7), case, to_device=_on_device, alpha=0.5, topk=1,
+                                    entropy_beta=300.0)
+
+
 def _logprob_case(dtype, seed=0):
     """37 rows, H = 45, V = 2500: multiples of no block size or vocabulary span; -inf bias entries, T = 0.7."""
     g = torch.Generator().manual_seed(seed)

@@ -208,14 +208,29 @@ def rebalance_(grad, top, sharp):
     grad.scatter_(1, top, torch.where(sharp, -grad.sum(1, keepdim=True), own))
 
 
+# Where the support holds less than this share of the mass, the tail's log-prob is log1p(-support mass).
+TAIL_FROM_SUPPORT = 0.5
+
+
+def tail_logprob(xk, norm, m_tail, log_s_tail):
+    """log p_tail per row from the support's logits `xk` ``[C, K]``, the row's (max, log s) and the tail's own.
+
+    Where the tail holds most of the mass, log1p(-sum of the support's p): (m_tail - m) + (log s_tail - log s)
+    rounds at |log s| there (1e-7 on a flat row of 168, 10x the naive error, which an entropy weight exp(-beta H_T)
+    multiplies by beta), while the support's p carry relative errors. Elsewhere that difference, which 1 - sum
+    would cancel (a tail of e^-100)."""
+    support = shifted_logp(xk, norm).exp().sum(-1)
+    from_tail = (m_tail - norm[0]) + (log_s_tail - norm[1])
+    return torch.where(support < TAIL_FROM_SUPPORT, torch.log1p(-support.clamp_max(TAIL_FROM_SUPPORT)), from_tail)
+
+
 def fill_support_stats(stats, zk, uk, alpha, tails) -> None:
     """The top-K columns of the distill stats from the support's logits ``zk``, ``uk`` ``[C, K]``: normalisers,
     teacher entropy and divergence over the support. `tails`: each side's (max, log s) over the entries outside the
     support, for a tail bucket; None renormalises over the K entries."""
     if tails is not None:
-        for col, (m_t, ls_t), m_col in zip((S.P_NORM, S.Q_NORM), tails, (M_Z, M_U)):
-            m, ls = norm_of(stats, m_col)
-            tail = (m_t - m) + (ls_t - ls)  # the tail's log-prob, exact (no 1 - sum cancellation)
+        for col, (m_t, ls_t), m_col, xk in zip((S.P_NORM, S.Q_NORM), tails, (M_Z, M_U), (zk, uk)):
+            tail = tail_logprob(xk, norm_of(stats, m_col), m_t, ls_t)
             stats[:, col] = tail.clamp_min(LOG_TINY)
             if col == S.P_NORM:  # unfloored for the gradient, which spreads by p_j / p_tail
                 stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
