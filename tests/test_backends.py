@@ -90,6 +90,22 @@ def test_cpu_distill_grad_rounds_log_probs_at_their_own_size(alpha, topk, tail):
     assert err["cpu"] <= max(1e-7, 5 * err["torch"]), err
 
 
+def test_cpu_sums_over_a_long_row_keep_their_digits():
+    """Rows of V = 151 936 (logits of std 3.5): one fp32 sum per lane (9,500 terms each) put the C++ log-sums and
+    entropies 6x the torch backend's error from fp64 here (60x on the logits of a fused-loss case; torch's sums
+    cascade). Blocks of fp32 lanes summed in double keep them within a small factor of it; both judged against
+    fp64 on the same fp32 logits."""
+    g = torch.Generator().manual_seed(3)
+    z, u = (3.5 * torch.randn(2, 4, 151_936, generator=g)).unbind(0)
+    y = torch.randint(0, z.shape[1], (4,), generator=g)
+    cols = (S.LSE, S.LOGP, S.ENTROPY, S.T_LSE, S.T_ENTROPY)
+    stats = {name: ops.distill_stats(z.to(dtype), u.to(dtype).clone(), y, 0.5, None, True)[0][:, cols].double()
+             for name, ops, dtype in (("cpu", CpuRowOps(), torch.float32), ("torch", torch_row_ops(), torch.float32),
+                                      ("fp64", torch_row_ops(), torch.float64))}
+    err = {k: float(((stats[k] - stats["fp64"]) / stats["fp64"].abs()).abs().max()) for k in ("cpu", "torch")}
+    assert err["cpu"] <= max(1e-7, 3 * err["torch"]), err
+
+
 @pytest.mark.parametrize("alpha,teacher_masked", [(0.0, slice(0, 7)), (1.0, slice(0, 7)), (0.5, slice(5, 12))])
 def test_cpu_row_passes_handle_minus_inf_logits(alpha, teacher_masked):
     """Vocabulary entries masked with -inf (e.g. by the bias) have zero probability and contribute nothing."""
