@@ -28,7 +28,7 @@ constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail buck
 // Column layout shared with row_ops.py. Each stats tensor carries private columns after the named ones: the row's
 // argmax (exact as a float below 2^24), found in the stats pass so the gradient pass need not search again, then
 // the student's log s (student stats) or its tail log-prob before the floor (distill stats).
-enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, N_DISTILL };
+enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, T_ENTROPY_LO, N_DISTILL };
 constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kStudentCols = kStudentLogS + 1;
 // Private distill columns: the student's argmax, its tail log-prob before the floor at kLogTiny (the tail's
 // gradient spreads by p_j / p_tail with the tail's own mass), its log s, the (max, log s) pairs of the top-K
@@ -175,10 +175,13 @@ ALWAYS_INLINE void shifted_sums(const float* __restrict x, int64_t b, int64_t e,
 
 // lse and entropy of softmax(x) given the row's argmax `top`, from shifted sums s = 1 + r, r = sum_{j != top}
 // e^{x-m}, t = sum e^{x-m} (x-m) (no cancellation; log s = log1p(r): on a sharp row fp32 cannot hold 1 + r), the
-// last steps in double (an fp32 log s and H would each round at their own size first). With `keep`, e^{x-m} is
-// stored there for a later pass. Sets log_s; returns s.
-inline float row_lse_entropy(const float* __restrict x, int64_t n, int64_t top, float& lse, float& entropy,
-                             float& log_s, float* __restrict keep = nullptr) {
+// last steps in double (an fp32 log s and H would each round at their own size first; the teacher's entropy keeps
+// its double, row_ops.T_ENTROPY_LO). With `keep`, e^{x-m} is stored there for a later pass.
+struct RowNorm {
+  float lse, log_s, entropy, s;
+  double log_s_wide, entropy_wide;
+};
+inline RowNorm row_lse_entropy(const float* __restrict x, int64_t n, int64_t top, float* __restrict keep = nullptr) {
   const float m = x[top];
   double r = 0, t = 0;
   if (keep) {  // two instantiations: with the test inside the loop the distill stats pass measured ~8% slower
@@ -189,38 +192,40 @@ inline float row_lse_entropy(const float* __restrict x, int64_t n, int64_t top, 
     shifted_sums<false>(x, 0, top, m, r, t, keep);
     shifted_sums<false>(x, top + 1, n, m, r, t, keep);
   }
-  const double log_s_d = std::log1p(r);
-  log_s = static_cast<float>(log_s_d);
-  lse = m + log_s;
-  entropy = static_cast<float>(std::max(log_s_d - t / (1 + r), 0.0));  // >= 0: a near-certain row must not go below
-  return static_cast<float>(1 + r);
+  RowNorm out;
+  out.log_s_wide = std::log1p(r);
+  out.entropy_wide = std::max(out.log_s_wide - t / (1 + r), 0.0);  // >= 0: a near-certain row must not go below
+  out.log_s = static_cast<float>(out.log_s_wide);
+  out.entropy = static_cast<float>(out.entropy_wide);
+  out.lse = m + out.log_s;
+  out.s = static_cast<float>(1 + r);
+  return out;
 }
 
-// The log-probability of the tail bucket (support.tail_logprob). Where the tail holds most of the mass, log1p(-the
-// support's mass `support`, from its log-probs): the shifted form below rounds at |log s| there (1e-7 on a flat row
-// of 168, 10x the naive error, which an entropy weight exp(-beta H_T) multiplies by beta). Elsewhere the row's
-// log-sum-exp with `ids` excluded, minus its own, both in the shifted form of row_lse_entropy ((x_t - m) +
-// log1p(r_t) - log s, t the tail's argmax): 1 - sum would cancel, and x - lse would round at |lse| (a tail holding
-// all but e^-100 of the mass came out 1e-5 away from 0).
-// Returns the floored value; `unfloored` gets the value itself (0 for an empty tail).
-constexpr float kTailFromSupport = 0.5f;
-inline float tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float m, float log_s, float support,
-                          float& unfloored) {
-  if (support < kTailFromSupport) {
-    unfloored = std::log1p(-support);
-    return std::max(unfloored, kLogTiny);
-  }
+// The teacher entropy as its fp32 rounding and the remainder (row_ops.set_teacher_entropy).
+inline void set_teacher_entropy(float* s, double h) {
+  s[T_ENTROPY] = static_cast<float>(h);
+  s[T_ENTROPY_LO] = static_cast<float>(h - static_cast<double>(s[T_ENTROPY]));
+}
+
+// The log-probability of the tail bucket (support.tail_logprob), in double, 0 for an empty tail (the caller floors it
+// at kLogTiny). Where the tail holds most of the mass, log1p(-the support's mass `support`, from its log-probs):
+// the shifted form below rounds at |log s| there (1e-7 on a flat row of 168, 10x the naive error, which an entropy
+// weight exp(-beta H_T) multiplies by beta). Elsewhere the row's log-sum-exp with `ids` excluded, minus its own,
+// both in the shifted form of row_lse_entropy ((x_t - m) + log1p(r_t) - log s, t the tail's argmax): 1 - sum would
+// cancel, and x - lse would round at |lse| (a tail holding all but e^-100 of the mass came out 1e-5 away from 0).
+// `empty` is set for a tail with no finite entry.
+constexpr double kTailFromSupport = 0.5;
+inline double tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float m, double log_s, double support,
+                           bool& empty) {
+  empty = false;
+  if (support < kTailFromSupport) return std::log1p(-support);
   std::vector<float> saved(k);
   for (int64_t i = 0; i < k; ++i) { saved[i] = x[ids[i]]; x[ids[i]] = -std::numeric_limits<float>::infinity(); }
   const int64_t t = row_argmax(x, n);
-  unfloored = 0.f;
-  float out = kLogTiny;
-  if (x[t] > -std::numeric_limits<float>::infinity()) {
-    float lse_t, entropy_t, log_s_t;
-    row_lse_entropy(x, n, t, lse_t, entropy_t, log_s_t);
-    unfloored = (x[t] - m) + log_s_t - log_s;
-    out = std::max(unfloored, kLogTiny);
-  }
+  double out = 0;
+  empty = !(x[t] > -std::numeric_limits<float>::infinity());
+  if (!empty) out = (static_cast<double>(x[t]) - m) + row_lse_entropy(x, n, t).log_s_wide - log_s;
   for (int64_t i = 0; i < k; ++i) x[ids[i]] = saved[i];
   return out;
 }
@@ -355,28 +360,29 @@ void tail_grad(float* __restrict x, int64_t n, float m, float log_s, float g_tai
   }
 }
 
-float entropy_of(const float* lq, int64_t n) {
+double entropy_of(const double* lq, int64_t n) {
   double h = 0;
-  for (int64_t j = 0; j < n; ++j) { float q = std::exp(lq[j]); if (q > 0.f) h -= q * lq[j]; }
-  return static_cast<float>(std::max(h, 0.0));  // a rounded log-prob just above 0 must not give H < 0
+  for (int64_t j = 0; j < n; ++j) { double q = std::exp(lq[j]); if (q > 0) h -= q * lq[j]; }
+  return std::max(h, 0.0);  // a rounded log-prob just above 0 must not give H < 0
 }
 
 // Student and teacher statistics of one row, and the divergence over the support (full vocab or top-K). `ez`, `eu`
 // are scratch rows: the exps of the lse pass are kept there for the full-vocabulary divergence. Over the full
 // vocabulary the teacher row `y` is then overwritten with what the gradient pass needs of it (see row_ops.py), which
-// spares that pass an exp and a log per entry.
+// spares that pass an exp and a log per entry. `lqd` (K + 1) holds the support's teacher log-probs in double, for
+// its entropy.
 void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int64_t target, int64_t K, bool tail,
-                       const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq, float* ez,
-                       float* eu) {
-  float lse_z, ent_z, lse_u, ent_u;
+                       const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq, double* lqd,
+                       float* ez, float* eu) {
   const int64_t top = row_argmax(x, V);
   const bool full = K == 0;
-  float lsz, lsu;  // log-sums of the shifted exps: log-probs are (x - max) - log s, rounded like log_softmax
-  const float sum_z = row_lse_entropy(x, V, top, lse_z, ent_z, lsz, full ? ez : nullptr);
+  // log-sums of the shifted exps: log-probs are (x - max) - log s, rounded like log_softmax
+  const RowNorm nz = row_lse_entropy(x, V, top, full ? ez : nullptr);
   const int64_t top_u = row_argmax(y, V);
   const float max_u = y[top_u];
-  const float sum_u = row_lse_entropy(y, V, top_u, lse_u, ent_u, lsu, full ? eu : nullptr);
-  s[LSE] = lse_z; s[LOGP] = (x[target] - x[top]) - lsz; s[ENTROPY] = ent_z; s[T_LSE] = lse_u;
+  const RowNorm nu = row_lse_entropy(y, V, top_u, full ? eu : nullptr);
+  const float lsz = nz.log_s, lsu = nu.log_s, sum_z = nz.s, sum_u = nu.s;
+  s[LSE] = nz.lse; s[LOGP] = (x[target] - x[top]) - lsz; s[ENTROPY] = nz.entropy; s[T_LSE] = nu.lse;
   s[kDistillTop] = static_cast<float>(top);
   s[kDistillLogS] = lsz;
   if (full) {
@@ -423,7 +429,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
         d3 += p * dj;  // the gradient's sum p (d - shift)
       }
     }
-    s[T_ENTROPY] = ent_u;
+    set_teacher_entropy(s, nu.entropy_wide);
     s[DIVERGENCE] = div.mode != 2 ? d1 : div.om * d1 + a * d2;
     s[AUX_KL] = div.mode == 0 ? 0.f : d3;
     return;
@@ -435,21 +441,30 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     s[kSupportLogSZ] = lsz;
     s[kSupportMaxU] = max_u;
     s[kSupportLogSU] = lsu;
+    double mass_z = 0, mass_u = 0;  // the support's mass: double, as K may be large
     for (int64_t k = 0; k < K; ++k) {
       lp[k] = (x[row_ids[k]] - x[top]) - lsz;
       lq[k] = (y[row_ids[k]] - max_u) - lsu;
+      lqd[k] = (static_cast<double>(y[row_ids[k]]) - max_u) - nu.log_s_wide;
+      mass_z += std::exp(static_cast<double>(lp[k]));
+      mass_u += std::exp(lqd[k]);
     }
-    float unused;
-    double mass_z = 0, mass_u = 0;  // the support's mass: double, as K may be large
-    for (int64_t k = 0; k < K; ++k) { mass_z += std::exp(lp[k]); mass_u += std::exp(lq[k]); }
-    s[P_NORM] = lp[K] = tail_logprob(x, V, row_ids, K, x[top], lsz, static_cast<float>(mass_z), s[kDistillTail]);
-    s[Q_NORM] = lq[K] = tail_logprob(y, V, row_ids, K, max_u, lsu, static_cast<float>(mass_u), unused);
+    bool empty_z, empty_u;
+    const double tail_z = tail_logprob(x, V, row_ids, K, x[top], nz.log_s_wide, mass_z, empty_z);
+    const double tail_u = tail_logprob(y, V, row_ids, K, max_u, nu.log_s_wide, mass_u, empty_u);
+    s[kDistillTail] = static_cast<float>(tail_z);  // unfloored for the gradient (0 for an empty tail)
+    s[P_NORM] = lp[K] = empty_z ? kLogTiny : static_cast<float>(std::max<double>(tail_z, kLogTiny));
+    lqd[K] = empty_u ? kLogTiny : std::max<double>(tail_u, kLogTiny);
+    s[Q_NORM] = lq[K] = static_cast<float>(lqd[K]);
     n = K + 1;
   } else {
-    float mz = -INFINITY, mu = -INFINITY, sz = 0.f, su = 0.f;
+    float mz = -INFINITY, mu = -INFINITY, sz = 0.f;
+    double su = 0;
     for (int64_t k = 0; k < K; ++k) { mz = std::max(mz, x[row_ids[k]]); mu = std::max(mu, y[row_ids[k]]); }
-    for (int64_t k = 0; k < K; ++k) { sz += std::exp(x[row_ids[k]] - mz); su += std::exp(y[row_ids[k]] - mu); }
-    const float lsz = std::log(sz), lsu = std::log(su);
+    for (int64_t k = 0; k < K; ++k) { sz += std::exp(x[row_ids[k]] - mz); su += std::exp(double(y[row_ids[k]]) - mu); }
+    const double lsu_wide = std::log(su);
+    const float lsz = std::log(sz), lsu = static_cast<float>(lsu_wide);
+    for (int64_t k = 0; k < K; ++k) lqd[k] = (static_cast<double>(y[row_ids[k]]) - mu) - lsu_wide;
     s[P_NORM] = mz + lsz;
     s[Q_NORM] = mu + lsu;
     s[kSupportMaxZ] = mz;
@@ -458,7 +473,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     s[kSupportLogSU] = lsu;
     for (int64_t k = 0; k < K; ++k) { lp[k] = (x[row_ids[k]] - mz) - lsz; lq[k] = (y[row_ids[k]] - mu) - lsu; }
   }
-  s[T_ENTROPY] = entropy_of(lq, n);
+  set_teacher_entropy(s, entropy_of(lqd, n));
   div.value(lp, lq, n, s[DIVERGENCE], s[AUX_KL], s[kSupportShift]);
 }
 
@@ -629,15 +644,13 @@ struct StudentRows {
 
 
 void student_row_stats(const float* __restrict x, int64_t n, int64_t target, float* __restrict out) {
-  float lse, ent;
   const int64_t top = row_argmax(x, n);
-  float log_s;
-  row_lse_entropy(x, n, top, lse, ent, log_s);
-  out[LSE] = lse;
-  out[LOGP] = (x[target] - x[top]) - log_s;  // shifted, as log_softmax: x - lse rounds at |lse|
-  out[ENTROPY] = ent;
+  const RowNorm norm = row_lse_entropy(x, n, top);
+  out[LSE] = norm.lse;
+  out[LOGP] = (x[target] - x[top]) - norm.log_s;  // shifted, as log_softmax: x - lse rounds at |lse|
+  out[ENTROPY] = norm.entropy;
   out[kStudentTop] = static_cast<float>(top);
-  out[kStudentLogS] = log_s;
+  out[kStudentLogS] = norm.log_s;
 }
 
 // Entries [b, e) of a student row's gradient, written in place; returns their sum. Log-probs are (x - m) - log s
@@ -729,10 +742,12 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     std::vector<float> lp(K + 1), lq(K + 1), exps(K ? 0 : 2 * V), scratch(rows.scratch_size());
+    std::vector<double> lqd(K + 1);
     for (int64_t i = b; i < e; ++i) {
       widen(lu, i, up + i * V, V, rows.bias, rows.inv_t);
       distill_row_stats(rows.load(i, scratch.data()), up + i * V, V, yp[i], K, tail, div, ip + i * K,
-                        sp + i * kDistillCols, lp.data(), lq.data(), exps.data(), exps.data() + (K ? 0 : V));
+                        sp + i * kDistillCols, lp.data(), lq.data(), lqd.data(), exps.data(),
+                        exps.data() + (K ? 0 : V));
     }
   });
   return {stats, ids};

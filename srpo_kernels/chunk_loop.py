@@ -58,7 +58,7 @@ class RowStats:
 
     logp: torch.Tensor
     entropy: torch.Tensor
-    teacher_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor  # fp64, with its low part (row_ops.teacher_entropy): it sets the weights
     divergence: torch.Tensor
 
 
@@ -174,7 +174,7 @@ class ChunkRunner:
 
     def empty_stats(self) -> RowStats:
         z = torch.zeros(self.hidden.shape[0], dtype=self.dtype, device=self.hidden.device)
-        return RowStats(z.clone(), z.clone(), z.clone(), z.clone())
+        return RowStats(z.clone(), z.clone(), z.double(), z.clone())
 
     # ---------------------------------------------------------------- streams
     def student_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
@@ -216,7 +216,7 @@ class ChunkRunner:
             targets = self.x.token_ids.index_select(0, r)
             st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail, **casts)
             stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
-            stats.teacher_entropy[r], stats.divergence[r] = st[:, S.T_ENTROPY], st[:, S.DIVERGENCE]
+            stats.teacher_entropy[r], stats.divergence[r] = S.teacher_entropy(st), st[:, S.DIVERGENCE]
             if grads is None or start >= n_valid:
                 continue
             c_logp, c_div = coef(r, st)

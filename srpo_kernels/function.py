@@ -62,9 +62,10 @@ class _Coefficients:
     def distill(self, rows, st):
         logp = st[:, S.LOGP]
         is_w = token_math.sdpo_is_weight(logp, _opt(self.x.old_logprobs, rows), self.cfg)
+        teacher_entropy = S.teacher_entropy(st)
         if self.running is not None:
-            self.log_mu = self.running.update(rows, st[:, S.T_ENTROPY])
-        weight = token_math.distill_weight(st[:, S.T_ENTROPY], self.cfg, self.log_mu)
+            self.log_mu = self.running.update(rows, teacher_entropy)
+        weight = token_math.distill_weight(teacher_entropy, self.cfg, self.log_mu, st.dtype)
         return (self._scaled(rows, self._ref_term(logp, rows)),
                 self._scaled(rows, self._isw(rows) * weight * is_w))
 
@@ -130,7 +131,8 @@ def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, log_mu: 
     zero = torch.zeros_like(stats.logp)
     # 0 at masked tokens, as their loss: their weight is normalised by tokens they are not among, and overflows fp32
     # for a large entropy_beta (exp(300 * 0.8) at a masked token whose teacher entropy is below the batch's).
-    weight = torch.where(route & x.valid, token_math.distill_weight(stats.teacher_entropy, cfg, log_mu), zero)
+    weight = torch.where(route & x.valid, token_math.distill_weight(stats.teacher_entropy, cfg, log_mu, zero.dtype),
+                         zero)
     loss = torch.where(route, weight * is_w * stats.divergence, grpo.loss)
     if x.is_weights is not None:
         loss = loss * x.is_weights
@@ -187,7 +189,8 @@ class SRPOLossFunction(torch.autograd.Function):
         ctx.mu_upfront, ctx.denom = mu_upfront, denom
         ctx.reduction = cfg.reduction
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        outs = (stats.logp, stats.entropy, stats.teacher_entropy, stats.divergence, weight_tok, clipped)
+        outs = (stats.logp, stats.entropy, stats.teacher_entropy.to(stats.logp.dtype), stats.divergence, weight_tok,
+                clipped)
         ctx.mark_non_differentiable(*outs)
         return (loss,) + outs
 

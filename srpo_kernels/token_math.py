@@ -51,9 +51,9 @@ def log_entropy_weight(teacher_entropy, cfg: SRPOLossConfig) -> torch.Tensor:
     return -cfg.entropy_beta * teacher_entropy.double()
 
 
-def distill_weight(teacher_entropy, cfg: SRPOLossConfig, log_mu: float) -> torch.Tensor:
-    """The normalised weight ``exp(-beta H_T) / mu`` from ``log mu``, in the entropy's dtype."""
-    return torch.exp(log_entropy_weight(teacher_entropy, cfg) - log_mu).to(teacher_entropy.dtype)
+def distill_weight(teacher_entropy, cfg: SRPOLossConfig, log_mu: float, dtype: torch.dtype) -> torch.Tensor:
+    """The normalised weight ``exp(-beta H_T) / mu`` from ``log mu``, in `dtype`."""
+    return torch.exp(log_entropy_weight(teacher_entropy, cfg) - log_mu).to(dtype)
 
 
 def log_weight_sum(teacher_entropy, cfg: SRPOLossConfig) -> float:

@@ -115,6 +115,22 @@ def test_triton_top_k_tail_holding_most_of_the_mass():
                                     entropy_beta=300.0)
 
 
+def test_triton_teacher_entropy_is_as_good_as_rounded_fp32():
+    """tests/test_backends.py's check of the teacher entropy's low part on the Triton passes (the kernel writes its
+    shifted sums; log s and H follow in fp64), full vocabulary: within 2x fp32's own rounding of the exact value."""
+    from srpo_kernels.backends import row_ops as S
+    from srpo_kernels.backends.torch_chunked import torch_row_ops
+    from srpo_kernels.backends.triton import triton_row_ops
+    g = torch.Generator().manual_seed(4)
+    scale = torch.linspace(0.05, 4.0, 16)[:, None]
+    z, u = torch.randn(16, 1000, generator=g) * scale, torch.randn(16, 1000, generator=g) * scale
+    y = torch.randint(0, 1000, (16,), generator=g)
+    exact = S.teacher_entropy(torch_row_ops().distill_stats(z.double(), u.double(), y, 0.5, None, True)[0])
+    st, _ = triton_row_ops().distill_stats(z.to(DEVICE), u.to(DEVICE), y.to(DEVICE), 0.5, None, True)
+    err = float((S.teacher_entropy(st).cpu() - exact).abs().max())
+    assert err <= 2 * float((exact.float().double() - exact).abs().max()), err
+
+
 def _logprob_case(dtype, seed=0):
     """37 rows, H = 45, V = 2500: multiples of no block size or vocabulary span; -inf bias entries, T = 0.7."""
     g = torch.Generator().manual_seed(seed)

@@ -25,9 +25,23 @@ LSE, LOGP, ENTROPY = 0, 1, 2
 # gradient needs (sum p t, t the per-entry term relative to its value at the student's argmax: see
 # support.divergence_and_aux and support.full_vocab_shift; 0 for forward KL), and each side's
 # normaliser of the top-K support (tail log-prob when the support has a tail bucket, else the log-sum-exp over the
-# K logits).
-T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM = 3, 4, 5, 6, 7, 8
-N_STUDENT_STATS, N_DISTILL_STATS = 3, 9
+# K logits), and the teacher entropy's low part: T_ENTROPY + T_ENTROPY_LO (in fp64) is the entropy to beyond fp32's
+# rounding, which the weight exp(-beta H_T) would multiply by beta (see teacher_entropy).
+T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, T_ENTROPY_LO = 3, 4, 5, 6, 7, 8, 9
+N_STUDENT_STATS, N_DISTILL_STATS = 3, 10
+
+
+def teacher_entropy(stats: torch.Tensor) -> torch.Tensor:
+    """The teacher entropy of distill stats rows in fp64, with its low part: half an fp32 ulp of H_T ~ 5 (2.4e-7)
+    becomes 1.2e-5 of a weight exp(-beta H_T) at beta = 50, where the naive loss's own rounding may be luckier."""
+    return stats[:, T_ENTROPY].double() + stats[:, T_ENTROPY_LO].double()
+
+
+def set_teacher_entropy(stats: torch.Tensor, entropy: torch.Tensor) -> None:
+    """Store an fp64 (or fp32) teacher entropy as its rounding to the stats' dtype and the remainder."""
+    high = entropy.to(stats.dtype)
+    stats[:, T_ENTROPY] = high
+    stats[:, T_ENTROPY_LO] = (entropy.double() - high.double()).to(stats.dtype)
 
 
 class VocabPasses(Protocol):
@@ -36,7 +50,9 @@ class VocabPasses(Protocol):
     kernels. ``norm*`` are (row max, log s) pairs: log-probs are (x - max) - log s."""
 
     def lse_entropy(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row: (max, log sum exp(x - max), entropy of softmax(x)); rows may hold -inf."""
+        """Per row: (max, log sum exp(x - max), entropy of softmax(x)); rows may hold -inf. The last two in fp64,
+        from the pass's own sums (support.log_s_entropy): callers round them where they store them, except the
+        teacher entropy (set_teacher_entropy)."""
 
     def full_divergence(self, z, u, norm_z, norm_u, alpha: float,
                         shift: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

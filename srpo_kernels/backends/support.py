@@ -47,6 +47,15 @@ def entropy_of(log_p):
     return (-xlogy_diff(log_p.exp(), log_p, 0.0).sum(-1)).clamp_min(0.0)
 
 
+def log_s_entropy(r, t):
+    """(log s, entropy) of softmax rows in fp64 from their shifted sums r = sum e^(x - m) without the max's own term
+    (s = 1 + r: log1p keeps r where fp32 cannot hold 1 + r) and t = sum e^(x - m) (x - m): fp32 would round each of
+    log s and H at its own size, and the teacher's H is what exp(-beta H_T) amplifies (row_ops.T_ENTROPY_LO)."""
+    r, t = r.double(), t.double()
+    log_s = torch.log1p(r)
+    return log_s, (log_s - t / (1 + r)).clamp_min(0.0)
+
+
 def jsd_terms(delta, alpha):
     """``d = log(p / m)`` and ``e = log(q / m)`` (m = (1-a) p + a q) from ``delta = log q - log p``.
 
@@ -213,29 +222,37 @@ TAIL_FROM_SUPPORT = 0.5
 
 
 def tail_logprob(xk, norm, m_tail, log_s_tail):
-    """log p_tail per row from the support's logits `xk` ``[C, K]``, the row's (max, log s) and the tail's own.
+    """log p_tail per row from the support's logits `xk` ``[C, K]``, the row's (max, log s) and the tail's own, in
+    the dtype of the log s given (fp64 for the teacher's entropy).
 
     Where the tail holds most of the mass, log1p(-sum of the support's p): (m_tail - m) + (log s_tail - log s)
     rounds at |log s| there (1e-7 on a flat row of 168, 10x the naive error, which an entropy weight exp(-beta H_T)
     multiplies by beta), while the support's p carry relative errors. Elsewhere that difference, which 1 - sum
     would cancel (a tail of e^-100)."""
-    support = shifted_logp(xk, norm).exp().sum(-1)
-    from_tail = (m_tail - norm[0]) + (log_s_tail - norm[1])
+    dtype = norm[1].dtype
+    support = shifted_logp(xk.to(dtype), (norm[0].to(dtype), norm[1])).exp().sum(-1)
+    from_tail = (m_tail.to(dtype) - norm[0].to(dtype)) + (log_s_tail.to(dtype) - norm[1])
     return torch.where(support < TAIL_FROM_SUPPORT, torch.log1p(-support.clamp_max(TAIL_FROM_SUPPORT)), from_tail)
 
 
-def fill_support_stats(stats, zk, uk, alpha, tails) -> None:
+def fill_support_stats(stats, zk, uk, alpha, norms, tails) -> None:
     """The top-K columns of the distill stats from the support's logits ``zk``, ``uk`` ``[C, K]``: normalisers,
-    teacher entropy and divergence over the support. `tails`: each side's (max, log s) over the entries outside the
-    support, for a tail bucket; None renormalises over the K entries."""
+    teacher entropy and divergence over the support. `norms`: each side's (max, log s) over the whole row; `tails`:
+    each side's over the entries outside the support, for a tail bucket; None renormalises over the K entries. The
+    teacher's log s (fp64 from log_s_entropy) keep their digits in its entropy (row_ops.set_teacher_entropy)."""
     if tails is not None:
-        for col, (m_t, ls_t), m_col, xk in zip((S.P_NORM, S.Q_NORM), tails, (M_Z, M_U), (zk, uk)):
-            tail = tail_logprob(xk, norm_of(stats, m_col), m_t, ls_t)
+        for col, (m_t, ls_t), norm, xk in zip((S.P_NORM, S.Q_NORM), tails, norms, (zk, uk)):
+            tail = tail_logprob(xk, norm, m_t, ls_t)
             stats[:, col] = tail.clamp_min(LOG_TINY)
             if col == S.P_NORM:  # unfloored for the gradient, which spreads by p_j / p_tail
                 stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
+            else:
+                (m_u, ls_u), dtype = norm, norm[1].dtype
+                lq_wide = torch.cat([shifted_logp(uk.to(dtype), (m_u.to(dtype), ls_u)),
+                                     tail.clamp_min(LOG_TINY)[:, None]], -1)
     else:  # the contract's normalisers; the support log-probs themselves come from log_softmax
         stats[:, S.P_NORM], stats[:, S.Q_NORM] = zk.logsumexp(-1), uk.logsumexp(-1)
+        lq_wide = uk.double().log_softmax(-1)
     lp, lq = bucket_logprobs(zk, uk, stats, tails is not None)
-    stats[:, S.T_ENTROPY] = entropy_of(lq)
+    S.set_teacher_entropy(stats, entropy_of(lq_wide))
     stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = divergence_and_aux(lp, lq, alpha)

@@ -28,8 +28,9 @@ class TensorRowOps:
 
     def student_stats(self, z, targets):
         m, log_s, entropy = self.passes.lse_entropy(z)
-        logp = shifted_logp(z.gather(1, targets[:, None]), (m, log_s)).squeeze(1)
-        return torch.stack([m + log_s, logp, entropy, m, log_s], 1)  # private (max, log s) at STUDENT_M
+        logp = shifted_logp(z.gather(1, targets[:, None]).to(log_s.dtype), (m.to(log_s.dtype), log_s)).squeeze(1)
+        # private (max, log s) at STUDENT_M
+        return torch.stack([m + log_s, logp, entropy, m.to(log_s.dtype), log_s], 1).to(z.dtype)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
         top, sharp = argmax_and_sharp(z, stats[:, S.LSE])
@@ -50,11 +51,11 @@ class TensorRowOps:
         student = self.student_stats(z, targets)
         stats[:, :S.N_STUDENT_STATS] = student[:, :S.N_STUDENT_STATS]
         stats[:, M_Z], stats[:, LS_Z] = norm_of(student, STUDENT_M)
-        stats[:, M_U], stats[:, LS_U], ent_u = self.passes.lse_entropy(u)
-        stats[:, S.T_LSE] = stats[:, M_U] + stats[:, LS_U]
+        m_u, ls_u, ent_u = self.passes.lse_entropy(u)
+        stats[:, M_U], stats[:, LS_U], stats[:, S.T_LSE] = m_u, ls_u, m_u + ls_u
         topk = effective_topk(topk, z.shape[1])
         if topk is None:
-            stats[:, S.T_ENTROPY] = ent_u
+            S.set_teacher_entropy(stats, ent_u)
             norms = norm_of(stats, M_Z), norm_of(stats, M_U)
             stats[:, SHIFT] = full_vocab_shift(z, u, *norms, alpha)
             stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.passes.full_divergence(z, u, *norms, alpha,
@@ -63,7 +64,7 @@ class TensorRowOps:
         ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
         tails = [self._tail_norm(z, ids), self._tail_norm(u, ids)] if topk_tail else None
-        fill_support_stats(stats, zk, uk, alpha, tails)
+        fill_support_stats(stats, zk, uk, alpha, (norm_of(stats, M_Z), (m_u, ls_u)), tails)
         return stats, ids
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):

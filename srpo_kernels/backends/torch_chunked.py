@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .support import (divergence_grad, jsd_terms, jsd_value_and_aux, lse_gap, phi_terms, reverse_kl,
-                      shifted_logp, xlogy_diff)
+from .support import (divergence_grad, jsd_terms, jsd_value_and_aux, log_s_entropy, lse_gap, phi_terms,
+                      reverse_kl, shifted_logp, xlogy_diff)
 from .tensor_row_ops import TensorRowOps
 
 
@@ -18,7 +18,8 @@ class TorchPasses:
         lse = m + log s. Log-probs and entropies come from the shifted form ((x - m) - log s, as log_softmax),
         never from x - lse: that rounds every log-prob at |lse|, an error that a near-certain token's log-prob
         (-3e-5 with logits of 5) or a sharp row's entropy takes whole (50x and 6x the naive error). A row with
-        no finite entry (a top-K tail with nothing in it) gets lse = -inf and entropy 0."""
+        no finite entry (a top-K tail with nothing in it) gets lse = -inf and entropy 0. log s and the entropy in
+        fp64 from the fp32 sums (support.log_s_entropy)."""
         top = x.argmax(-1, keepdim=True)
         m = x.gather(-1, top)
         y = x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an empty tail row (all -inf): lse -inf
@@ -26,8 +27,7 @@ class TorchPasses:
         r = e.sum(-1)
         t = torch.where(e > 0, e * y, torch.zeros_like(e)).sum(-1)
         # s = 1 + r and log s = log1p(r): on a sharp row fp32 cannot hold 1 + r, so log(s) and H would lose r.
-        log_s = torch.log1p(r)
-        return m.squeeze(-1), log_s, (log_s - t / (1 + r)).clamp_min(0.0)
+        return (m.squeeze(-1),) + log_s_entropy(r, t)
 
     def full_divergence(self, z, u, norm_z, norm_u, alpha, shift):
         """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side.

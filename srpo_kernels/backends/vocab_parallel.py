@@ -25,7 +25,7 @@ import torch
 
 from . import row_ops as S
 from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, SHIFT, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
-                      effective_topk, fill_support_stats, norm_of, shifted_logp, topk_ids)
+                      effective_topk, fill_support_stats, log_s_entropy, norm_of, shifted_logp, topk_ids)
 from .torch_chunked import TORCH_TEMPORARIES, TorchPasses
 
 
@@ -103,11 +103,6 @@ def _moments(x, m, mine, top):
     return e.sum(1), torch.where(e > 0, e * y, torch.zeros_like(e)).sum(1)
 
 
-def _log_s_entropy(r, t):
-    log_s = torch.log1p(r)
-    return log_s, (log_s - t / (1 + r)).clamp_min(0.0)
-
-
 class VocabParallelRowOps:
     """The RowOps of one rank's vocabulary block (tensor ops on any device; collectives over ``shard.group``)."""
 
@@ -166,9 +161,10 @@ class VocabParallelRowOps:
         ((m, mine, top),) = self._maxima([_block_max(z)])
         r, t = _moments(z, m, mine, top)
         sums = self.vocab_shard.sum_(torch.stack([r, t, self._target_shifted(z, targets, m)], 1))
-        log_s, entropy = _log_s_entropy(sums[:, 0], sums[:, 1])
+        log_s, entropy = log_s_entropy(sums[:, 0], sums[:, 1])
         # private columns: (max, log s) at STUDENT_M, then whether this rank holds the argmax (_MINE_STUDENT)
-        return torch.stack([m + log_s, sums[:, 2] - log_s, entropy, m, log_s, mine.to(z.dtype)], 1)
+        return torch.stack([m + log_s, sums[:, 2] - log_s, entropy, m.to(log_s.dtype), log_s,
+                            mine.to(log_s.dtype)], 1).to(z.dtype)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
         _, top = _block_max(z)
@@ -186,7 +182,7 @@ class VocabParallelRowOps:
             r_u, t_u = _moments(u, m_u, mine_u, top_u)
             sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z)], 1))
             self._fill_norms(stats, sums, m_z, m_u, mine)
-            stats[:, S.T_ENTROPY] = _log_s_entropy(sums[:, 2], sums[:, 3])[1]
+            S.set_teacher_entropy(stats, log_s_entropy(sums[:, 2], sums[:, 3])[1])
             # This block's share; shift 0: the row's argmax lives on one rank (twins tied at the top of a row with a
             # large divergence keep the unshifted terms' rounding here).
             d_aux = self.passes.full_divergence(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha,
@@ -212,8 +208,10 @@ class VocabParallelRowOps:
         sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z),
                                                   r_tz, r_tu], 1))
         self._fill_norms(stats, sums, m_z, m_u, mine)
-        tails = [(m_tz, torch.log1p(sums[:, 5])), (m_tu, torch.log1p(sums[:, 6]))] if topk_tail else None
-        fill_support_stats(stats, zk, uk, alpha, tails)
+        tails = [(m_tz, torch.log1p(sums[:, 5].double())), (m_tu, torch.log1p(sums[:, 6].double()))] if topk_tail \
+            else None
+        norms = (norm_of(stats, M_Z), (m_u, log_s_entropy(sums[:, 2], sums[:, 3])[0]))
+        fill_support_stats(stats, zk, uk, alpha, norms, tails)
         return stats, ids
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
@@ -242,8 +240,8 @@ class VocabParallelRowOps:
 
     # ------------------------------------------------------------------ distill helpers
     def _fill_norms(self, stats, sums, m_z, m_u, mine):
-        ls_z, ent_z = _log_s_entropy(sums[:, 0], sums[:, 1])
-        ls_u = torch.log1p(sums[:, 2])
+        ls_z, ent_z = log_s_entropy(sums[:, 0], sums[:, 1])
+        ls_u = log_s_entropy(sums[:, 2], sums[:, 3])[0]
         stats[:, S.LSE], stats[:, S.LOGP], stats[:, S.ENTROPY] = m_z + ls_z, sums[:, 4] - ls_z, ent_z
         stats[:, S.T_LSE] = m_u + ls_u
         stats[:, M_Z], stats[:, LS_Z], stats[:, M_U], stats[:, LS_U] = m_z, ls_z, m_u, ls_u

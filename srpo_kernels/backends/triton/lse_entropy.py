@@ -1,15 +1,16 @@
 """Per-row max m, log s (s = sum e^(x - m), so lse = m + log s) and entropy of softmax(x) in one online pass over
-vocabulary blocks (entries may be -inf); see torch_chunked.TorchPasses.lse_entropy for why m and log s stay apart."""
+vocabulary blocks (entries may be -inf); see torch_chunked.TorchPasses.lse_entropy for why m and log s stay apart.
+The kernel writes the shifted sums; log s and the entropy follow from them in fp64 (support.log_s_entropy)."""
 import torch
 import triton
 import triton.language as tl
 
-from .jsd_math import log1p
+from ..support import log_s_entropy
 from .launch import Launcher
 
 
 @triton.jit
-def lse_entropy_kernel(x_ptr, max_ptr, log_s_ptr, ent_ptr, stride, n_cols, BLOCK: tl.constexpr):
+def lse_entropy_kernel(x_ptr, max_ptr, r_ptr, t_ptr, stride, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride
     m = tl.full([], -float("inf"), tl.float32)
@@ -36,16 +37,15 @@ def lse_entropy_kernel(x_ptr, max_ptr, log_s_ptr, ent_ptr, stride, n_cols, BLOCK
         t = scale * (t + s_old * shift) + tl.sum(e * d, 0)
         r = tl.where(raised, s_old * scale + block_r, r + block_r)
         m = m_new
-    log_s = log1p(r)
     tl.store(max_ptr + row, m)
-    tl.store(log_s_ptr + row, log_s)
-    tl.store(ent_ptr + row, tl.maximum(log_s - t / (1.0 + r), 0.0))  # rounding must not give H < 0
+    tl.store(r_ptr + row, r)
+    tl.store(t_ptr + row, t)
 
 
 _launch = Launcher(lse_entropy_kernel)
 
 
 def lse_entropy(x: torch.Tensor):
-    m, log_s, ent = (x.new_empty(x.shape[0]) for _ in range(3))
-    _launch(x.shape[0], x, m, log_s, ent, x.stride(0), x.shape[1])
-    return m, log_s, ent
+    m, r, t = (x.new_empty(x.shape[0]) for _ in range(3))
+    _launch(x.shape[0], x, m, r, t, x.stride(0), x.shape[1])
+    return (m,) + log_s_entropy(r, t)
