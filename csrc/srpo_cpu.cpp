@@ -33,10 +33,13 @@ constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kSt
 // Private distill columns: the student's argmax, its tail log-prob before the floor at kLogTiny (the tail's
 // gradient spreads by p_j / p_tail with the tail's own mass), its log s, the (max, log s) pairs of the top-K
 // support's log-probs on each side (log p = (x - max) - log s: the whole row's with a tail bucket, the K entries'
-// without), and the support's shift (Divergence::value).
+// without), the support's shift (Divergence::value), its tail bucket's log q - log p (tail_delta) and its lse_gap
+// (log q - log p = (y - x) + gap, the gap from the log-sums in double: an fp32 log s rounds at its own size).
 constexpr int64_t kDistillTop = N_DISTILL, kDistillTail = kDistillTop + 1, kDistillLogS = kDistillTail + 1,
                   kSupportMaxZ = kDistillLogS + 1, kSupportLogSZ = kSupportMaxZ + 1, kSupportMaxU = kSupportLogSZ + 1,
-                  kSupportLogSU = kSupportMaxU + 1, kSupportShift = kSupportLogSU + 1, kDistillCols = kSupportShift + 1;
+                  kSupportLogSU = kSupportMaxU + 1, kSupportShift = kSupportLogSU + 1,
+                  kSupportTailDelta = kSupportShift + 1, kSupportGap = kSupportTailDelta + 1,
+                  kDistillCols = kSupportGap + 1;
 constexpr int64_t kMaxVocab = int64_t(1) << 24;
 
 ALWAYS_INLINE float as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -277,34 +280,37 @@ struct Divergence {
       log_beta(a > 0.0 && a < 1.0 ? static_cast<float>(std::log(a / (1 - a))) : 0.f),
       c0(a < 1.0 ? static_cast<float>(-std::log1p(-a)) : 0.f), c1(a > 0.0 ? static_cast<float>(-std::log(a)) : 0.f) {}
 
-  // The gradient's per-entry term (g = lp - lq for reverse KL, the JSD's d; none for forward KL) of one entry.
-  float term(float lp, float lq) const {
-    if (mode == 1) return lp - lq;
+  // The gradient's per-entry term (g = lp - lq for reverse KL, the JSD's d; none for forward KL) of one entry, from
+  // its log-probs and delta = lq - lp.
+  float term(float lp, float lq, float delta) const {
+    if (mode == 1) return -delta;
     if (mode == 0) return 0.f;
     float dj, ej;
-    jsd_terms(lq - lp, std::exp(lp), std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
+    jsd_terms(delta, std::exp(lp), std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
     return dj;
   }
 
-  // D and the sum its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets): sum
-  // p (term - shift), `shift` the term at p's most probable entry (support.divergence_and_aux).
-  void value(const float* lp, const float* lq, int64_t n, float& d, float& aux, float& shift) const {
+  // D and the sum its gradient needs, over `n` support entries given as log-probs (scalar: top-K buckets) and
+  // delta = lq - lp from the logits' own difference (exact where the rows nearly agree, as support.bucket_logprobs
+  // takes it): sum p (term - shift), `shift` the term at p's most probable entry (support.divergence_and_aux).
+  void value(const float* lp, const float* lq, const float* delta, int64_t n, float& d, float& aux,
+             float& shift) const {
     double s1 = 0, s2 = 0, s3 = 0;
     int64_t top = 0;
     for (int64_t j = 1; j < n; ++j)
       if (lp[j] > lp[top]) top = j;
-    shift = term(lp[top], lq[top]);
+    shift = term(lp[top], lq[top], delta[top]);
     for (int64_t j = 0; j < n; ++j) {
       float p = std::exp(lp[j]), q = std::exp(lq[j]);
       if (mode == 0) {  // KL(q||p) = sum q phi(log q - log p)
-        s1 += phi_term(q, lq[j] - lp[j], p);
+        s1 += phi_term(q, delta[j], p);
       } else if (mode == 1) {
-        const float g = lp[j] - lq[j];
+        const float g = -delta[j];
         s1 += phi_term(p, g, q);
         s3 += plogdiff(p, g, shift);
       } else {
         float dj, ej;
-        jsd_terms(lq[j] - lp[j], p, q, log_beta, om, alpha, c0, c1, dj, ej);
+        jsd_terms(delta[j], p, q, log_beta, om, alpha, c0, c1, dj, ej);
         const float m = om * p + alpha * q;  // KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
         s1 += phi_term(p, dj, m);
         s2 += phi_term(q, ej, m);
@@ -316,13 +322,14 @@ struct Divergence {
     else { d = om * s1 + alpha * s2; aux = s3; }
   }
 
-  // dD/d(logit) of one support entry (`shift` as value() gave it).
-  float grad(float lp, float lq, float aux, float shift) const {
+  // dD/d(logit) of one support entry (delta and `shift` as value() took them). Forward KL's p - q as
+  // -p expm1(delta): the difference of two rounded probabilities keeps only the digits of a small delta.
+  float grad(float lp, float lq, float delta, float aux, float shift) const {
     float p = std::exp(lp);
-    if (mode == 0) return p - std::exp(lq);
-    if (mode == 1) return plogdiff(p, (lp - lq) - shift, aux);
+    if (mode == 0) return p > 0.f ? -p * std::expm1(delta) : -std::exp(lq);
+    if (mode == 1) return plogdiff(p, -delta - shift, aux);
     float dj, ej;
-    jsd_terms(lq - lp, p, std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
+    jsd_terms(delta, p, std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
     return om * plogdiff(p, dj - shift, aux);
   }
 };
@@ -366,14 +373,31 @@ double entropy_of(const double* lq, int64_t n) {
   return std::max(h, 0.0);  // a rounded log-prob just above 0 must not give H < 0
 }
 
+// log q_tail - log p_tail from the support's K log-probs and deltas, the tail last in lp, lq (support.tail_delta):
+// log1p(A / p_tail) with A = -sum p_k expm1(delta_k), exact where the rows nearly agree, unless a tail of almost
+// nothing makes the difference of the tail log-probs the more accurate.
+float tail_delta(const float* lp, const float* lq, const float* dl, int64_t K) {
+  double a = 0, size = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!(lp[k] > -std::numeric_limits<float>::infinity())) continue;
+    const double t = std::exp(static_cast<double>(lp[k])) * std::expm1(static_cast<double>(dl[k]));
+    a -= t;
+    size += std::abs(t);
+  }
+  const double p_tail = std::exp(static_cast<double>(lp[K])), ratio = a / p_tail;
+  const bool better = size < p_tail * (std::abs(lq[K]) + std::abs(lp[K])) && ratio > -0.5;
+  return better ? static_cast<float>(std::log1p(ratio)) : lq[K] - lp[K];
+}
+
 // Student and teacher statistics of one row, and the divergence over the support (full vocab or top-K). `ez`, `eu`
 // are scratch rows: the exps of the lse pass are kept there for the full-vocabulary divergence. Over the full
 // vocabulary the teacher row `y` is then overwritten with what the gradient pass needs of it (see row_ops.py), which
-// spares that pass an exp and a log per entry. `lqd` (K + 1) holds the support's teacher log-probs in double, for
-// its entropy.
+// spares that pass an exp and a log per entry. Scratch of K + 1 entries: `lp`, `lq` the support's log-probs, `dl`
+// their difference lq - lp from the logits' own (support.bucket_logprobs), `lqd` the teacher's in double, for its
+// entropy.
 void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int64_t target, int64_t K, bool tail,
-                       const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq, double* lqd,
-                       float* ez, float* eu) {
+                       const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq, float* dl,
+                       double* lqd, float* ez, float* eu) {
   const int64_t top = row_argmax(x, V);
   const bool full = K == 0;
   // log-sums of the shifted exps: log-probs are (x - max) - log s, rounded like log_softmax
@@ -456,14 +480,21 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     s[P_NORM] = lp[K] = empty_z ? kLogTiny : static_cast<float>(std::max<double>(tail_z, kLogTiny));
     lqd[K] = empty_u ? kLogTiny : std::max<double>(tail_u, kLogTiny);
     s[Q_NORM] = lq[K] = static_cast<float>(lqd[K]);
+    const float gap = s[kSupportGap] = (x[top] - max_u) + static_cast<float>(nz.log_s_wide - nu.log_s_wide);
+    for (int64_t k = 0; k < K; ++k) dl[k] = (y[row_ids[k]] - x[row_ids[k]]) + gap;
+    s[kSupportTailDelta] = dl[K] = tail_delta(lp, lq, dl, K);
     n = K + 1;
   } else {
-    float mz = -INFINITY, mu = -INFINITY, sz = 0.f;
-    double su = 0;
+    float mz = -INFINITY, mu = -INFINITY;
+    double sz = 0, su = 0;
     for (int64_t k = 0; k < K; ++k) { mz = std::max(mz, x[row_ids[k]]); mu = std::max(mu, y[row_ids[k]]); }
-    for (int64_t k = 0; k < K; ++k) { sz += std::exp(x[row_ids[k]] - mz); su += std::exp(double(y[row_ids[k]]) - mu); }
-    const double lsu_wide = std::log(su);
-    const float lsz = std::log(sz), lsu = static_cast<float>(lsu_wide);
+    for (int64_t k = 0; k < K; ++k) {
+      sz += std::exp(static_cast<double>(x[row_ids[k]]) - mz);
+      su += std::exp(static_cast<double>(y[row_ids[k]]) - mu);
+    }
+    const double lsz_wide = std::log(sz), lsu_wide = std::log(su);
+    const float lsz = static_cast<float>(lsz_wide), lsu = static_cast<float>(lsu_wide);
+    const float gap = s[kSupportGap] = (mz - mu) + static_cast<float>(lsz_wide - lsu_wide);
     for (int64_t k = 0; k < K; ++k) lqd[k] = (static_cast<double>(y[row_ids[k]]) - mu) - lsu_wide;
     s[P_NORM] = mz + lsz;
     s[Q_NORM] = mu + lsu;
@@ -471,10 +502,14 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     s[kSupportLogSZ] = lsz;
     s[kSupportMaxU] = mu;
     s[kSupportLogSU] = lsu;
-    for (int64_t k = 0; k < K; ++k) { lp[k] = (x[row_ids[k]] - mz) - lsz; lq[k] = (y[row_ids[k]] - mu) - lsu; }
+    for (int64_t k = 0; k < K; ++k) {
+      lp[k] = (x[row_ids[k]] - mz) - lsz;
+      lq[k] = (y[row_ids[k]] - mu) - lsu;
+      dl[k] = (y[row_ids[k]] - x[row_ids[k]]) + gap;
+    }
   }
   set_teacher_entropy(s, entropy_of(lqd, n));
-  div.value(lp, lq, n, s[DIVERGENCE], s[AUX_KL], s[kSupportShift]);
+  div.value(lp, lq, dl, n, s[DIVERGENCE], s[AUX_KL], s[kSupportShift]);
 }
 
 // x <- c_logp (onehot(y) - p) + c_div dD/dx for one row.
@@ -493,16 +528,17 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
   }
   // Support gradients first (they need the original logits of the top-K entries).
   const float pn = s[P_NORM], qn = s[Q_NORM], shift = s[kSupportShift];
+  const float gap = s[kSupportGap];
   for (int64_t k = 0; k < K; ++k) {
     zk[k] = x[row_ids[k]];
-    const float lpk = (zk[k] - s[kSupportMaxZ]) - s[kSupportLogSZ];
-    const float lqk = (y[row_ids[k]] - s[kSupportMaxU]) - s[kSupportLogSU];
-    gk[k] = c * div.grad(lpk, lqk, aux, shift);
+    const float yk = y[row_ids[k]];
+    const float lpk = (zk[k] - s[kSupportMaxZ]) - s[kSupportLogSZ], lqk = (yk - s[kSupportMaxU]) - s[kSupportLogSU];
+    gk[k] = c * div.grad(lpk, lqk, (yk - zk[k]) + gap, aux, shift);
   }
   // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
   // Without a tail bucket g_tail = 0 and the shift is unused.
-  tail_grad(x, V, m, log_s, tail ? c * div.grad(pn, qn, aux, shift) : 0.f, log_s + (tail ? s[kDistillTail] : 0.f),
-            a);
+  tail_grad(x, V, m, log_s, tail ? c * div.grad(pn, qn, s[kSupportTailDelta], aux, shift) : 0.f,
+            log_s + (tail ? s[kDistillTail] : 0.f), a);
   for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp((zk[k] - m) - log_s);
   x[target] += a;
   rebalance(x, V, top, sharp);
@@ -742,11 +778,12 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     std::vector<float> lp(K + 1), lq(K + 1), exps(K ? 0 : 2 * V), scratch(rows.scratch_size());
+    std::vector<float> dl(K + 1);
     std::vector<double> lqd(K + 1);
     for (int64_t i = b; i < e; ++i) {
       widen(lu, i, up + i * V, V, rows.bias, rows.inv_t);
       distill_row_stats(rows.load(i, scratch.data()), up + i * V, V, yp[i], K, tail, div, ip + i * K,
-                        sp + i * kDistillCols, lp.data(), lq.data(), lqd.data(), exps.data(),
+                        sp + i * kDistillCols, lp.data(), lq.data(), dl.data(), lqd.data(), exps.data(),
                         exps.data() + (K ? 0 : V));
     }
   });

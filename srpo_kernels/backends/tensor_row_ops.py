@@ -10,7 +10,7 @@ import torch
 
 from . import row_ops as S
 from .row_ops import VocabPasses
-from .support import (LS_U, LS_Z, M_U, M_Z, SHIFT, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs,
+from .support import (GAP, LS_U, LS_Z, M_U, M_Z, SHIFT, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs,
                       divergence_grad, effective_topk, fill_support_stats, full_vocab_shift, norm_of, rebalance_,
                       shifted_logp, topk_ids)
 
@@ -27,10 +27,14 @@ class TensorRowOps:
         self.linear_student_stats = linear_student_stats
 
     def student_stats(self, z, targets):
+        return self._student_stats(z, targets)[0]
+
+    def _student_stats(self, z, targets):
+        """The student stats and the row's (max, log s), log s in fp64."""
         m, log_s, entropy = self.passes.lse_entropy(z)
         logp = shifted_logp(z.gather(1, targets[:, None]).to(log_s.dtype), (m.to(log_s.dtype), log_s)).squeeze(1)
         # private (max, log s) at STUDENT_M
-        return torch.stack([m + log_s, logp, entropy, m.to(log_s.dtype), log_s], 1).to(z.dtype)
+        return torch.stack([m + log_s, logp, entropy, m.to(log_s.dtype), log_s], 1).to(z.dtype), (m, log_s)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
         top, sharp = argmax_and_sharp(z, stats[:, S.LSE])
@@ -47,8 +51,8 @@ class TensorRowOps:
         return m, log_s
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
-        stats = z.new_zeros(z.shape[0], SHIFT + 1)
-        student = self.student_stats(z, targets)
+        stats = z.new_zeros(z.shape[0], GAP + 1)
+        student, norm_z = self._student_stats(z, targets)
         stats[:, :S.N_STUDENT_STATS] = student[:, :S.N_STUDENT_STATS]
         stats[:, M_Z], stats[:, LS_Z] = norm_of(student, STUDENT_M)
         m_u, ls_u, ent_u = self.passes.lse_entropy(u)
@@ -64,7 +68,7 @@ class TensorRowOps:
         ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
         tails = [self._tail_norm(z, ids), self._tail_norm(u, ids)] if topk_tail else None
-        fill_support_stats(stats, zk, uk, alpha, (norm_of(stats, M_Z), (m_u, ls_u)), tails)
+        fill_support_stats(stats, zk, uk, alpha, (norm_z, (m_u, ls_u)), tails)
         return stats, ids
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
@@ -75,8 +79,8 @@ class TensorRowOps:
                                           c_logp, c_div, alpha, stats[:, SHIFT])
         else:
             zk, uk = z.gather(1, topk_ids), u.gather(1, topk_ids)
-            lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
-            g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
+            lp, lq, delta = bucket_logprobs(zk, uk, stats, topk_tail)
+            g = c_div[:, None] * divergence_grad(lp, lq, delta, stats[:, S.AUX_KL], alpha)
             # The tail bucket's gradient spreads over its members in proportion p_j / p_tail (none without a tail).
             norm_z = norm_of(stats, M_Z)
             if topk_tail:

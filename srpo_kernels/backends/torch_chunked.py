@@ -57,7 +57,8 @@ class TorchPasses:
         if alpha == 1.0:  # p (t - aux) with t = z - u - shift, as full_divergence took it
             grad = c_div[:, None] * xlogy_diff(log_p.exp(), (z - u) - shift[:, None], aux[:, None])
         elif alpha == 0.0:
-            grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_u), aux, alpha)
+            delta = (u - z) + lse_gap(norm_z, norm_u)[:, None]
+            grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_u), delta, aux, alpha)
         else:  # (1-a) p (d - aux), d from delta as full_divergence took it
             d, _ = jsd_terms((u - z) + lse_gap(norm_z, norm_u)[:, None], alpha)
             grad = c_div[:, None] * (1 - alpha) * xlogy_diff(log_p.exp(), d - shift[:, None], aux[:, None])

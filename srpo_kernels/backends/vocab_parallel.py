@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import row_ops as S
-from .support import (LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, SHIFT, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
+from .support import (GAP, LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
                       effective_topk, fill_support_stats, log_s_entropy, norm_of, shifted_logp, topk_ids)
 from .torch_chunked import TORCH_TEMPORARIES, TorchPasses
 
@@ -210,7 +210,7 @@ class VocabParallelRowOps:
         self._fill_norms(stats, sums, m_z, m_u, mine)
         tails = [(m_tz, torch.log1p(sums[:, 5].double())), (m_tu, torch.log1p(sums[:, 6].double()))] if topk_tail \
             else None
-        norms = (norm_of(stats, M_Z), (m_u, log_s_entropy(sums[:, 2], sums[:, 3])[0]))
+        norms = ((m_z, log_s_entropy(sums[:, 0], sums[:, 1])[0]), (m_u, log_s_entropy(sums[:, 2], sums[:, 3])[0]))
         fill_support_stats(stats, zk, uk, alpha, norms, tails)
         return stats, ids
 
@@ -225,8 +225,8 @@ class VocabParallelRowOps:
         else:
             k = topk_ids.shape[1]
             zk, uk = stats[:, _SUPPORT:_SUPPORT + k], stats[:, _SUPPORT + k:]
-            lp, lq = bucket_logprobs(zk, uk, stats, topk_tail)
-            g = c_div[:, None] * divergence_grad(lp, lq, stats[:, S.AUX_KL], alpha)
+            lp, lq, delta = bucket_logprobs(zk, uk, stats, topk_tail)
+            g = c_div[:, None] * divergence_grad(lp, lq, delta, stats[:, S.AUX_KL], alpha)
             # Every entry as a tail member (spread by p_j / p_tail, none without a tail), then the support's own.
             g_tail = g[:, -1] if topk_tail else torch.zeros_like(lse_z)
             tail_shift = norm_z[1] + stats[:, TAIL_Z] if topk_tail else norm_z[1]
@@ -272,7 +272,7 @@ class VocabParallelRowOps:
 # stats' (max, log s); in the distill stats after theirs), then for top-K the support's student and teacher logits
 # (K each), which distill_grad needs and only the gathered pool holds.
 _MINE_STUDENT = STUDENT_M + 2
-_MINE_Z = SHIFT + 1  # SHIFT itself unused here: the blocks take shift 0 (see distill_stats)
+_MINE_Z = GAP + 1  # SHIFT itself unused here: the blocks take shift 0 (see distill_stats)
 _SUPPORT = _MINE_Z + 1
 
 
