@@ -25,8 +25,9 @@ LSE, LOGP, ENTROPY = 0, 1, 2
 # gradient needs (sum p t, t the per-entry term relative to its value at the student's argmax: see
 # support.divergence_and_aux and support.full_vocab_shift; 0 for forward KL), and each side's
 # normaliser of the top-K support (tail log-prob when the support has a tail bucket, else the log-sum-exp over the
-# K logits), and the teacher entropy's low part: T_ENTROPY + T_ENTROPY_LO (in fp64) is the entropy to beyond fp32's
-# rounding, which the weight exp(-beta H_T) would multiply by beta (see teacher_entropy).
+# K logits), and the teacher entropy's low part: T_ENTROPY + T_ENTROPY_LO (in fp64) is the entropy without the
+# rounding of its fp32 value, which the weight exp(-beta H_T) would multiply by beta (see teacher_entropy; the
+# passes' per-entry fp32 roundings remain).
 T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, T_ENTROPY_LO = 3, 4, 5, 6, 7, 8, 9
 N_STUDENT_STATS, N_DISTILL_STATS = 3, 10
 
