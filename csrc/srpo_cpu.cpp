@@ -323,10 +323,11 @@ struct Divergence {
   }
 
   // dD/d(logit) of one support entry (delta and `shift` as value() took them). Forward KL's p - q as
-  // -p expm1(delta): the difference of two rounded probabilities keeps only the digits of a small delta.
+  // -p expm1(delta) where |delta| < 1: the difference of two rounded probabilities keeps only the digits of a small
+  // delta (far apart, p expm1(delta) could overflow where p is tiny and q is not).
   float grad(float lp, float lq, float delta, float aux, float shift) const {
     float p = std::exp(lp);
-    if (mode == 0) return p > 0.f ? -p * std::expm1(delta) : -std::exp(lq);
+    if (mode == 0) return std::abs(delta) < 1.f ? -p * std::expm1(delta) : p - std::exp(lq);
     if (mode == 1) return plogdiff(p, -delta - shift, aux);
     float dj, ej;
     jsd_terms(delta, p, std::exp(lq), log_beta, om, alpha, c0, c1, dj, ej);
