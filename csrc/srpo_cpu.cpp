@@ -374,19 +374,28 @@ double entropy_of(const double* lq, int64_t n) {
   return std::max(h, 0.0);  // a rounded log-prob just above 0 must not give H < 0
 }
 
-// log q_tail - log p_tail from the support's K log-probs and deltas, the tail last in lp, lq (support.tail_delta):
-// log1p(A / p_tail) with A = -sum p_k expm1(delta_k), exact where the rows nearly agree, unless a tail of almost
-// nothing makes the difference of the tail log-probs the more accurate.
-float tail_delta(const float* lp, const float* lq, const float* dl, int64_t K) {
-  double a = 0, size = 0;
+// delta = lq - lp of one support entry, and its error in units of eps (support.support_deltas): from the logits'
+// own difference (y - x) + gap where that is the more accurate, else the difference of the log-probs.
+ALWAYS_INLINE float support_delta(float x, float y, float lp, float lq, float gap, float& err) {
+  const float diff = y - x, from_logits = std::abs(diff) + std::abs(gap), from_logp = std::abs(lp) + std::abs(lq);
+  const bool use = from_logits < from_logp;
+  err = use ? from_logits : from_logp;
+  return use ? diff + gap : lq - lp;
+}
+
+// log q_tail - log p_tail from the support's K log-probs, deltas and their errors, the tail last in lp, lq
+// (support.tail_delta): log1p(A / p_tail) with A = -sum p_k expm1(delta_k), exact where the rows nearly agree,
+// unless the difference of the tail log-probs is the more accurate (a tail of almost nothing, large logits).
+float tail_delta(const float* lp, const float* lq, const float* dl, const float* de, int64_t K) {
+  double a = 0, err = 0;
   for (int64_t k = 0; k < K; ++k) {
     if (!(lp[k] > -std::numeric_limits<float>::infinity())) continue;
-    const double t = std::exp(static_cast<double>(lp[k])) * std::expm1(static_cast<double>(dl[k]));
-    a -= t;
-    size += std::abs(t);
+    const double p = std::exp(static_cast<double>(lp[k])), em1 = std::expm1(static_cast<double>(dl[k]));
+    a -= p * em1;
+    err += p * (std::abs(em1) + (1 + em1) * de[k]);
   }
   const double p_tail = std::exp(static_cast<double>(lp[K])), ratio = a / p_tail;
-  const bool better = size < p_tail * (std::abs(lq[K]) + std::abs(lp[K])) && ratio > -0.5;
+  const bool better = err < p_tail * (std::abs(lq[K]) + std::abs(lp[K])) && ratio > -0.5;
   return better ? static_cast<float>(std::log1p(ratio)) : lq[K] - lp[K];
 }
 
@@ -394,11 +403,11 @@ float tail_delta(const float* lp, const float* lq, const float* dl, int64_t K) {
 // are scratch rows: the exps of the lse pass are kept there for the full-vocabulary divergence. Over the full
 // vocabulary the teacher row `y` is then overwritten with what the gradient pass needs of it (see row_ops.py), which
 // spares that pass an exp and a log per entry. Scratch of K + 1 entries: `lp`, `lq` the support's log-probs, `dl`
-// their difference lq - lp from the logits' own (support.bucket_logprobs), `lqd` the teacher's in double, for its
+// their difference lq - lp and `de` its error (support_delta), `lqd` the teacher's log-probs in double, for its
 // entropy.
 void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int64_t target, int64_t K, bool tail,
                        const Divergence& div, int64_t* row_ids, float* s, float* lp, float* lq, float* dl,
-                       double* lqd, float* ez, float* eu) {
+                       float* de, double* lqd, float* ez, float* eu) {
   const int64_t top = row_argmax(x, V);
   const bool full = K == 0;
   // log-sums of the shifted exps: log-probs are (x - max) - log s, rounded like log_softmax
@@ -471,7 +480,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
       lp[k] = (x[row_ids[k]] - x[top]) - lsz;
       lq[k] = (y[row_ids[k]] - max_u) - lsu;
       lqd[k] = (static_cast<double>(y[row_ids[k]]) - max_u) - nu.log_s_wide;
-      mass_z += std::exp(static_cast<double>(lp[k]));
+      mass_z += std::exp((static_cast<double>(x[row_ids[k]]) - x[top]) - nz.log_s_wide);
       mass_u += std::exp(lqd[k]);
     }
     bool empty_z, empty_u;
@@ -482,8 +491,8 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     lqd[K] = empty_u ? kLogTiny : std::max<double>(tail_u, kLogTiny);
     s[Q_NORM] = lq[K] = static_cast<float>(lqd[K]);
     const float gap = s[kSupportGap] = (x[top] - max_u) + static_cast<float>(nz.log_s_wide - nu.log_s_wide);
-    for (int64_t k = 0; k < K; ++k) dl[k] = (y[row_ids[k]] - x[row_ids[k]]) + gap;
-    s[kSupportTailDelta] = dl[K] = tail_delta(lp, lq, dl, K);
+    for (int64_t k = 0; k < K; ++k) dl[k] = support_delta(x[row_ids[k]], y[row_ids[k]], lp[k], lq[k], gap, de[k]);
+    s[kSupportTailDelta] = dl[K] = tail_delta(lp, lq, dl, de, K);
     n = K + 1;
   } else {
     float mz = -INFINITY, mu = -INFINITY;
@@ -506,7 +515,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     for (int64_t k = 0; k < K; ++k) {
       lp[k] = (x[row_ids[k]] - mz) - lsz;
       lq[k] = (y[row_ids[k]] - mu) - lsu;
-      dl[k] = (y[row_ids[k]] - x[row_ids[k]]) + gap;
+      dl[k] = support_delta(x[row_ids[k]], y[row_ids[k]], lp[k], lq[k], gap, de[k]);
     }
   }
   set_teacher_entropy(s, entropy_of(lqd, n));
@@ -534,7 +543,8 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
     zk[k] = x[row_ids[k]];
     const float yk = y[row_ids[k]];
     const float lpk = (zk[k] - s[kSupportMaxZ]) - s[kSupportLogSZ], lqk = (yk - s[kSupportMaxU]) - s[kSupportLogSU];
-    gk[k] = c * div.grad(lpk, lqk, (yk - zk[k]) + gap, aux, shift);
+    float unused;
+    gk[k] = c * div.grad(lpk, lqk, support_delta(zk[k], yk, lpk, lqk, gap, unused), aux, shift);
   }
   // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
   // Without a tail bucket g_tail = 0 and the shift is unused.
@@ -779,12 +789,12 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
   const Divergence div(alpha);
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     std::vector<float> lp(K + 1), lq(K + 1), exps(K ? 0 : 2 * V), scratch(rows.scratch_size());
-    std::vector<float> dl(K + 1);
+    std::vector<float> dl(K + 1), de(K + 1);
     std::vector<double> lqd(K + 1);
     for (int64_t i = b; i < e; ++i) {
       widen(lu, i, up + i * V, V, rows.bias, rows.inv_t);
       distill_row_stats(rows.load(i, scratch.data()), up + i * V, V, yp[i], K, tail, div, ip + i * K,
-                        sp + i * kDistillCols, lp.data(), lq.data(), dl.data(), lqd.data(), exps.data(),
+                        sp + i * kDistillCols, lp.data(), lq.data(), dl.data(), de.data(), lqd.data(), exps.data(),
                         exps.data() + (K ? 0 : V));
     }
   });

@@ -154,8 +154,11 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
             log_mu = log_w[valid_sd].logsumexp(0) - math.log(int(valid_sd.sum()))
         else:
             log_mu = 0.0
-        w_sd = torch.exp(log_w - log_mu)
-        ratio_sd = torch.exp(logp[sd] - old[sd]).detach()
+        # 0 at masked tokens before it multiplies anything: their weight is normalised by tokens they are not among
+        # and may overflow (exp(300 * 0.8)), and masking the product after it would back-propagate 0 * inf = NaN;
+        # their ratio likewise at 1 (as the GRPO branch's).
+        w_sd = torch.where(valid_sd, torch.exp(log_w - log_mu), torch.zeros_like(log_w))
+        ratio_sd = torch.exp(logp[sd] - torch.where(x.valid, old, logp.detach())[sd]).detach()
         is_sd = ratio_sd if is_clip is None else ratio_sd.clamp(max=is_clip)
         loss_sd = zeros.index_put((sd.nonzero().squeeze(1),), w_sd * is_sd * d)
         t_ent = zeros.index_put((sd.nonzero().squeeze(1),), h_t)

@@ -40,6 +40,21 @@ def test_large_entropy_beta_reference_is_finite():
     assert all(torch.isfinite(out[k]).all() for k in ("loss", "distill_weight", "grad_hidden", "grad_weight"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_gradients_finite_with_a_masked_sdpo_token(dtype):
+    """A masked SDPO token's weight is normalised by tokens it is not among: at beta = 300 it overflowed, and the
+    reference masked the product w * is * D afterwards, so its gradients were 0 * inf = NaN (found by random draws:
+    the fp64 ground truth itself was NaN there). The fused losses gave 0 all along."""
+    case = make_case(seed=5294, n=2, h=2, v=142, sd_frac=1.0, mask_frac=0.3, scale=1.0)
+    case["loss_mask"] = torch.tensor([False, True])
+    case["bias"][2::3] = -math.inf
+    case["token_ids"] = case["token_ids"] - (case["token_ids"] % 3 == 2).long()
+    options = dict(alpha=0.0, temperature=0.5, reduction="sum", entropy_beta=300.0)
+    out = run(ref_loss, case, dtype=dtype, **options)
+    assert all(bool(torch.isfinite(out[k]).all()) for k in ("loss", "grad_hidden", "grad_weight", "grad_bias"))
+    assert_fp32_no_worse_than_naive(fused("cpu", chunk_size=7), case, **options)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", [1 - 1e-8, 1 - 1e-6, 0.9999, 1e-8])
 def test_alpha_next_to_the_ends(backend, alpha):

@@ -199,32 +199,49 @@ def _max_log_s(x):
     return m, (x.double() - m.double()[:, None]).exp().sum(-1).log()
 
 
-def tail_delta(lp, lq, delta_k):
-    """log q_tail - log p_tail per row, from the support's [C, K+1] log-probs (tail last) and its entries' deltas.
+def tail_delta(lp, lq, delta_k, delta_err):
+    """log q_tail - log p_tail per row, from the support's [C, K+1] log-probs (tail last), its entries' deltas and
+    their errors in units of eps (support_deltas).
 
     q_tail = p_tail + A with A = -sum over the support of p_k expm1(delta_k) (the sum over the whole row is
     sum q - sum p = 0), so delta_tail = log1p(A / p_tail): exact where the rows nearly agree, while the difference
     of the two tail log-probs keeps only the digits of a small delta_tail (1e-5 relative in the divergence at
-    delta_tail ~ 1e-2). Where A / p_tail would be the less accurate (its error ~ sum |p_k expm1(delta_k)| / p_tail
-    against |log q_tail| + |log p_tail|: a tail of almost nothing), and where q_tail < p_tail / 2, that difference."""
+    delta_tail ~ 1e-2). Where A / p_tail is the less accurate (its error ~ sum p_k (|expm1 delta_k| + e^delta_k
+    err_k) / p_tail against |log q_tail| + |log p_tail|: a tail of almost nothing, or deltas of large logits), and
+    where q_tail < p_tail / 2, that difference."""
     k = delta_k.shape[-1]
-    terms = torch.where(lp[:, :k] > -math.inf, lp[:, :k].exp() * torch.expm1(delta_k), torch.zeros_like(delta_k))
+    live = lp[:, :k] > -math.inf
+    p_k = torch.where(live, lp[:, :k].exp(), torch.zeros_like(delta_k))
+    em1 = torch.where(live, torch.expm1(delta_k), torch.zeros_like(delta_k))
     p_tail, direct = lp[:, k].exp(), lq[:, k] - lp[:, k]
-    ratio = -terms.sum(-1) / p_tail
-    better = (terms.abs().sum(-1) < p_tail * (lq[:, k].abs() + lp[:, k].abs())) & (ratio > -0.5)
+    ratio = -(p_k * em1).sum(-1) / p_tail
+    err_support = (p_k * (em1.abs() + (1 + em1) * delta_err)).sum(-1)
+    better = (err_support < p_tail * (lq[:, k].abs() + lp[:, k].abs())) & (ratio > -0.5)
     return torch.where(better, torch.log1p(ratio.clamp_min(-0.5)), direct)
 
 
+def support_deltas(zk, uk, lp_k, lq_k, gap):
+    """delta = lq - lp per support entry, and its error in units of eps: from the logits' own difference
+    (uk - zk) + gap where that is the more accurate (error ~ |uk - zk| + |gap|, exact where the rows nearly agree),
+    else the difference of the log-probs (|lp| + |lq|: logits far from 0 whose gap cancels)."""
+    diff = uk - zk
+    from_logits, from_logp = diff.abs() + gap.abs(), lp_k.abs() + lq_k.abs()
+    use = from_logits < from_logp
+    return torch.where(use, diff + gap, lq_k - lp_k), torch.where(use, from_logits, from_logp)
+
+
 def bucket_logprobs(zk, uk, stats, tail: bool):
-    """Support log-probs ``[C, K(+1)]`` from the top-K logits and the stored normalisers, and delta = lq - lp from
-    the logits' own difference, (uk - zk) + lse_gap: the difference of two log-probs rounded at |log p| keeps only
-    the digits of a small delta (where the rows nearly agree), which every divergence and its gradient take."""
-    delta_k = (uk - zk) + stats[:, GAP, None]
+    """Support log-probs ``[C, K(+1)]`` from the top-K logits and the stored normalisers, and delta = lq - lp
+    (support_deltas, tail_delta), which every divergence and its gradient take: the difference of two log-probs
+    rounded at |log p| keeps only the digits of a small delta where the rows nearly agree."""
     if tail:
         lp = torch.cat([shifted_logp(zk, norm_of(stats, M_Z)), stats[:, S.P_NORM, None]], -1)
         lq = torch.cat([shifted_logp(uk, norm_of(stats, M_U)), stats[:, S.Q_NORM, None]], -1)
-        return lp, lq, torch.cat([delta_k, tail_delta(lp, lq, delta_k)[:, None]], -1)
-    return zk.log_softmax(-1), uk.log_softmax(-1), delta_k
+        k = zk.shape[-1]
+        delta_k, err = support_deltas(zk, uk, lp[:, :k], lq[:, :k], stats[:, GAP, None])
+        return lp, lq, torch.cat([delta_k, tail_delta(lp, lq, delta_k, err)[:, None]], -1)
+    lp, lq = zk.log_softmax(-1), uk.log_softmax(-1)
+    return lp, lq, support_deltas(zk, uk, lp, lq, stats[:, GAP, None])[0]
 
 
 SHARP_LOG_PROB = math.log(0.5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .support import (divergence_grad, jsd_terms, jsd_value_and_aux, log_s_entropy, lse_gap, phi_terms,
+from .support import (jsd_terms, jsd_value_and_aux, log_s_entropy, lse_gap, phi_terms,
                       reverse_kl, shifted_logp, xlogy_diff)
 from .tensor_row_ops import TensorRowOps
 
@@ -57,8 +57,7 @@ class TorchPasses:
         if alpha == 1.0:  # p (t - aux) with t = z - u - shift, as full_divergence took it
             grad = c_div[:, None] * xlogy_diff(log_p.exp(), (z - u) - shift[:, None], aux[:, None])
         elif alpha == 0.0:
-            delta = (u - z) + lse_gap(norm_z, norm_u)[:, None]
-            grad = c_div[:, None] * divergence_grad(log_p, shifted_logp(u, norm_u), delta, aux, alpha)
+            grad = c_div[:, None] * (log_p.exp() - shifted_logp(u, norm_u).exp())  # p - q, as the kernels take it
         else:  # (1-a) p (d - aux), d from delta as full_divergence took it
             d, _ = jsd_terms((u - z) + lse_gap(norm_z, norm_u)[:, None], alpha)
             grad = c_div[:, None] * (1 - alpha) * xlogy_diff(log_p.exp(), d - shift[:, None], aux[:, None])
