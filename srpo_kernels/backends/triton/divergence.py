@@ -33,7 +33,6 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, shift_
         q = tl.exp(lq)
         # Entries of zero probability add 0: with masked vocabulary (-inf logits) their log terms are NaN.
         live_p = mask & (p > 0)
-        live_q = mask & (q > 0)
         if MODE == 0:  # KL(q||p) = sum q phi(log q - log p)
             acc1 += tl.where(mask, phi_term(q, (uv - zv) + lse_gap, p), 0.0)
         elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = z - u - shift
