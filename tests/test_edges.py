@@ -232,8 +232,9 @@ def test_top_k_tail_holding_most_of_the_mass(backend, topk):
 def test_top_k_support_deltas_from_the_logits(backend):
     """A top-K support where teacher and student nearly agree (|delta| ~ 1e-2, forward KL, tail of 64%): log q - log p
     came from two log-probs rounded at |log s|, so every delta carried 2.4e-7 and the divergence 1.5e-5 (relative);
-    dh reached 1.04x the bound (found by random draws). The support now takes (u - z) + lse_gap from fp64 log-sums,
-    its tail log1p(-sum p_k expm1(delta_k) / p_tail), and forward KL's p - q as -p expm1(delta)."""
+    dh reached 1.04x the bound (found by random draws). The support now takes (u - z) + lse_gap from fp64 log-sums
+    where that is the more accurate form, its tail's as log1p(-sum p_k expm1(delta_k) / p_tail), and forward KL's
+    p - q as -p expm1(delta) where |delta| < 1 (support.support_deltas, tail_delta, divergence_grad)."""
     problem = dict(seed=4196, n=1, h=1, v=132, sd_frac=1.0, mask_frac=0.0, bias=True, old=False, isw=False)
     case = make_case(**problem)
     case["bias"][2::3] = -math.inf  # masked vocabulary, targets on live tokens
