@@ -181,8 +181,8 @@ class VocabParallelRowOps:
             r_z, t_z = _moments(z, m_z, mine, top_z)
             r_u, t_u = _moments(u, m_u, mine_u, top_u)
             sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z)], 1))
-            self._fill_norms(stats, sums, m_z, m_u, mine)
-            S.set_teacher_entropy(stats, log_s_entropy(sums[:, 2], sums[:, 3])[1])
+            ent_u = self._fill_norms(stats, sums, m_z, m_u, mine)[1]
+            S.set_teacher_entropy(stats, ent_u)
             # This block's share; shift 0: the row's argmax lives on one rank (twins tied at the top of a row with a
             # large divergence keep the unshifted terms' rounding here).
             d_aux = self.passes.full_divergence(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha,
@@ -207,10 +207,9 @@ class VocabParallelRowOps:
         r_u, t_u = _moments(u, m_u, mine_u, top_u)
         sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z),
                                                   r_tz, r_tu], 1))
-        self._fill_norms(stats, sums, m_z, m_u, mine)
+        norms = self._fill_norms(stats, sums, m_z, m_u, mine)[0]
         tails = [(m_tz, torch.log1p(sums[:, 5].double())), (m_tu, torch.log1p(sums[:, 6].double()))] if topk_tail \
             else None
-        norms = ((m_z, log_s_entropy(sums[:, 0], sums[:, 1])[0]), (m_u, log_s_entropy(sums[:, 2], sums[:, 3])[0]))
         fill_support_stats(stats, zk, uk, alpha, norms, tails)
         return stats, ids
 
@@ -240,12 +239,15 @@ class VocabParallelRowOps:
 
     # ------------------------------------------------------------------ distill helpers
     def _fill_norms(self, stats, sums, m_z, m_u, mine):
+        """The student's and teacher's stats columns from the reduced sums; returns both sides' (max, log s) with
+        log s in fp64, and the full row's teacher entropy in fp64."""
         ls_z, ent_z = log_s_entropy(sums[:, 0], sums[:, 1])
-        ls_u = log_s_entropy(sums[:, 2], sums[:, 3])[0]
+        ls_u, ent_u = log_s_entropy(sums[:, 2], sums[:, 3])
         stats[:, S.LSE], stats[:, S.LOGP], stats[:, S.ENTROPY] = m_z + ls_z, sums[:, 4] - ls_z, ent_z
         stats[:, S.T_LSE] = m_u + ls_u
         stats[:, M_Z], stats[:, LS_Z], stats[:, M_U], stats[:, LS_U] = m_z, ls_z, m_u, ls_u
         stats[:, _MINE_Z] = mine.to(stats.dtype)
+        return ((m_z, ls_z), (m_u, ls_u)), ent_u
 
     def _global_topk(self, z, u, k):
         """The global top-K of each row of z (lowest global id among ties): ids ``[C, K]`` and both sides' values.
