@@ -505,7 +505,6 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     const double lsz_wide = std::log(sz), lsu_wide = std::log(su);
     const float lsz = static_cast<float>(lsz_wide), lsu = static_cast<float>(lsu_wide);
     const float gap = s[kSupportGap] = (mz - mu) + static_cast<float>(lsz_wide - lsu_wide);
-    for (int64_t k = 0; k < K; ++k) lqd[k] = (static_cast<double>(y[row_ids[k]]) - mu) - lsu_wide;
     s[P_NORM] = mz + lsz;
     s[Q_NORM] = mu + lsu;
     s[kSupportMaxZ] = mz;
@@ -515,6 +514,7 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
     for (int64_t k = 0; k < K; ++k) {
       lp[k] = (x[row_ids[k]] - mz) - lsz;
       lq[k] = (y[row_ids[k]] - mu) - lsu;
+      lqd[k] = (static_cast<double>(y[row_ids[k]]) - mu) - lsu_wide;
       dl[k] = support_delta(x[row_ids[k]], y[row_ids[k]], lp[k], lq[k], gap, de[k]);
     }
   }
