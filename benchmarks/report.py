@@ -123,6 +123,15 @@ def curves(out_dir: pathlib.Path, stem: str, rounds: int):
     return paths, "\n".join(table) + "\n"
 
 
+def output_place(out: pathlib.Path, shapes, date: str):
+    """(folder, file stem) of the report: `out` itself where it names a .md file, else <machine>-<date>[-shapes]
+    inside the folder `out`."""
+    if out.suffix == ".md":
+        return out.parent, out.stem
+    stem = f"{platform.node() or 'machine'}-{date}" + ("" if list(shapes) == ["small", "smollm2"] else "-" + "-".join(shapes))
+    return out, stem
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["small", "smollm2"], choices=list(SHAPES))
@@ -133,20 +142,21 @@ def main(argv=None):
                    help="input dtypes; each is compared with its own GEMM floor")
     p.add_argument("--no-curves", action="store_true", help="skip the memory/time-vs-N curves")
     p.add_argument("--quick", action="store_true", help="one round, no memory, no curves")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results",
+                   help="a folder (the table is named <machine>-<date>.md there) or a .md file; plots go beside it")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     rounds = 1 if a.quick else a.rounds
     date = datetime.date.today().isoformat()
     command = "python -m benchmarks.report " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{platform.node() or 'machine'}-{date}" + ("" if a.shapes == ["small", "smollm2"] else "-" + "-".join(a.shapes))
+    out_dir, stem = output_place(a.out, a.shapes, date)
+    out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(run_table(a.shapes, a.routings, rounds, tuple(a.backends), memory=not a.quick,
                               dtypes=tuple(a.dtypes)), command.strip(), date)
     if not (a.quick or a.no_curves):
-        paths, curve_table = curves(a.out, stem, rounds)
+        paths, curve_table = curves(out_dir, stem, rounds)
         text += "\nMemory and time vs N:\n\n" + curve_table + "\n" + "\n".join(f"![]({p.name})" for p in paths) + "\n"
-    path = a.out / f"{stem}.md"
+    path = out_dir / f"{stem}.md"
     path.write_text(text)
     print(text)
     print(f"wrote {path}")
