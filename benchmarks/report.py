@@ -128,8 +128,8 @@ def output_place(out: pathlib.Path, shapes, date: str):
     inside the folder `out`."""
     if out.suffix == ".md":
         return out.parent, out.stem
-    stem = f"{platform.node() or 'machine'}-{date}" + ("" if list(shapes) == ["small", "smollm2"] else "-" + "-".join(shapes))
-    return out, stem
+    suffix = "" if list(shapes) == ["small", "smollm2"] else "-" + "-".join(shapes)
+    return out, f"{platform.node() or 'machine'}-{date}{suffix}"
 
 
 def main(argv=None):
