@@ -41,6 +41,7 @@ def _worker(rank, world, init_file, result_file):
         out[i] = (full_h * scale, gw * scale)
     if rank == 0:
         torch.save(out, result_file)
+    dist.barrier()  # leave together: gloo torn down under a rank still writing can abort it
     dist.destroy_process_group()
 
 

@@ -91,6 +91,7 @@ def _worker(rank, world, sizes, init_file, out_dir):
     except ValueError as e:
         results["mismatch"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # leave together: gloo torn down under a rank still writing can abort it
     dist.destroy_process_group()
 
 
