@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import token_math, workspace
+from . import token_math
 from .backends import row_ops as S
 from .backends.row_ops import RowOps, Widen
 from .config import SRPOLossConfig
@@ -89,8 +89,7 @@ class Grads:
 
 
 class ChunkRunner:
-    """Runs the chunk loop over flat inputs with one backend; GEMMs follow the policy of ``gemm.py``. Run the streams
-    inside ``with runner:``, which hands the workspace back to the pool (workspace.py) when they are done."""
+    """Runs the chunk loop over flat inputs with one backend; GEMMs follow the policy of ``gemm.py``."""
 
     def __init__(self, hidden, weight, bias, x: FlatInputs, cfg: SRPOLossConfig, ops: RowOps,
                  chunk_size: Optional[int]):
@@ -113,7 +112,6 @@ class ChunkRunner:
         g_rows = (~route).nonzero().squeeze(1)
         self.g_rows = g_rows[torch.argsort((~valid[g_rows]).to(torch.int8), stable=True)]
         self._workspace = self._scratch = None
-        self._taken = []  # the pooled buffers behind them, handed back by __exit__
         # bf16/fp16 on the CPU: the backend widens the GEMM's output and narrows dL/dz row by row (row_ops.Widen).
         self.fused_casts = self.gemms.low and not self.gemms.fp32_out and ops.fuses_casts
 
@@ -121,31 +119,17 @@ class ChunkRunner:
         """``[fp32_rows, V]`` logits (math dtype) and, for bf16/fp16 operands, a ``[low_rows, V]`` scratch in the
         input dtype: views of one workspace each that both streams share, sized once for the larger.
 
-        One allocation per run, not one per stream, and on the CPU kept for the next run (workspace.py): a buffer
-        this large may come fresh from the OS, and each first touch of a page is a fault."""
+        One allocation per run, not one per stream: buffers this large come fresh from the OS on every allocation,
+        and each first touch of a page is a fault."""
         if self._workspace is None:
             sd, g = min(self.chunk, self.sd_rows.numel()), min(self.chunk, self.g_rows.numel())
             need = max(2 * sd, g)
             # Fused casts keep the student's rows in the input dtype: only the teacher's need fp32 rows.
-            self._workspace = self._take(sd if self.fused_casts else need, self.dtype)
+            self._workspace = torch.empty(sd if self.fused_casts else need, self.vocab, dtype=self.dtype,
+                                          device=self.hidden.device)
             if self.gemms.low:
-                self._scratch = self._take(need, self.gemms.operand)
+                self._scratch = torch.empty(need, self.vocab, dtype=self.gemms.operand, device=self.hidden.device)
         return self._workspace[:fp32_rows], None if self._scratch is None else self._scratch[:low_rows]
-
-    def _take(self, rows: int, dtype) -> torch.Tensor:
-        buf = workspace.take(rows * self.vocab, dtype, self.hidden.device)
-        self._taken.append(buf)
-        return buf[:rows * self.vocab].view(rows, self.vocab)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        """Hand the buffers back for the next run (also after an error: they are only scratch)."""
-        self._workspace = self._scratch = None
-        for buf in self._taken:
-            workspace.give_back(buf)
-        self._taken = []
 
     def _logits(self, h, teacher_rows: int = 0):
         """A chunk's logits as the backend takes them: (z, u, casts, scratch), `casts` the keyword arguments of

@@ -105,20 +105,19 @@ def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], log_mu: Optiona
     one (see _RunningNormalizer) and are rescaled to the final one."""
     x, cfg = runner.x, runner.cfg
     stats = runner.empty_stats()
-    with runner:
-        if grads is not None and log_mu is None and cfg.ref_beta > 0:
-            # The k3 part of an SDPO row's gradient does not scale with 1/mu: learn mu first (extra teacher pass).
-            runner.distill_stream(stats, None, None)
-            log_mu = log_weight_normalizer(x, cfg, stats.teacher_entropy)
-        coef = None if grads is None else _Coefficients(x, cfg, row_scale, log_mu if log_mu is not None else 0.0)
-        if coef is not None and log_mu is None:
-            coef.running = _RunningNormalizer(x, cfg, grads, runner.sd_rows)
-        runner.distill_stream(stats, None if coef is None else coef.distill, grads)
-        if log_mu is None:
-            log_mu = log_weight_normalizer(x, cfg, stats.teacher_entropy)
-            if coef is not None:
-                coef.running.rescale_to(log_mu)
-        runner.student_stream(stats, None if coef is None else coef.grpo, grads)
+    if grads is not None and log_mu is None and cfg.ref_beta > 0:
+        # The k3 part of an SDPO row's gradient does not scale with 1/mu: learn mu first (extra teacher pass).
+        runner.distill_stream(stats, None, None)
+        log_mu = log_weight_normalizer(x, cfg, stats.teacher_entropy)
+    coef = None if grads is None else _Coefficients(x, cfg, row_scale, log_mu if log_mu is not None else 0.0)
+    if coef is not None and log_mu is None:
+        coef.running = _RunningNormalizer(x, cfg, grads, runner.sd_rows)
+    runner.distill_stream(stats, None if coef is None else coef.distill, grads)
+    if log_mu is None:
+        log_mu = log_weight_normalizer(x, cfg, stats.teacher_entropy)
+        if coef is not None:
+            coef.running.rescale_to(log_mu)
+    runner.student_stream(stats, None if coef is None else coef.grpo, grads)
     if grads is not None:
         runner.finish_grads(grads)
     return stats, log_mu
@@ -237,8 +236,7 @@ class LogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, params: LogprobParams):
         runner = _logprob_runner(hidden, weight, bias, params)
         stats = runner.empty_stats()
-        with runner:
-            runner.student_stream(stats, None, None)
+        runner.student_stream(stats, None, None)
         ctx.save_for_backward(hidden, weight, bias)
         ctx.params = params
         return stats.logp, stats.entropy
@@ -256,8 +254,7 @@ class LogprobsFunction(torch.autograd.Function):
         def coef(rows, _stats):
             return g_lp[rows], None if g_ent is None else g_ent[rows]
 
-        with runner:
-            runner.student_stream(runner.empty_stats(), coef, grads)
+        runner.student_stream(runner.empty_stats(), coef, grads)
         runner.finish_grads(grads)
         return (_cast(grads.hidden, hidden.dtype), _cast(grads.weight, weight.dtype),
                 _cast(grads.bias, None if bias is None else bias.dtype), None)
