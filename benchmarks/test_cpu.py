@@ -8,8 +8,8 @@ import torch
 
 from benchmarks.variants import DTYPES, ROUTINGS, SHAPES, make_inputs, steps
 
-VARIANTS = ["gemm floor", "fused cpu", "fused torch", "reference", "liger GRPO", "liger JSD", "liger JSD (eager)",
-            "trl SDPO"]
+VARIANTS = ["gemm floor", "gemm floor, outputs kept", "fused cpu", "fused torch", "reference", "liger GRPO", "liger JSD",
+            "liger JSD (eager)", "trl SDPO"]
 SHAPE_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name == "qwen3" else name for name in SHAPES]
 
 
