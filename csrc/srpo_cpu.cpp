@@ -607,17 +607,43 @@ struct F16 {
   static ALWAYS_INLINE raw store(float f) { return static_cast<raw>(f); }
 };
 
-// dst <- (src + bias) * inv_t in fp32 (bias may be null), as the separate passes of gemm.Gemms.logits compute it.
-template <typename T>
-void widen_row(const typename T::raw* __restrict src, float* __restrict dst, int64_t n, const float* __restrict bias,
-               float inv_t) {
-  if (bias) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = (T::load(src[j]) + bias[j]) * inv_t;
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = T::load(src[j]) * inv_t;
+// The temperature as gemm.Gemms.logits applies it: logits are divided by T (in fp32, as torch divides an fp32
+// tensor by a float), the naive loss's rounding; multiplying by a rounded 1/T would scale a whole row by that one
+// rounding error, which the row's entropy sums coherently. Where 1/T is exact (T a power of two) the product is the
+// same bits and cheaper; at T = 1 nothing is applied.
+struct Temperature {
+  float t = 1.f, inv = 1.f;
+  int mode = 0;  // 0: T = 1, 1: multiply by the exact 1/T, 2: divide by T
+  Temperature() = default;
+  explicit Temperature(double temperature) : t(static_cast<float>(temperature)),
+      inv(static_cast<float>(1.0 / temperature)) {
+    int e;
+    mode = temperature == 1.0 ? 0 : (std::frexp(temperature, &e) == 0.5 ? 1 : 2);
   }
+};
+
+// dst <- (src + bias) / T in fp32 (bias may be null), as the separate passes of gemm.Gemms.logits compute it.
+template <typename T, bool kBias, int kMode>
+void widen_row_as(const typename T::raw* __restrict src, float* __restrict dst, int64_t n,
+                  const float* __restrict bias, float t, float inv) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = kBias ? T::load(src[j]) + bias[j] : T::load(src[j]);
+    dst[j] = kMode == 0 ? v : (kMode == 1 ? v * inv : v / t);
+  }
+}
+
+template <typename T, bool kBias>
+void widen_row_with(const typename T::raw* src, float* dst, int64_t n, const float* bias, const Temperature& temp) {
+  if (temp.mode == 0) widen_row_as<T, kBias, 0>(src, dst, n, bias, temp.t, temp.inv);
+  else if (temp.mode == 1) widen_row_as<T, kBias, 1>(src, dst, n, bias, temp.t, temp.inv);
+  else widen_row_as<T, kBias, 2>(src, dst, n, bias, temp.t, temp.inv);
+}
+
+template <typename T>
+void widen_row(const typename T::raw* src, float* dst, int64_t n, const float* bias, const Temperature& temp) {
+  if (bias) widen_row_with<T, true>(src, dst, n, bias, temp);
+  else widen_row_with<T, false>(src, dst, n, bias, temp);
 }
 
 template <typename T>
@@ -626,12 +652,12 @@ void narrow_row(const float* __restrict src, typename T::raw* __restrict dst, in
   for (int64_t j = 0; j < n; ++j) dst[j] = T::store(src[j]);
 }
 
-void widen(const LowRows& low, int64_t i, float* dst, int64_t n, const float* bias, float inv_t) {
+void widen(const LowRows& low, int64_t i, float* dst, int64_t n, const float* bias, const Temperature& temp) {
   if (!low.present()) return;
   if (low.dtype == at::kBFloat16)
-    widen_row<Bf16>(static_cast<const Bf16::raw*>(low.row(i)), dst, n, bias, inv_t);
+    widen_row<Bf16>(static_cast<const Bf16::raw*>(low.row(i)), dst, n, bias, temp);
   else
-    widen_row<F16>(static_cast<const F16::raw*>(low.row(i)), dst, n, bias, inv_t);
+    widen_row<F16>(static_cast<const F16::raw*>(low.row(i)), dst, n, bias, temp);
 }
 
 void narrow(const LowRows& low, int64_t i, const float* src, int64_t n) {
@@ -652,18 +678,18 @@ const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t V) {
 
 
 // The student's chunk as the passes see it: an fp32 [C, V] matrix worked on in place, or (bf16/fp16 GEMMs) the
-// GEMM's low-precision output, each row widened into per-thread scratch ((x + b) * inv_t) as a pass needs it and,
+// GEMM's low-precision output, each row widened into per-thread scratch ((x + b) / T) as a pass needs it and,
 // in the gradient pass, overwritten with dL/dz. The low-precision chunk then needs no fp32 [C, V] copy at all, and a
 // row's fp32 form never leaves the cache.
 struct StudentRows {
   float* fp32 = nullptr;
   LowRows low;
   const float* bias = nullptr;
-  float inv_t = 1.f;
+  Temperature temp;
   int64_t C = 0, V = 0;
   StudentRows(const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& low_z,
-              const c10::optional<at::Tensor>& bias_t, double inv_temperature)
-      : low(low_z, "low_z"), inv_t(static_cast<float>(inv_temperature)) {
+              const c10::optional<at::Tensor>& bias_t, double temperature)
+      : low(low_z, "low_z"), temp(temperature) {
     TORCH_CHECK(z.has_value() != low.present(), "give the student chunk either as z (fp32) or as low_z, not both");
     if (z.has_value()) {
       check_chunk(*z, "z");
@@ -681,7 +707,7 @@ struct StudentRows {
   int64_t scratch_size() const { return fp32 ? 0 : V; }
   float* load(int64_t i, float* scratch) const {
     if (fp32) return fp32 + i * V;
-    widen(low, i, scratch, V, bias, inv_t);
+    widen(low, i, scratch, V, bias, temp);
     return scratch;
   }
   void store(int64_t i, const float* x) const {
@@ -731,8 +757,9 @@ void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t to
 }
 
 at::Tensor student_stats(const c10::optional<at::Tensor>& z, const at::Tensor& targets,
-                         const c10::optional<at::Tensor>& low_z, const c10::optional<at::Tensor>& bias, double inv_t) {
-  const StudentRows rows(z, low_z, bias, inv_t);
+                         const c10::optional<at::Tensor>& low_z, const c10::optional<at::Tensor>& bias,
+                         double temperature) {
+  const StudentRows rows(z, low_z, bias, temperature);
   const int64_t C = rows.C, V = rows.V;
   auto out = at::empty({C, kStudentCols}, targets.options().dtype(at::kFloat));
   const int64_t* yp = targets.data_ptr<int64_t>();
@@ -747,8 +774,8 @@ at::Tensor student_stats(const c10::optional<at::Tensor>& z, const at::Tensor& t
 // The student chunk <- c_logp (onehot(y) - p) - c_ent p (log p + H), in place (bf16/fp16 for low_z).
 void student_grad(const c10::optional<at::Tensor>& z, const at::Tensor& targets, const at::Tensor& stats,
                   const at::Tensor& c_logp, const c10::optional<at::Tensor>& c_ent,
-                  const c10::optional<at::Tensor>& low_z, const c10::optional<at::Tensor>& bias, double inv_t) {
-  const StudentRows rows(z, low_z, bias, inv_t);
+                  const c10::optional<at::Tensor>& low_z, const c10::optional<at::Tensor>& bias, double temperature) {
+  const StudentRows rows(z, low_z, bias, temperature);
   const int64_t C = rows.C, V = rows.V, ns = stats.size(1);
   const int64_t* yp = targets.data_ptr<int64_t>();
   const float* sp = stats.data_ptr<float>();
@@ -771,8 +798,8 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
                                                  const at::Tensor& targets, double alpha, int64_t topk, bool tail,
                                                  const c10::optional<at::Tensor>& low_z,
                                                  const c10::optional<at::Tensor>& low_u,
-                                                 const c10::optional<at::Tensor>& bias, double inv_t) {
-  const StudentRows rows(z, low_z, bias, inv_t);
+                                                 const c10::optional<at::Tensor>& bias, double temperature) {
+  const StudentRows rows(z, low_z, bias, temperature);
   check_chunk(u, "u");
   const LowRows lu(low_u, "low_u");
   const int64_t C = rows.C, V = rows.V;
@@ -792,7 +819,7 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
     std::vector<float> dl(K + 1), de(K + 1);
     std::vector<double> lqd(K + 1);
     for (int64_t i = b; i < e; ++i) {
-      widen(lu, i, up + i * V, V, rows.bias, rows.inv_t);
+      widen(lu, i, up + i * V, V, rows.bias, rows.temp);
       distill_row_stats(rows.load(i, scratch.data()), up + i * V, V, yp[i], K, tail, div, ip + i * K,
                         sp + i * kDistillCols, lp.data(), lq.data(), dl.data(), de.data(), lqd.data(), exps.data(),
                         exps.data() + (K ? 0 : V));
@@ -805,8 +832,8 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
 void distill_grad(const c10::optional<at::Tensor>& z, const at::Tensor& u, const at::Tensor& targets,
                   const at::Tensor& stats, const c10::optional<at::Tensor>& topk_ids, const at::Tensor& c_logp,
                   const at::Tensor& c_div, double alpha, bool tail, const c10::optional<at::Tensor>& low_z,
-                  const c10::optional<at::Tensor>& bias, double inv_t) {
-  const StudentRows rows(z, low_z, bias, inv_t);
+                  const c10::optional<at::Tensor>& bias, double temperature) {
+  const StudentRows rows(z, low_z, bias, temperature);
   check_chunk(u, "u");
   const int64_t C = rows.C, V = rows.V;
   TORCH_CHECK(u.size(0) == C && u.size(1) == V, "u must have the student chunk's shape");
@@ -866,14 +893,14 @@ void accumulate(at::Tensor acc, const at::Tensor& part, double beta) {
 TORCH_LIBRARY(srpo_kernels, m) {
   // The student chunk is z (fp32, in place) or low_z (the bf16/fp16 GEMM output before bias and 1/T; the gradient
   // passes overwrite it with dL/dz): exactly one of the two.
-  m.def("student_stats(Tensor? z, Tensor targets, Tensor? low_z, Tensor? bias, float inv_t) -> Tensor");
+  m.def("student_stats(Tensor? z, Tensor targets, Tensor? low_z, Tensor? bias, float temperature) -> Tensor");
   m.def("student_grad(Tensor(a!)? z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent, "
-        "Tensor(b!)? low_z, Tensor? bias, float inv_t) -> ()");
+        "Tensor(b!)? low_z, Tensor? bias, float temperature) -> ()");
   // distill_stats leaves u as scratch for distill_grad (see row_ops.py).
   m.def("distill_stats(Tensor? z, Tensor(b!) u, Tensor targets, float alpha, int topk, bool tail, Tensor? low_z, "
-        "Tensor? low_u, Tensor? bias, float inv_t) -> (Tensor, Tensor)");
+        "Tensor? low_u, Tensor? bias, float temperature) -> (Tensor, Tensor)");
   m.def("distill_grad(Tensor(a!)? z, Tensor u, Tensor targets, Tensor stats, Tensor? topk_ids, Tensor c_logp, "
-        "Tensor c_div, float alpha, bool tail, Tensor(b!)? low_z, Tensor? bias, float inv_t) -> ()");
+        "Tensor c_div, float alpha, bool tail, Tensor(b!)? low_z, Tensor? bias, float temperature) -> ()");
   m.def("accumulate(Tensor(a!) acc, Tensor part, float beta) -> ()");
 }
 

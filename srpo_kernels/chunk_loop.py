@@ -144,7 +144,7 @@ class ChunkRunner:
             return zu[:c], (zu[c:] if teacher_rows else None), {}, scratch
         buf, scratch = self._buffers(h.shape[0], teacher_rows)
         low = self.gemms.low_logits(h, scratch)
-        widen = Widen(low[:c], low[c:] if teacher_rows else None, self.gemms.bias, self.gemms.inv_t)
+        widen = Widen(low[:c], low[c:] if teacher_rows else None, self.gemms.bias, self.gemms.temperature)
         return None, (buf if teacher_rows else None), {"widen": widen}, scratch
 
     def _backprop(self, dz, scratch, rows, rows_hidden, grads: Grads):

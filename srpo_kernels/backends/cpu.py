@@ -100,19 +100,19 @@ class CpuRowOps:
 
     @classmethod
     def _casts(cls, widen):
-        """The kernel's (student rows, teacher rows, fp32 bias, 1/T): none without a Widen."""
+        """The kernel's (student rows, teacher rows, fp32 bias, T): none without a Widen."""
         if widen is None:
             return None, None, None, 1.0
-        return widen.student, widen.teacher, cls._f32(widen.bias), widen.inv_t
+        return widen.student, widen.teacher, cls._f32(widen.bias), widen.temperature
 
     def student_stats(self, z, targets, widen=None):
-        low, _, bias, inv_t = self._casts(widen)
-        return self._ops.student_stats(z, targets.contiguous(), low, bias, inv_t)
+        low, _, bias, temperature = self._casts(widen)
+        return self._ops.student_stats(z, targets.contiguous(), low, bias, temperature)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent, widen=None):
-        low, _, bias, inv_t = self._casts(widen)
+        low, _, bias, temperature = self._casts(widen)
         self._ops.student_grad(z, targets.contiguous(), stats.contiguous(), self._f32(c_logp), self._f32(c_ent),
-                               low, bias, inv_t)
+                               low, bias, temperature)
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail, widen=None):
         k = effective_topk(topk, u.shape[1])
@@ -121,6 +121,6 @@ class CpuRowOps:
         return stats, (ids if k else None)
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail, widen=None):
-        low, _, bias, inv_t = self._casts(widen)
+        low, _, bias, temperature = self._casts(widen)
         self._ops.distill_grad(z, u, targets.contiguous(), stats, topk_ids, self._f32(c_logp), self._f32(c_div),
-                               float(alpha), bool(topk_tail), low, bias, inv_t)
+                               float(alpha), bool(topk_tail), low, bias, temperature)

@@ -79,7 +79,7 @@ class Widen:
     student: torch.Tensor
     teacher: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]  # fp32
-    inv_t: float
+    temperature: float
 
 
 class RowOps(Protocol):
