@@ -607,43 +607,25 @@ struct F16 {
   static ALWAYS_INLINE raw store(float f) { return static_cast<raw>(f); }
 };
 
-// The temperature as gemm.Gemms.logits applies it: logits are divided by T (in fp32, as torch divides an fp32
-// tensor by a float), the naive loss's rounding; multiplying by a rounded 1/T would scale a whole row by that one
-// rounding error, which the row's entropy sums coherently. Where 1/T is exact (T a power of two) the product is the
-// same bits and cheaper; at T = 1 nothing is applied.
-struct Temperature {
-  float t = 1.f, inv = 1.f;
-  int mode = 0;  // 0: T = 1, 1: multiply by the exact 1/T, 2: divide by T
-  Temperature() = default;
-  explicit Temperature(double temperature) : t(static_cast<float>(temperature)),
-      inv(static_cast<float>(1.0 / temperature)) {
-    int e;
-    mode = temperature == 1.0 ? 0 : (std::frexp(temperature, &e) == 0.5 ? 1 : 2);
-  }
-};
-
-// dst <- (src + bias) / T in fp32 (bias may be null), as the separate passes of gemm.Gemms.logits compute it.
-template <typename T, bool kBias, int kMode>
+// dst <- (src + bias) / T in fp32 (bias may be null), as the separate passes of gemm.Gemms.logits compute it: divided,
+// as the naive loss divides, since multiplying by a rounded 1/T would scale a whole row by that one rounding error,
+// which the row's entropy sums coherently (where gemm.py multiplies, 1/T is exact and the quotient the same bits).
+template <typename T, bool kBias, bool kDivide>
 void widen_row_as(const typename T::raw* __restrict src, float* __restrict dst, int64_t n,
-                  const float* __restrict bias, float t, float inv) {
+                  const float* __restrict bias, float t) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float v = kBias ? T::load(src[j]) + bias[j] : T::load(src[j]);
-    dst[j] = kMode == 0 ? v : (kMode == 1 ? v * inv : v / t);
+    dst[j] = kDivide ? v / t : v;
   }
 }
 
-template <typename T, bool kBias>
-void widen_row_with(const typename T::raw* src, float* dst, int64_t n, const float* bias, const Temperature& temp) {
-  if (temp.mode == 0) widen_row_as<T, kBias, 0>(src, dst, n, bias, temp.t, temp.inv);
-  else if (temp.mode == 1) widen_row_as<T, kBias, 1>(src, dst, n, bias, temp.t, temp.inv);
-  else widen_row_as<T, kBias, 2>(src, dst, n, bias, temp.t, temp.inv);
-}
-
 template <typename T>
-void widen_row(const typename T::raw* src, float* dst, int64_t n, const float* bias, const Temperature& temp) {
-  if (bias) widen_row_with<T, true>(src, dst, n, bias, temp);
-  else widen_row_with<T, false>(src, dst, n, bias, temp);
+void widen_row(const typename T::raw* src, float* dst, int64_t n, const float* bias, float t) {
+  if (bias)
+    t == 1.f ? widen_row_as<T, true, false>(src, dst, n, bias, t) : widen_row_as<T, true, true>(src, dst, n, bias, t);
+  else
+    t == 1.f ? widen_row_as<T, false, false>(src, dst, n, bias, t) : widen_row_as<T, false, true>(src, dst, n, bias, t);
 }
 
 template <typename T>
@@ -652,12 +634,12 @@ void narrow_row(const float* __restrict src, typename T::raw* __restrict dst, in
   for (int64_t j = 0; j < n; ++j) dst[j] = T::store(src[j]);
 }
 
-void widen(const LowRows& low, int64_t i, float* dst, int64_t n, const float* bias, const Temperature& temp) {
+void widen(const LowRows& low, int64_t i, float* dst, int64_t n, const float* bias, float temperature) {
   if (!low.present()) return;
   if (low.dtype == at::kBFloat16)
-    widen_row<Bf16>(static_cast<const Bf16::raw*>(low.row(i)), dst, n, bias, temp);
+    widen_row<Bf16>(static_cast<const Bf16::raw*>(low.row(i)), dst, n, bias, temperature);
   else
-    widen_row<F16>(static_cast<const F16::raw*>(low.row(i)), dst, n, bias, temp);
+    widen_row<F16>(static_cast<const F16::raw*>(low.row(i)), dst, n, bias, temperature);
 }
 
 void narrow(const LowRows& low, int64_t i, const float* src, int64_t n) {
@@ -685,11 +667,11 @@ struct StudentRows {
   float* fp32 = nullptr;
   LowRows low;
   const float* bias = nullptr;
-  Temperature temp;
+  float temperature = 1.f;
   int64_t C = 0, V = 0;
   StudentRows(const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& low_z,
               const c10::optional<at::Tensor>& bias_t, double temperature)
-      : low(low_z, "low_z"), temp(temperature) {
+      : low(low_z, "low_z"), temperature(static_cast<float>(temperature)) {
     TORCH_CHECK(z.has_value() != low.present(), "give the student chunk either as z (fp32) or as low_z, not both");
     if (z.has_value()) {
       check_chunk(*z, "z");
@@ -707,7 +689,7 @@ struct StudentRows {
   int64_t scratch_size() const { return fp32 ? 0 : V; }
   float* load(int64_t i, float* scratch) const {
     if (fp32) return fp32 + i * V;
-    widen(low, i, scratch, V, bias, temp);
+    widen(low, i, scratch, V, bias, temperature);
     return scratch;
   }
   void store(int64_t i, const float* x) const {
@@ -819,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
     std::vector<float> dl(K + 1), de(K + 1);
     std::vector<double> lqd(K + 1);
     for (int64_t i = b; i < e; ++i) {
-      widen(lu, i, up + i * V, V, rows.bias, rows.temp);
+      widen(lu, i, up + i * V, V, rows.bias, rows.temperature);
       distill_row_stats(rows.load(i, scratch.data()), up + i * V, V, yp[i], K, tail, div, ip + i * K,
                         sp + i * kDistillCols, lp.data(), lq.data(), dl.data(), de.data(), lqd.data(), exps.data(),
                         exps.data() + (K ? 0 : V));

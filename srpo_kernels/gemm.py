@@ -109,22 +109,21 @@ class Gemms:
         bf16/fp16 operands, where the GEMM cannot write fp32."""
         w_t = self.weight.T
         if not self.low and self.bias is not None:  # fp32/fp64: the bias (and an exact 1/T) folded into the GEMM
-            scale = self.inv_t if self.exact_inv_t else 1.0
-            torch.addmm(self.bias, h, w_t, beta=scale, alpha=scale, out=out)
-            return out if self.exact_inv_t else out.div_(self.temperature)
-        if self.fp32_out:
-            torch.mm(h, w_t, out_dtype=self.math, out=out)
-        elif self.low:
-            out.copy_(torch.mm(h, w_t, out=scratch))
+            if self.exact_inv_t:
+                return torch.addmm(self.bias, h, w_t, beta=self.inv_t, alpha=self.inv_t, out=out)
+            torch.addmm(self.bias, h, w_t, out=out)
         else:
-            torch.mm(h, w_t, out=out)
-        if self.bias is not None:
-            out.add_(self.bias)
-        if self.exact_inv_t and self.inv_t != 1.0:
-            out.mul_(self.inv_t)
-        elif not self.exact_inv_t:
-            out.div_(self.temperature)
-        return out
+            if self.fp32_out:
+                torch.mm(h, w_t, out_dtype=self.math, out=out)
+            elif self.low:
+                out.copy_(torch.mm(h, w_t, out=scratch))
+            else:
+                torch.mm(h, w_t, out=out)
+            if self.bias is not None:
+                out.add_(self.bias)
+        if self.temperature == 1.0:
+            return out
+        return out.mul_(self.inv_t) if self.exact_inv_t else out.div_(self.temperature)
 
     def low_logits(self, h: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """The CPU's bf16/fp16 GEMM alone, h W^T into `scratch` (input dtype), for a backend that widens it itself

@@ -194,11 +194,13 @@ def test_topk_ties_go_to_the_lowest_ids_in_every_backend():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("options", [dict(temperature=0.7), dict(topk=9, alpha=1.0), dict(reduction="none")],
+@pytest.mark.parametrize("options", [dict(temperature=0.7), dict(temperature=0.5), dict(topk=9, alpha=1.0),
+                                     dict(reduction="none")],
                          ids=str)
 def test_cpu_kernel_casts_rows_in_place_of_the_chunk_loops_passes(dtype, options, monkeypatch):
     """bf16/fp16 GEMMs on the CPU: the C++ passes widen each row ((x + b) / T) and narrow its dL/dz themselves
-    (RowOps.fuses_casts). Same arithmetic as the chunk loop's separate passes, so the same bits."""
+    (RowOps.fuses_casts). Same arithmetic as the chunk loop's separate passes, so the same bits; at T = 0.5 those
+    multiply by the exact 1/T where the C++ divides, which gives the same quotients."""
     from cases import fused, make_case, run
     from srpo_kernels import chunk_loop, gemm
 
