@@ -67,36 +67,23 @@ ALWAYS_INLINE float vexp(float x) {
   return x < lo ? 0.0f : p * scale;
 }
 
-// log(x) for normal positive x (Cephes logf polynomial).
-ALWAYS_INLINE float vlog(float x) {
-  int32_t bits = as_int(x);
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  float m = as_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  float fe = static_cast<float>(big ? e + 1 : e);
-  float f = m - 1.0f;
-  float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = std::fma(y, f, -1.1514610310e-1f);
-  y = std::fma(y, f, 1.1676998740e-1f);
-  y = std::fma(y, f, -1.2420140846e-1f);
-  y = std::fma(y, f, 1.4249322787e-1f);
-  y = std::fma(y, f, -1.6668057665e-1f);
-  y = std::fma(y, f, 2.0000714765e-1f);
-  y = std::fma(y, f, -2.4999993993e-1f);
-  y = std::fma(y, f, 3.3333331174e-1f);
-  y = y * f * z;
-  y = std::fma(fe, -2.12194440e-4f, y);
-  y = std::fma(-0.5f, z, y);
-  return std::fma(fe, 0.693359375f, f + y);
-}
-
-// log(1 + t) for t in [0, 1], with the rounding of 1 + t corrected. The correction is at most half an ulp of u, so
-// 1/u may be approximated by 2 - u (relative error t^2): under an ulp of the result, and no division.
-ALWAYS_INLINE float vlog1p(float t) {
-  float u = 1.0f + t;
-  return vlog(u) - ((u - 1.0f) - t) * (2.0f - u);
+// log(1 + t) for t in [0, 1], as t + t^2 r(t) with r a degree-9 polynomial: the Chebyshev least-squares fit of
+// (log1p(t) - t) / t^2 on [0, 1] (scripts/fit_log1p.py prints the coefficients), in powers of t.
+// 1.31 ulp at most over every float in [0, 1], mean 0.05 (a Cephes logf of 1 + t with the rounding of 1 + t
+// corrected: 1.34 and 0.07); half the instructions of that log, no exponent extraction, and the JSD loop of the
+// distill stats pass measured 62 -> 41 us a row at V = 32 000 (Sapphire Rapids, one thread).
+ALWAYS_INLINE float log1p_unit(float t) {
+  float q = 2.835782537e-03f;
+  q = std::fma(q, t, -1.728062871e-02f);
+  q = std::fma(q, t, 4.936718307e-02f);
+  q = std::fma(q, t, -9.130396317e-02f);
+  q = std::fma(q, t, 1.301727139e-01f);
+  q = std::fma(q, t, -1.635469798e-01f);
+  q = std::fma(q, t, 1.995332235e-01f);
+  q = std::fma(q, t, -2.499621546e-01f);
+  q = std::fma(q, t, 3.333320005e-01f);
+  q = std::fma(q, t, -4.999999884e-01f);
+  return std::fma(q * t, t, t);
 }
 
 // JSD terms d = log(p / m), e = log(q / m), m = (1-a) p + a q, from delta = log q - log p (see support.jsd_terms):
@@ -110,7 +97,7 @@ ALWAYS_INLINE void jsd_terms(float delta, float p, float q, float log_beta, floa
                              float c1, float& d, float& e) {
   const float s = delta + log_beta, wp = one_minus_a * p, wq = a * q;
   const float lo = wp < wq ? wp : wq, hi = wp < wq ? wq : wp;
-  const float soft = vlog1p(hi > 0.f ? lo / hi : 0.f);
+  const float soft = log1p_unit(hi > 0.f ? lo / hi : 0.f);
   const bool pos = s > 0.f;
   d = pos ? -(delta + (soft - c1)) : c0 - soft;
   e = pos ? c1 - soft : delta + (c0 - soft);
