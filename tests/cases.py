@@ -157,9 +157,11 @@ def assert_fp32_no_worse_than_naive(impl, case, keys=None, to_device=lambda c: c
         if isinstance(truth[k], torch.Tensor) and truth[k].dtype == torch.float64:
             assert torch.isfinite(ours[k]).all(), f"{k}: not finite"
             if float(truth[k].abs().max()) < 1e-12:
-                # A vanishing output (e.g. dh of a row whose target holds all but 1e-19 of the mass) is rounding
-                # noise even in fp64: autograd's 1 - p cancels there, so only an absolute bound means anything.
-                assert float(ours[k].abs().max()) < 1e-9, f"{k}: {float(ours[k].abs().max()):.2e} where fp64 says ~0"
+                # A vanishing output is rounding noise even in fp64 (dh of a row whose target holds all but 1e-19 of
+                # the mass: autograd's 1 - p cancels; of twin top logits: w_target - sum p w cancels), so only an
+                # absolute bound means anything, and fp32 noise scales with the terms that cancel: 5x naive's.
+                got, naive_got = float(ours[k].abs().max()), float(naive[k].abs().max())
+                assert got <= max(1e-9, 5 * naive_got), f"{k}: {got:.2e} where fp64 says ~0 (naive {naive_got:.2e})"
                 continue
             err, naive_err = max_rel_err(ours[k], truth[k]), max_rel_err(naive[k], truth[k])
             assert err <= max(floor, 5 * naive_err), f"{k}: {err:.2e} vs naive fp32 {naive_err:.2e}"
