@@ -15,7 +15,9 @@
   vocabulary rows, each block's ``[rows, H]`` result (a chunk's share of ``dW``, rounded once to the input dtype, as
   the naive loss rounds its whole ``dW``) added into the accumulator while it is in cache: never a ``V x H``
   temporary, and 2.3-2.8x faster than an fp32 GEMM on widened operands on a Sapphire Rapids CPU (AMX) at
-  C = 256-512, H = 256-1024.
+  C = 256-512, H = 256-1024. Where torch's CPU build carries MKL (x86), the C++ kernel calls MKL's bf16/fp16 GEMM
+  with an fp32 C instead, which adds into the accumulator itself: fp32 accumulation all the way (no share rounded),
+  at the blocks' speed in bf16 and 1.14-1.36x faster in fp16 (``python -m benchmarks.dw_gemm``).
 """
 from __future__ import annotations
 
@@ -144,12 +146,21 @@ class Gemms:
         """acc (fp32/fp64, V x H) <- beta * acc + dz_op^T h, with no V x H temporary."""
         if self.fp32_out:
             torch.addmm(acc, dz_op.T, h, beta=beta, out_dtype=self.math, out=acc)
+        elif self.low and _fp32_acc_gemm(acc):
+            torch.ops.srpo_kernels.grad_weight(acc, dz_op, h, beta)
         elif self.low:  # CPU: see the module's docstring
             rows = max(64, DW_BLOCK_ELEMENTS // max(1, h.shape[1]))
             for v0 in range(0, acc.shape[0], rows):
                 _accumulate(acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h), beta)
         else:
             torch.addmm(acc, dz_op.T, h, beta=beta, out=acc)
+
+
+def _fp32_acc_gemm(acc: torch.Tensor) -> bool:
+    """Whether the C++ kernel's grad_weight (MKL's bf16/fp16 GEMM into an fp32 C, from torch's own CPU build) can
+    add into `acc`."""
+    return (acc.device.type == "cpu" and acc.dtype == torch.float32 and acc.stride(-1) == 1
+            and cpu_kernel.load_error() is None and torch.ops.srpo_kernels.grad_weight_available())
 
 
 def _accumulate(block: torch.Tensor, part: torch.Tensor, beta: float) -> None:

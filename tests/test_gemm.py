@@ -8,13 +8,17 @@ from srpo_kernels import gemm
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.37])
-@pytest.mark.parametrize("add", ["c++", "torch"])
-def test_blockwise_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkeypatch):
+@pytest.mark.parametrize("add", ["fp32_acc_gemm", "c++ blocks", "torch blocks"])
+def test_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkeypatch):
     monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)
-    if add == "torch":  # the fallback where the C++ kernel is not built
+    if add == "torch blocks":  # the fallback where the C++ kernel is not built
         monkeypatch.setattr(gemm.cpu_kernel, "load_error", lambda: "disabled")
     elif gemm.cpu_kernel.load_error() is not None:
         pytest.skip(f"the C++ CPU kernel is unavailable: {gemm.cpu_kernel.load_error()}")
+    elif add == "c++ blocks":  # where torch's CPU build has no MKL
+        monkeypatch.setattr(gemm, "_fp32_acc_gemm", lambda acc: False)
+    elif not torch.ops.srpo_kernels.grad_weight_available():
+        pytest.skip("torch's CPU build has no MKL bf16/fp16 GEMM here")
     monkeypatch.setattr(gemm, "DW_BLOCK_ELEMENTS", 1)  # 64-row blocks: V = 203 takes four, the last one partial
     g = torch.Generator().manual_seed(0)
     v, h_dim, c = 203, 24, 37
@@ -34,4 +38,7 @@ def test_blockwise_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkey
     eps = torch.finfo(dtype).eps
     bound = eps * part.abs() + 4 * torch.finfo(torch.float32).eps * (expected.abs() + part.abs())
     assert torch.isfinite(acc).all()
+    if add == "fp32_acc_gemm":  # no share rounded to bf16/fp16: fp32 sums of exact products
+        magnitude = beta * before.double().abs() + dz_op.double().abs().T @ h.double().abs()
+        bound = 4 * c * torch.finfo(torch.float32).eps * magnitude
     assert ((acc.double() - expected).abs() <= bound).all()
