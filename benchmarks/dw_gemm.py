@@ -9,10 +9,10 @@
 Each shape is C (rows of the chunk), H, V; the figure is the best of `--rounds` calls with the threads torch has.
 """
 import argparse
-import time
 
 import torch
 
+from benchmarks.row_passes import best_us_per_row
 from srpo_kernels import gemm
 from srpo_kernels.backends import cpu
 
@@ -20,13 +20,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def best_ms(fn, rounds: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return best_us_per_row(fn, 1, rounds) / 1e3
 
 
 def measure(c: int, h_dim: int, v: int, dtype=torch.bfloat16, rounds: int = 10) -> dict:
