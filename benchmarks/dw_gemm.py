@@ -4,7 +4,8 @@
 
 - ``fp32_acc_gemm``: the C++ kernel's grad_weight, MKL's bf16/fp16 GEMM writing into the fp32 accumulator
   (gemm.Gemms.add_grad_weight's choice where torch's CPU build has MKL);
-- ``blocks``: torch's bf16/fp16 GEMM per block of vocabulary rows, each share added by the C++ accumulate pass.
+- ``blocks``: gemm.add_grad_weight_blocks, torch's bf16/fp16 GEMM per block of vocabulary rows, each share
+  added by the C++ accumulate pass.
 
 Each shape is C (rows of the chunk), H, V; the figure is the best of `--rounds` calls with the threads torch has.
 """
@@ -33,14 +34,8 @@ def measure(c: int, h_dim: int, v: int, dtype=torch.bfloat16, rounds: int = 10) 
     dz = torch.randn(c, v, generator=g).to(dtype)
     h = torch.randn(c, h_dim, generator=g).to(dtype)
     acc = torch.zeros(v, h_dim)
-    rows = max(64, gemm.DW_BLOCK_ELEMENTS // h_dim)
-
-    def blocks():
-        for v0 in range(0, v, rows):
-            torch.ops.srpo_kernels.accumulate(acc[v0:v0 + rows], torch.mm(dz[:, v0:v0 + rows].T, h), 1.0)
-
     return {"fp32_acc_gemm": best_ms(lambda: torch.ops.srpo_kernels.grad_weight(acc, dz, h, 1.0), rounds),
-            "blocks": best_ms(blocks, rounds)}
+            "blocks": best_ms(lambda: gemm.add_grad_weight_blocks(acc, dz, h, 1.0), rounds)}
 
 
 def main():

@@ -877,9 +877,9 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 bool grad_weight_available() { return cblas_gemm_bf16bf16f32 != nullptr && cblas_gemm_f16f16f32 != nullptr; }
 
 // acc (fp32 [V, H]) <- beta acc + dz^T h for bf16/fp16 dz [C, V] and h [C, H], accumulated in fp32 by the GEMM
-// itself: no per-block share rounded to bf16/fp16, no second pass over acc. On 2 Sapphire Rapids cores it ran at the
-// blocks' speed in bf16 (0.94-1.09x) and 1.14-1.36x faster in fp16 (benchmarks/dw_gemm.py). beta = 0 overwrites
-// (BLAS: C is not read), NaN included.
+// itself: no per-block share rounded to bf16/fp16, no second pass over acc. On 2 Sapphire Rapids cores it ran within
+// noise of the blocks' speed in bf16 (blocks / this 0.76-1.09 over three runs) and 1.06-1.46x faster in fp16
+// (benchmarks/dw_gemm.py). beta = 0 overwrites (BLAS: C is not read), NaN included.
 void grad_weight(at::Tensor acc, const at::Tensor& dz, const at::Tensor& h, double beta) {
   TORCH_CHECK(grad_weight_available(), "grad_weight: torch's CPU build has no MKL bf16/fp16 GEMM here");
   TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.dim() == 2 && acc.stride(1) == 1, "acc must be fp32 [V, H] with "

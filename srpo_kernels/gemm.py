@@ -17,7 +17,7 @@
   temporary, and 2.3-2.8x faster than an fp32 GEMM on widened operands on a Sapphire Rapids CPU (AMX) at
   C = 256-512, H = 256-1024. Where torch's CPU build carries MKL (x86), the C++ kernel calls MKL's bf16/fp16 GEMM
   with an fp32 C instead, which adds into the accumulator itself: fp32 accumulation all the way (no share rounded),
-  at the blocks' speed in bf16 and 1.14-1.36x faster in fp16 (``python -m benchmarks.dw_gemm``).
+  within noise of the blocks' speed in bf16 and 1.06-1.46x faster in fp16 (``python -m benchmarks.dw_gemm``).
 """
 from __future__ import annotations
 
@@ -149,9 +149,7 @@ class Gemms:
         elif self.low and _fp32_acc_gemm(acc):
             torch.ops.srpo_kernels.grad_weight(acc, dz_op, h, beta)
         elif self.low:  # CPU: see the module's docstring
-            rows = max(64, DW_BLOCK_ELEMENTS // max(1, h.shape[1]))
-            for v0 in range(0, acc.shape[0], rows):
-                _accumulate(acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h), beta)
+            add_grad_weight_blocks(acc, dz_op, h, beta)
         else:
             torch.addmm(acc, dz_op.T, h, beta=beta, out=acc)
 
@@ -161,6 +159,14 @@ def _fp32_acc_gemm(acc: torch.Tensor) -> bool:
     add into `acc`."""
     return (acc.device.type == "cpu" and acc.dtype == torch.float32 and acc.stride(-1) == 1
             and cpu_kernel.load_error() is None and torch.ops.srpo_kernels.grad_weight_available())
+
+
+def add_grad_weight_blocks(acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float) -> None:
+    """acc (fp32) <- beta * acc + dz_op^T h (bf16/fp16 operands) where there is no fp32-C GEMM: the GEMM per block
+    of vocabulary rows, each block's share added while it is in cache (see the module's docstring)."""
+    rows = max(64, DW_BLOCK_ELEMENTS // max(1, h.shape[1]))
+    for v0 in range(0, acc.shape[0], rows):
+        _accumulate(acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h), beta)
 
 
 def _accumulate(block: torch.Tensor, part: torch.Tensor, beta: float) -> None:
