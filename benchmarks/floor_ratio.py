@@ -1,12 +1,15 @@
 """Fused forward+backward vs the GEMM floor, side by side in one run (CPU): a quick check while tuning.
 
-``python -m benchmarks.floor_ratio --shape small --routing half [--dtype bf16] [--chunk-sizes 128,256,512] [--rounds 5]``
+``python -m benchmarks.floor_ratio --shape small --routing half [--dtype bf16] [--chunk-sizes 128,256,512]
+[--rounds 5] [--released-workspace]``
 
 Variants run interleaved, round after round, and each reports its median over the rounds as a ratio to the
 floor's (the matmuls alone for the same shapes, routing and dtype, see benchmarks/variants.py), and to the floor
 with its outputs kept between calls ("/ kept": the same GEMMs without the page faults of fresh [N, V] outputs).
 ``--chunk-sizes`` adds the fused cpu backend at each given chunk size; that is how the default in
-``chunk_loop.default_chunk_size`` was chosen. The full table with peers and memory is ``python -m benchmarks.report``.
+``chunk_loop.default_chunk_size`` was chosen. ``--released-workspace`` adds it with the buffers that
+``srpo_kernels/workspace.py`` keeps between calls freed before each call. The full table with peers and memory is
+``python -m benchmarks.report``.
 """
 import argparse
 import statistics
@@ -24,6 +27,8 @@ def main():
     p.add_argument("--routing", choices=ROUTINGS, default="half")
     p.add_argument("--chunk-sizes", default="", help="comma-separated chunk sizes for extra fused cpu variants")
     p.add_argument("--reference", action="store_true", help="also time the materialising reference")
+    p.add_argument("--released-workspace", action="store_true",
+                   help="also time the fused cpu backend with its kept chunk buffers freed before each call")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
@@ -34,6 +39,11 @@ def main():
     variants = {name: every[name] for name in ("gemm floor", "gemm floor, outputs kept", "fused cpu")}
     if a.reference:
         variants["reference"] = every["reference"]
+    if a.released_workspace:
+        def released(fused=every["fused cpu"]):
+            sk.release_workspace()  # as without srpo_kernels/workspace.py: this call maps its buffers afresh
+            fused()
+        variants["fused cpu, ws released"] = released
     hidden, weight, ids, adv, route, teacher = inputs
     opts = peer_matched_options(route)  # the same loss as the "fused cpu" variant
     for size in filter(None, a.chunk_sizes.split(",")):

@@ -4,6 +4,8 @@ from . import reference
 from .api import FusedSRPOLoss, fused_logprobs, fused_srpo_loss
 from .config import SRPOLossConfig
 from .output import SRPOLossOutput
+from .workspace import release_workspace
 
-__all__ = ["fused_srpo_loss", "fused_logprobs", "FusedSRPOLoss", "SRPOLossConfig", "SRPOLossOutput", "reference"]
+__all__ = ["fused_srpo_loss", "fused_logprobs", "FusedSRPOLoss", "SRPOLossConfig", "SRPOLossOutput", "reference",
+           "release_workspace"]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import token_math
+from . import token_math, workspace
 from .backends import row_ops as S
 from .backends.row_ops import RowOps, Widen
 from .config import SRPOLossConfig
@@ -112,24 +112,33 @@ class ChunkRunner:
         g_rows = (~route).nonzero().squeeze(1)
         self.g_rows = g_rows[torch.argsort((~valid[g_rows]).to(torch.int8), stable=True)]
         self._workspace = self._scratch = None
+        self._taken = []  # the pool's flat buffers behind them
         # bf16/fp16 on the CPU: the backend widens the GEMM's output and narrows dL/dz row by row (row_ops.Widen).
         self.fused_casts = self.gemms.low and not self.gemms.fp32_out and ops.fuses_casts
 
     def _buffers(self, low_rows: int, fp32_rows: int):
         """``[fp32_rows, V]`` logits (math dtype) and, for bf16/fp16 operands, a ``[low_rows, V]`` scratch in the
-        input dtype: views of one workspace each that both streams share, sized once for the larger.
-
-        One allocation per run, not one per stream: buffers this large come fresh from the OS on every allocation,
-        and each first touch of a page is a fault."""
+        input dtype: views of one workspace each, taken from the pool of ``workspace.py`` (buffers this large come
+        fresh from the OS on every allocation, and each first touch of a page is a fault), sized for the larger
+        stream so that both streams and the next call reuse the same ones. A stream gives them back as it ends."""
         if self._workspace is None:
             sd, g = min(self.chunk, self.sd_rows.numel()), min(self.chunk, self.g_rows.numel())
             need = max(2 * sd, g)
             # Fused casts keep the student's rows in the input dtype: only the teacher's need fp32 rows.
-            self._workspace = torch.empty(sd if self.fused_casts else need, self.vocab, dtype=self.dtype,
-                                          device=self.hidden.device)
+            self._workspace = self._take(sd if self.fused_casts else need, self.dtype)
             if self.gemms.low:
-                self._scratch = torch.empty(need, self.vocab, dtype=self.gemms.operand, device=self.hidden.device)
+                self._scratch = self._take(need, self.gemms.operand)
         return self._workspace[:fp32_rows], None if self._scratch is None else self._scratch[:low_rows]
+
+    def _take(self, rows: int, dtype) -> torch.Tensor:
+        flat = workspace.take(rows * self.vocab, dtype, self.hidden.device)
+        self._taken.append(flat)
+        return flat[:rows * self.vocab].view(rows, self.vocab)
+
+    def _give_back_buffers(self) -> None:
+        self._workspace = self._scratch = None
+        while self._taken:
+            workspace.give_back(self._taken.pop())
 
     def _logits(self, h, teacher_rows: int = 0):
         """A chunk's logits as the backend takes them: (z, u, casts, scratch), `casts` the keyword arguments of
@@ -188,40 +197,47 @@ class ChunkRunner:
             stats.logp[rows], stats.entropy[rows] = logp, entropy
             return
         n_valid = int(self.x.valid[rows].sum())  # valid rows come first
-        for start in range(0, rows.numel(), self.chunk):
-            r = rows[start:start + self.chunk]
-            h = self.gemms.operand_rows(self.hidden.index_select(0, r))
-            z, _, casts, scratch = self._logits(h)
-            targets = self.x.token_ids.index_select(0, r)
-            st = self.ops.student_stats(z, targets, **casts)
-            stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
-            if grads is None or start >= n_valid:  # only masked rows left: nothing to back-propagate
-                continue
-            c_logp, c_ent = coef(r, st)
-            self.ops.student_grad(z, targets, st, c_logp, c_ent, **casts)
-            self._backprop(z, scratch, r, h, grads)
+        try:
+            for start in range(0, rows.numel(), self.chunk):
+                r = rows[start:start + self.chunk]
+                h = self.gemms.operand_rows(self.hidden.index_select(0, r))
+                z, _, casts, scratch = self._logits(h)
+                targets = self.x.token_ids.index_select(0, r)
+                st = self.ops.student_stats(z, targets, **casts)
+                stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
+                if grads is None or start >= n_valid:  # only masked rows left: nothing to back-propagate
+                    continue
+                c_logp, c_ent = coef(r, st)
+                self.ops.student_grad(z, targets, st, c_logp, c_ent, **casts)
+                self._backprop(z, scratch, r, h, grads)
+        finally:
+            self._give_back_buffers()
 
     def distill_stream(self, stats: RowStats, coef: Optional[Callable], grads: Optional[Grads]):
         """SDPO rows: student and teacher logits of the same tokens. `coef(rows, chunk_stats) -> (c_logp, c_div)`."""
         rows, cfg = self.sd_rows, self.cfg
         teacher = self.x.teacher_hidden
         n_valid = int(self.x.valid[rows].sum())
-        for start in range(0, rows.numel(), self.chunk):
-            r = rows[start:start + self.chunk]
-            c = r.numel()
-            # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
-            h = self.gemms.operand_rows(self.hidden.index_select(0, r))
-            t = self.gemms.operand_rows(teacher.index_select(0, self.teacher_rows[start:start + self.chunk]))
-            z, u, casts, scratch = self._logits(torch.cat([h, t]), teacher_rows=c)
-            targets = self.x.token_ids.index_select(0, r)
-            st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail, **casts)
-            stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
-            stats.teacher_entropy[r], stats.divergence[r] = S.teacher_entropy(st), st[:, S.DIVERGENCE]
-            if grads is None or start >= n_valid:
-                continue
-            c_logp, c_div = coef(r, st)
-            self.ops.distill_grad(z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail, **casts)
-            self._backprop(z, None if scratch is None else scratch[:c], r, h, grads)
+        try:
+            for start in range(0, rows.numel(), self.chunk):
+                r = rows[start:start + self.chunk]
+                c = r.numel()
+                # Student and teacher rows in one GEMM: W is read once per chunk, and the GEMM is twice as tall.
+                h = self.gemms.operand_rows(self.hidden.index_select(0, r))
+                t = self.gemms.operand_rows(teacher.index_select(0, self.teacher_rows[start:start + self.chunk]))
+                z, u, casts, scratch = self._logits(torch.cat([h, t]), teacher_rows=c)
+                targets = self.x.token_ids.index_select(0, r)
+                st, ids = self.ops.distill_stats(z, u, targets, cfg.alpha, cfg.topk, cfg.topk_tail, **casts)
+                stats.logp[r], stats.entropy[r] = st[:, S.LOGP], st[:, S.ENTROPY]
+                stats.teacher_entropy[r], stats.divergence[r] = S.teacher_entropy(st), st[:, S.DIVERGENCE]
+                if grads is None or start >= n_valid:
+                    continue
+                c_logp, c_div = coef(r, st)
+                self.ops.distill_grad(z, u, targets, st, ids, c_logp, c_div, cfg.alpha, cfg.topk, cfg.topk_tail,
+                                      **casts)
+                self._backprop(z, None if scratch is None else scratch[:c], r, h, grads)
+        finally:
+            self._give_back_buffers()
 
 
 def log_weight_normalizer(x: FlatInputs, cfg: SRPOLossConfig, teacher_entropy: Optional[torch.Tensor]) -> float:
