@@ -32,7 +32,10 @@ def take(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if buf is not None and buf.numel() >= numel:
         return buf
     del buf  # too small: free it before allocating the larger one
-    return torch.empty(numel, dtype=dtype, device=device)
+    # A normal tensor even under torch.inference_mode(): an inference tensor kept here could not be written by a
+    # later call outside that mode.
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype, device=device)
 
 
 def give_back(buf: torch.Tensor) -> None:

@@ -121,3 +121,20 @@ def test_logprobs_hand_their_workspace_back_too():
     again, entropy_again = sk.fused_logprobs(h, w, ids, with_entropy=True, backend="torch", chunk_size=16)
     (again + entropy_again).sum().backward()
     assert torch.equal(logp, again) and torch.equal(grad, w.grad)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_buffers_taken_under_inference_mode_serve_later_calls(backend, dtype):
+    """A buffer first allocated under torch.inference_mode() (e.g. an old-logprob pass) is still writable by the
+    training call after it, and the other way round."""
+    h, ids = torch.randn(40, 16).to(dtype), torch.randint(0, 300, (40,))
+    w = torch.randn(300, 16).to(dtype).requires_grad_()
+    with torch.inference_mode():
+        first = sk.fused_logprobs(h, w.detach(), ids, backend=backend, chunk_size=16)
+    assert workspace.kept_bytes() > 0
+    logp = sk.fused_logprobs(h, w, ids, backend=backend, chunk_size=16)
+    logp.sum().backward()
+    with torch.inference_mode():
+        again = sk.fused_logprobs(h, w.detach(), ids, backend=backend, chunk_size=16)
+    assert torch.equal(first, logp.detach()) and torch.equal(first, again)
