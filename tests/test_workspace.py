@@ -138,3 +138,25 @@ def test_buffers_taken_under_inference_mode_serve_later_calls(backend, dtype):
     with torch.inference_mode():
         again = sk.fused_logprobs(h, w.detach(), ids, backend=backend, chunk_size=16)
     assert torch.equal(first, logp.detach()) and torch.equal(first, again)
+
+
+def test_concurrent_calls_from_threads_match_serial_ones():
+    import threading
+
+    cases = [make_case(seed=20 + i, n=45, v=257) for i in range(4)]
+    serial = [run(sk.fused_srpo_loss, c, torch.bfloat16, backend="cpu", chunk_size=16) for c in cases]
+    results = [None] * len(cases)
+
+    def call(i):
+        for _ in range(3):
+            results[i] = run(sk.fused_srpo_loss, cases[i], torch.bfloat16, backend="cpu", chunk_size=16)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for want, got in zip(serial, results):
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, got[key]), key
