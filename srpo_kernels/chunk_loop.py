@@ -35,7 +35,8 @@ def default_chunk_size(vocab: int, hidden: int, device: Optional[torch.device] =
     write) and the backend's `temporaries`, in [16, 4096] and a multiple of 16. Counting the scratch cost no time
     at the SmolLM2-like shape in bf16 (1.55x vs 1.57x the GEMM floor at C = 448 vs 576, all SDPO) and took the bf16
     peak at N = 2048, H = 256, V = 151 936 (half SDPO) from 572 to 460 MB. With fused casts (the C++ backend) the
-    student's rows have no fp32 copy, so this overcounts them; the peak there is 361 MB (fp32 inputs: 435 MB).
+    student's rows have no fp32 copy, so this overcounts them; the peak there is 344 MB, 422 MB with the buffers
+    kept between calls (workspace.py; fp32 inputs: 434 MB).
 
     Each chunk streams W (V x H) through three GEMMs, and its logits (C x V) through the GEMMs and the row passes;
     C ~ H keeps W's share of that traffic below the logits'. Smaller chunks re-read W (and pay the per-chunk
