@@ -90,6 +90,13 @@ def fused(backend, **kw):
 ref_loss = reference.srpo_loss
 
 
+def assert_bitwise_equal(actual, expected):
+    """Every tensor of `expected` (a `run` result) equals `actual`'s bit for bit."""
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(actual[key], value), key
+
+
 def max_rel_err(actual, expected):
     scale = expected.abs().max().clamp_min(1e-30)
     return float((actual - expected).abs().max() / scale)

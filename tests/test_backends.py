@@ -201,7 +201,7 @@ def test_cpu_kernel_casts_rows_in_place_of_the_chunk_loops_passes(dtype, options
     """bf16/fp16 GEMMs on the CPU: the C++ passes widen each row ((x + b) / T) and narrow its dL/dz themselves
     (RowOps.fuses_casts). Same arithmetic as the chunk loop's separate passes, so the same bits; at T = 0.5 those
     multiply by the exact 1/T where the C++ divides, which gives the same quotients."""
-    from cases import fused, make_case, run
+    from cases import assert_bitwise_equal, fused, make_case, run
     from srpo_kernels import chunk_loop, gemm
 
     monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)  # the bf16-GEMM path, whatever this CPU has
@@ -215,6 +215,4 @@ def test_cpu_kernel_casts_rows_in_place_of_the_chunk_loops_passes(dtype, options
     assert seen and all(seen)  # the fused path did run
     monkeypatch.setattr(CpuRowOps, "fuses_casts", False)
     separate = run(loss, case, dtype, **options)
-    for key, value in fused_run.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, separate[key]), key
+    assert_bitwise_equal(separate, fused_run)

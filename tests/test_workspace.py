@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import srpo_kernels as sk
-from cases import make_case, run
+from cases import assert_bitwise_equal, make_case, run
 from srpo_kernels import workspace
 from srpo_kernels.chunk_loop import CHUNK_BYTES
 
@@ -94,9 +94,7 @@ def test_stale_workspace_contents_never_reach_a_result(backend, dtype, options):
     assert workspace.kept_bytes() > 0
     _poison_pool()
     reused = run(sk.fused_srpo_loss, case, dtype, backend=backend, chunk_size=16, **options)
-    for key, value in fresh.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, reused[key]), key
+    assert_bitwise_equal(reused, fresh)
 
 
 def test_a_later_call_leaves_an_earlier_calls_results_alone():
@@ -157,6 +155,4 @@ def test_concurrent_calls_from_threads_match_serial_ones():
     for t in threads:
         t.join()
     for want, got in zip(serial, results):
-        for key, value in want.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, got[key]), key
+        assert_bitwise_equal(got, want)
