@@ -15,9 +15,12 @@
   vocabulary rows, each block's ``[rows, H]`` result (a chunk's share of ``dW``, rounded once to the input dtype, as
   the naive loss rounds its whole ``dW``) added into the accumulator while it is in cache: never a ``V x H``
   temporary, and 2.3-2.8x faster than an fp32 GEMM on widened operands on a Sapphire Rapids CPU (AMX) at
-  C = 256-512, H = 256-1024. Where torch's CPU build carries MKL (x86), the C++ kernel calls MKL's bf16/fp16 GEMM
-  with an fp32 C instead, which adds into the accumulator itself: fp32 accumulation all the way (no share rounded),
-  within noise of the blocks' speed in bf16 and 1.06-1.46x faster in fp16 (``python -m benchmarks.dw_gemm``).
+  C = 256-512, H = 256-1024. On an Intel CPU where torch's CPU build carries MKL (x86), the C++ kernel calls MKL's
+  bf16/fp16 GEMM with an fp32 C instead, which adds into the accumulator itself: fp32 accumulation all the way (no
+  share rounded), within noise of the blocks' speed in bf16 and 1.06-1.46x faster in fp16 on Sapphire Rapids
+  (``python -m benchmarks.dw_gemm``). Not on AMD: MKL's bf16 GEMM there ran 2.1-2.4x slower than the blocks
+  (2 EPYC cores with avx512_bf16, C, H, V = 256, 256, 32 000 to 576, 576, 49 152), which cost the SmolLM2-like
+  shape half its time over the GEMM floor. ``SRPO_KERNELS_CPU_DW=mkl|blocks`` forces either, to measure both ways.
 """
 from __future__ import annotations
 
@@ -41,15 +44,31 @@ _CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset:
+def _cpuinfo(*keys: str) -> str:
+    """The value of the first /proc/cpuinfo line starting with one of `keys` ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(keys):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def _cpu_flags() -> frozenset:
+    return frozenset(_cpuinfo("flags", "Features").split())
+
+
+def mkl_dw_gemm_preferred() -> bool:
+    """Whether the CPU's low-precision dW goes through MKL's fp32-C GEMM (where it exists) rather than the blocks:
+    on Intel CPUs only (see the module's docstring), unless ``SRPO_KERNELS_CPU_DW`` is "mkl" or "blocks"."""
+    choice = os.environ.get("SRPO_KERNELS_CPU_DW", "auto")
+    if choice not in ("auto", "mkl", "blocks"):
+        raise ValueError(f"SRPO_KERNELS_CPU_DW must be auto, mkl or blocks, got {choice!r}")
+    if choice != "auto":
+        return choice == "mkl"
+    return _cpuinfo("vendor_id") == "GenuineIntel"
 
 
 def native_low_precision(dtype: torch.dtype, device: torch.device) -> bool:
@@ -156,9 +175,10 @@ class Gemms:
 
 def _fp32_acc_gemm(acc: torch.Tensor) -> bool:
     """Whether the C++ kernel's grad_weight (MKL's bf16/fp16 GEMM into an fp32 C, from torch's own CPU build) can
-    add into `acc`."""
+    add into `acc`, and is the faster way on this CPU."""
     return (acc.device.type == "cpu" and acc.dtype == torch.float32 and acc.stride(-1) == 1
-            and cpu_kernel.load_error() is None and torch.ops.srpo_kernels.grad_weight_available())
+            and cpu_kernel.load_error() is None and torch.ops.srpo_kernels.grad_weight_available()
+            and mkl_dw_gemm_preferred())
 
 
 def add_grad_weight_blocks(acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float) -> None:

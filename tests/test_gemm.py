@@ -15,10 +15,12 @@ def test_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkeypatch):
         monkeypatch.setattr(gemm.cpu_kernel, "load_error", lambda: "disabled")
     elif gemm.cpu_kernel.load_error() is not None:
         pytest.skip(f"the C++ CPU kernel is unavailable: {gemm.cpu_kernel.load_error()}")
-    elif add == "c++ blocks":  # where torch's CPU build has no MKL
-        monkeypatch.setattr(gemm, "_fp32_acc_gemm", lambda acc: False)
+    elif add == "c++ blocks":  # where torch's CPU build has no MKL, or the CPU is not Intel's
+        monkeypatch.setenv("SRPO_KERNELS_CPU_DW", "blocks")
     elif not torch.ops.srpo_kernels.grad_weight_available():
         pytest.skip("torch's CPU build has no MKL bf16/fp16 GEMM here")
+    else:
+        monkeypatch.setenv("SRPO_KERNELS_CPU_DW", "mkl")
     monkeypatch.setattr(gemm, "DW_BLOCK_ELEMENTS", 1)  # 64-row blocks: V = 203 takes four, the last one partial
     g = torch.Generator().manual_seed(0)
     v, h_dim, c = 203, 24, 37
@@ -42,3 +44,18 @@ def test_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkeypatch):
         magnitude = beta * before.double().abs() + dz_op.double().abs().T @ h.double().abs()
         bound = 4 * c * torch.finfo(torch.float32).eps * magnitude
     assert ((acc.double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("vendor, choice, expected", [
+    ("GenuineIntel", "auto", True), ("AuthenticAMD", "auto", False), ("", "auto", False),
+    ("AuthenticAMD", "mkl", True), ("GenuineIntel", "blocks", False)])
+def test_mkl_dw_gemm_only_on_intel_unless_forced(vendor, choice, expected, monkeypatch):
+    monkeypatch.setattr(gemm, "_cpuinfo", lambda *keys: vendor if keys == ("vendor_id",) else "")
+    monkeypatch.setenv("SRPO_KERNELS_CPU_DW", choice)
+    assert gemm.mkl_dw_gemm_preferred() is expected
+
+
+def test_cpu_dw_choice_is_validated(monkeypatch):
+    monkeypatch.setenv("SRPO_KERNELS_CPU_DW", "fast")
+    with pytest.raises(ValueError, match="SRPO_KERNELS_CPU_DW must be auto, mkl or blocks"):
+        gemm.mkl_dw_gemm_preferred()
