@@ -114,6 +114,8 @@ class Gemms:
         self.math = math_dtype(self.operand)
         self.low = self.operand in LOW_PRECISION
         self.fp32_out = self.low and _supports_out_dtype(self.weight.device)
+        # Decided once a call, before any GEMM: a bad SRPO_KERNELS_CPU_DW fails here, not in the chunk loop.
+        self.mkl_dw = self.low and not self.fp32_out and w.device.type == "cpu" and mkl_dw_gemm_preferred()
         self.bias = None if bias is None else bias.detach().to(self.math)
         self.temperature, self.inv_t = temperature, 1.0 / temperature
         # Logits are divided by T, as the naive loss divides them, unless 1/T is exact (T a power of two): z * fl(1/T)
@@ -165,7 +167,7 @@ class Gemms:
         """acc (fp32/fp64, V x H) <- beta * acc + dz_op^T h, with no V x H temporary."""
         if self.fp32_out:
             torch.addmm(acc, dz_op.T, h, beta=beta, out_dtype=self.math, out=acc)
-        elif self.low and _fp32_acc_gemm(acc):
+        elif self.mkl_dw and _fp32_acc_gemm(acc):
             torch.ops.srpo_kernels.grad_weight(acc, dz_op, h, beta)
         elif self.low:  # CPU: see the module's docstring
             add_grad_weight_blocks(acc, dz_op, h, beta)
@@ -175,10 +177,9 @@ class Gemms:
 
 def _fp32_acc_gemm(acc: torch.Tensor) -> bool:
     """Whether the C++ kernel's grad_weight (MKL's bf16/fp16 GEMM into an fp32 C, from torch's own CPU build) can
-    add into `acc`, and is the faster way on this CPU."""
+    add into `acc`."""
     return (acc.device.type == "cpu" and acc.dtype == torch.float32 and acc.stride(-1) == 1
-            and cpu_kernel.load_error() is None and torch.ops.srpo_kernels.grad_weight_available()
-            and mkl_dw_gemm_preferred())
+            and cpu_kernel.load_error() is None and torch.ops.srpo_kernels.grad_weight_available())
 
 
 def add_grad_weight_blocks(acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float) -> None:

@@ -59,3 +59,6 @@ def test_cpu_dw_choice_is_validated(monkeypatch):
     monkeypatch.setenv("SRPO_KERNELS_CPU_DW", "fast")
     with pytest.raises(ValueError, match="SRPO_KERNELS_CPU_DW must be auto, mkl or blocks"):
         gemm.mkl_dw_gemm_preferred()
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)
+    with pytest.raises(ValueError, match="SRPO_KERNELS_CPU_DW"):  # once a call, before any GEMM
+        gemm.Gemms(torch.zeros(8, 4, dtype=torch.bfloat16), None, 1.0)
