@@ -19,6 +19,11 @@
 #include <utility>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 namespace {
 
 // The math helpers must inline into the simd loops, or the loops stay scalar.
@@ -903,6 +908,21 @@ void grad_weight(at::Tensor acc, const at::Tensor& dz, const at::Tensor& h, doub
        static_cast<int>(acc.stride(0)));
 }
 
+// Hands the whole pages inside `t`'s bytes back to the OS (Linux: madvise MADV_DONTNEED; a no-op elsewhere): they
+// read as zeros afterwards. For a buffer its owner is done with but cannot free yet, e.g. the fp32 dW accumulator
+// while it is narrowed into the returned bf16 gradient block by block (gemm.returned_grad), so that the two never
+// both exist whole. Only interior pages: a page shared with a neighbouring allocation is never touched.
+void discard_pages(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "discard_pages: t must be a contiguous CPU tensor");
+#ifdef __linux__
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.numel()) * t.element_size();
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(srpo_kernels, m) {
@@ -919,6 +939,7 @@ TORCH_LIBRARY(srpo_kernels, m) {
   m.def("accumulate(Tensor(a!) acc, Tensor part, float beta) -> ()");
   m.def("grad_weight_available() -> bool", &grad_weight_available);
   m.def("grad_weight(Tensor(a!) acc, Tensor dz, Tensor h, float beta) -> ()");
+  m.def("discard_pages(Tensor(a!) t) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(srpo_kernels, CPU, m) {
@@ -928,4 +949,5 @@ TORCH_LIBRARY_IMPL(srpo_kernels, CPU, m) {
   m.impl("distill_grad", &distill_grad);
   m.impl("accumulate", &accumulate);
   m.impl("grad_weight", &grad_weight);
+  m.impl("discard_pages", &discard_pages);
 }

@@ -17,6 +17,7 @@ from .backends import row_ops as S
 from .backends.row_ops import RowOps
 from .chunk_loop import ChunkRunner, Grads, RowStats, log_weight_normalizer, normalizer_known_upfront
 from .config import SRPOLossConfig
+from .gemm import returned_grad
 from .inputs import FlatInputs
 
 
@@ -153,12 +154,10 @@ def _refuse_double_backward():
                            "come from the kernels, not from autograd); create_graph=True is not supported")
 
 
-def _cast(grad: Optional[torch.Tensor], dtype, scale=None):
-    if grad is None:
-        return None
-    if scale is not None:
-        grad = grad * scale
-    return grad.to(dtype)
+def _returned(grads: Grads, dtypes, scale=None) -> tuple:
+    """backward's fixed tuple (dh, dW, db, None for the params) from our accumulators, in the inputs' dtypes."""
+    dh, dw, db = (returned_grad(g, d, scale) for g, d in zip((grads.hidden, grads.weight, grads.bias), dtypes))
+    return dh, dw, db, None
 
 
 class SRPOLossFunction(torch.autograd.Function):
@@ -197,13 +196,11 @@ class SRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         _refuse_double_backward()
-        dh, dw, db = ctx.dtypes
         if ctx.grads is not None:
             # Computed in forward. Dropping ctx's reference lets autograd adopt the tensors as .grad instead of
             # copying them (a copy of dW would add V x H x 4 bytes to the peak).
             g, ctx.grads = ctx.grads, None
-            scale = None if bool(grad_loss == 1) else grad_loss
-            return _cast(g.hidden, dh, scale), _cast(g.weight, dw, scale), _cast(g.bias, db, scale), None
+            return _returned(g, ctx.dtypes, None if bool(grad_loss == 1) else grad_loss)
         hidden, weight, bias = ctx.saved_tensors
         params = ctx.params
         x = params.inputs
@@ -213,11 +210,10 @@ class SRPOLossFunction(torch.autograd.Function):
             # A masked token contributes nothing, even under a NaN/inf upstream gradient (e.g. nansum over padding).
             upstream = grad_loss.reshape(-1).to(runner.dtype)
             _run(runner, torch.where(x.valid, upstream, torch.zeros_like(upstream)), ctx.log_mu, grads)
-            return _cast(grads.hidden, dh), _cast(grads.weight, dw), _cast(grads.bias, db), None
+            return _returned(grads, ctx.dtypes)
         # A second backward through a retained graph: the forward's computation again, bit for bit.
         _run(runner, _scalar_row_scale(x, runner.dtype, ctx.reduction, ctx.denom), ctx.mu_upfront, grads)
-        scale = None if bool(grad_loss == 1) else grad_loss
-        return _cast(grads.hidden, dh, scale), _cast(grads.weight, dw, scale), _cast(grads.bias, db, scale), None
+        return _returned(grads, ctx.dtypes, None if bool(grad_loss == 1) else grad_loss)
 
 
 @dataclass
@@ -256,8 +252,7 @@ class LogprobsFunction(torch.autograd.Function):
 
         runner.student_stream(runner.empty_stats(), coef, grads)
         runner.finish_grads(grads)
-        return (_cast(grads.hidden, hidden.dtype), _cast(grads.weight, weight.dtype),
-                _cast(grads.bias, None if bias is None else bias.dtype), None)
+        return _returned(grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype))
 
 
 def _logprob_runner(hidden, weight, bias, params: LogprobParams) -> ChunkRunner:

@@ -21,6 +21,9 @@
   (``python -m benchmarks.dw_gemm``). Not on AMD: MKL's bf16 GEMM there ran 2.1-2.4x slower than the blocks
   (2 EPYC cores with avx512_bf16, C, H, V = 256, 256, 32 000 to 576, 576, 49 152), which cost the SmolLM2-like
   shape half its time over the GEMM floor. ``SRPO_KERNELS_CPU_DW=mkl|blocks`` forces either, to measure both ways.
+- The gradients are returned in the inputs' dtypes (``returned_grad``). On the CPU the fp32 ``dW`` accumulator is
+  narrowed block by block, each block's pages handed back to the OS once converted: the accumulator and its bf16
+  copy never both exist whole, which put the bf16 peak above the fp32 one (2048, 256, 151 936: 422 vs 419 MB).
 """
 from __future__ import annotations
 
@@ -38,6 +41,12 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # accumulator): 2048-8192 rows for H = 256-1024, the fastest measured on 2 Sapphire Rapids cores (256-row blocks were
 # up to 1.8x slower).
 DW_BLOCK_ELEMENTS = 1 << 21
+# returned_grad narrows the CPU's accumulators in blocks of this many bytes of the accumulator, discarding pages only
+# for an accumulator of at least DISCARD_MIN_BYTES: glibc's largest mmap threshold, above which free() unmaps the
+# block anyway. A smaller one may stay in the heap for the next allocation, which would fault its pages in again
+# (3 ms more at 32 000 x 256).
+NARROW_BLOCK_BYTES = 4 << 20
+DISCARD_MIN_BYTES = 32 << 20
 _out_dtype_ok = {}  # device type -> whether torch.mm/addmm take out_dtype there (probed once)
 # CPU feature flags (/proc/cpuinfo) of native bf16/fp16 dot products: AVX-512/AMX on x86, bf16/fp16 on Arm.
 _CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}
@@ -200,3 +209,25 @@ def _accumulate(block: torch.Tensor, part: torch.Tensor, beta: float) -> None:
         block.copy_(part)
     else:
         torch.add(part, block, alpha=beta, out=block)
+
+
+def returned_grad(acc: Optional[torch.Tensor], dtype: torch.dtype, scale: Optional[torch.Tensor] = None):
+    """An accumulator (fp32/fp64, owned by the caller, who drops it after) as the gradient in `dtype`, times `scale`
+    (in place). Narrowing on the CPU goes block by block and discards each converted block's pages (C++ kernel):
+    peak memory of the accumulator alone, not of the accumulator plus its narrowed copy."""
+    if acc is None:
+        return None
+    if scale is not None:
+        acc.mul_(scale)
+    if acc.dtype == dtype:
+        return acc
+    if (acc.device.type != "cpu" or not acc.is_contiguous() or acc.numel() * acc.element_size() < DISCARD_MIN_BYTES
+            or cpu_kernel.load_error() is not None):
+        return acc.to(dtype)
+    out = torch.empty(acc.shape, dtype=dtype)
+    src, dst = acc.view(-1), out.view(-1)
+    step = max(1, NARROW_BLOCK_BYTES // acc.element_size())
+    for i in range(0, src.numel(), step):
+        dst[i:i + step].copy_(src[i:i + step])
+        torch.ops.srpo_kernels.discard_pages(src[i:i + step])
+    return out

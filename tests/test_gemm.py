@@ -62,3 +62,47 @@ def test_cpu_dw_choice_is_validated(monkeypatch):
     monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)
     with pytest.raises(ValueError, match="SRPO_KERNELS_CPU_DW"):  # once a call, before any GEMM
         gemm.Gemms(torch.zeros(8, 4, dtype=torch.bfloat16), None, 1.0)
+
+
+def _needs_cpu_kernel():
+    if gemm.cpu_kernel.load_error() is not None:
+        pytest.skip(f"the C++ CPU kernel is unavailable: {gemm.cpu_kernel.load_error()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("discard", [True, False])
+def test_returned_grad_is_the_plain_cast(dtype, scale, discard, monkeypatch):
+    """Narrowing block by block (blocks that are not whole pages, the last one partial) gives the bits of one cast."""
+    if discard:
+        _needs_cpu_kernel()
+        monkeypatch.setattr(gemm, "DISCARD_MIN_BYTES", 0)
+        monkeypatch.setattr(gemm, "NARROW_BLOCK_BYTES", 4 * 1001)
+    acc = torch.randn(157, 83, generator=torch.Generator().manual_seed(1)) * 100
+    s = None if scale is None else torch.tensor(scale)
+    expected = (acc if s is None else acc * s).to(dtype)
+    got = gemm.returned_grad(acc.clone(), dtype, s)
+    assert got.dtype == dtype and got.shape == acc.shape
+    assert torch.equal(got, expected)
+
+
+def test_discard_pages_touches_only_whole_pages_inside():
+    """Pages wholly inside the slice read as zeros after it; every entry on a page shared with its neighbours keeps
+    its value (the allocator's or another tensor's data may live there)."""
+    import resource
+    import sys
+
+    _needs_cpu_kernel()
+    page = resource.getpagesize()
+    t = torch.arange(1, 8 * page + 1, dtype=torch.float32)  # 4 bytes an entry: 4 pages of entries after the slice
+    start, stop = 37, 4 * page - 5
+    torch.ops.srpo_kernels.discard_pages(t[start:stop])
+    addr = t.data_ptr() + 4 * torch.arange(t.numel(), dtype=torch.int64)
+    lo = -(-(t.data_ptr() + 4 * start) // page) * page  # first whole page inside the slice
+    hi = (t.data_ptr() + 4 * stop) // page * page
+    inside = (addr >= lo) & (addr + 4 <= hi)
+    kept = torch.arange(1, 8 * page + 1, dtype=torch.float32)
+    if sys.platform.startswith("linux"):
+        assert inside.any()
+        assert (t[inside] == 0).all()
+    assert torch.equal(t[~inside], kept[~inside])
