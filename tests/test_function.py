@@ -80,3 +80,26 @@ def test_frozen_weight_skips_its_gradient():
                              case["teacher_hidden"].float())
     out.loss.backward()
     assert w.grad is None and h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("retain", [False, True])
+def test_upstream_gradient_scales_the_handed_over_gradients(reduction, retain):
+    """d(c * loss) = c * d(loss), bit for bit (the accumulators are scaled in place), the first backward (gradients
+    computed in forward) and a second one through a retained graph (recomputed) alike."""
+    case = make_case(seed=5, n=9, h=6, v=29, sd_frac=0.4)
+    c = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+
+    def grads(scale):
+        h, w, b = (c[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+        out = sk.fused_srpo_loss(h, w, c["token_ids"], c["advantages"], c["route"], c["teacher_hidden"],
+                                 loss_mask=c["loss_mask"], bias=b, reduction=reduction)
+        if retain:
+            (out.loss * 0.5).backward(retain_graph=True)
+            for t in (h, w, b):
+                t.grad = None
+        (out.loss * scale).backward()
+        return h.grad, w.grad, b.grad
+
+    for unit, scaled in zip(grads(1.0), grads(0.37)):
+        assert torch.equal(scaled, unit * torch.tensor(0.37))
