@@ -32,19 +32,21 @@ namespace {
 constexpr float kLogTiny = -87.33654475f;  // log(FLT_MIN): floor of a tail bucket's log-probability
 // Column layout shared with row_ops.py. Each stats tensor carries private columns after the named ones: the row's
 // argmax (exact as a float below 2^24), found in the stats pass so the gradient pass need not search again, then
-// the student's log s (student stats) or its tail log-prob before the floor (distill stats).
+// the student's log s (student stats), or the private distill columns below.
 enum Col { LSE = 0, LOGP, ENTROPY, T_LSE, T_ENTROPY, DIVERGENCE, AUX_KL, P_NORM, Q_NORM, T_ENTROPY_LO, N_DISTILL };
 constexpr int64_t kStudentTop = ENTROPY + 1, kStudentLogS = kStudentTop + 1, kStudentCols = kStudentLogS + 1;
-// Private distill columns: the student's argmax, its tail log-prob before the floor at kLogTiny (the tail's
-// gradient spreads by p_j / p_tail with the tail's own mass), its log s, the (max, log s) pairs of the top-K
+// Private distill columns: the student's argmax, its log s, the (max, log s) pairs of the top-K
 // support's log-probs on each side (log p = (x - max) - log s: the whole row's with a tail bucket, the K entries'
 // without), the support's shift (Divergence::value), its tail bucket's log q - log p (tail_delta) and its lse_gap
-// (log q - log p = (y - x) + gap, the gap from the log-sums in double: an fp32 log s rounds at its own size).
-constexpr int64_t kDistillTop = N_DISTILL, kDistillTail = kDistillTop + 1, kDistillLogS = kDistillTail + 1,
+// (log q - log p = (y - x) + gap, the gap from the log-sums in double: an fp32 log s rounds at its own size), then
+// the normaliser (m_t, log s_t) of the student's tail members' p_j / p_tail = exp((x_j - m_t) - log s_t): the tail's
+// own max and log-sum where tail_logprob finds them (x_j - m would round at |x_j - m|: 2e-5 relative for a tail 200
+// below the max that holds the teacher's mass), else (m, log s + log p_tail).
+constexpr int64_t kDistillTop = N_DISTILL, kDistillLogS = kDistillTop + 1,
                   kSupportMaxZ = kDistillLogS + 1, kSupportLogSZ = kSupportMaxZ + 1, kSupportMaxU = kSupportLogSZ + 1,
                   kSupportLogSU = kSupportMaxU + 1, kSupportShift = kSupportLogSU + 1,
                   kSupportTailDelta = kSupportShift + 1, kSupportGap = kSupportTailDelta + 1,
-                  kDistillCols = kSupportGap + 1;
+                  kTailMax = kSupportGap + 1, kTailLogS = kTailMax + 1, kDistillCols = kTailLogS + 1;
 constexpr int64_t kMaxVocab = int64_t(1) << 24;
 
 ALWAYS_INLINE float as_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -108,20 +110,74 @@ ALWAYS_INLINE void jsd_terms(float delta, float p, float q, float log_beta, floa
   e = pos ? c1 - soft : delta + (c0 - soft);
 }
 
-// dL/dz sums to zero over a row (shift invariance). Where one token holds almost all the probability its entry is a
-// difference of nearly equal terms (e.g. p (log p - log m - KL)) that loses every digit in fp32; the other entries
-// carry no such cancellation, so the argmax entry is set to minus their sum. Only on sharp rows (p_top > 1/2): on a
-// flat row that sum of V similar terms is the less accurate of the two (14x the naive dW error measured at V = 673).
-constexpr float kSharpLogProb = -0.69314718f;  // log(1/2)
-inline bool sharp_row(float top_logit, float lse) { return top_logit - lse > kSharpLogProb; }
+// dL/dz sums to zero over a row (shift invariance). Where a few tokens hold most of the probability their entries are
+// differences of nearly equal terms (e.g. p (log p - log m - KL)) that lose their digits in fp32; the other, light
+// entries carry no such cancellation. So each heavy entry j (p_j >= 1/16) is moved by p_j / (heavy mass) of the row's
+// sum, the heavy entries' own sum taken first (one heavy entry: minus the sum of the others, exactly): the projection
+// autograd's log-softmax backward applies, on the entries where it matters (twin top logits need it shared). Only
+// where the heavy entries hold more than half the mass: on a flat row that sum of V similar terms is the less
+// accurate of the two (14x the naive dW error measured at V = 673). support.rebalance_ is the same rule.
+constexpr int kMaxHeavy = 16;  // 1 / the heavy share: no more entries can hold it
+constexpr float kHeavyShare = 1.f / kMaxHeavy, kLogHeavyShare = -2.7725887f;  // log(1/16)
+struct Heavy {
+  int n = 0;  // 0: the row is not rebalanced
+  int64_t id[kMaxHeavy];  // ascending
+  float share[kMaxHeavy];  // p_j / (the heavy entries' mass)
+};
 
-inline void rebalance(float* x, int64_t n, int64_t top, bool sharp) {
-  if (!sharp) return;
-  x[top] = 0.f;
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += x[j];
-  x[top] = -s;
+// A row's heavy entries, from its logits (before the gradient overwrites them), max x[top] and log s.
+inline Heavy heavy_entries(const float* x, int64_t n, int64_t top, float log_s) {
+  Heavy h;
+  const float m = x[top], p_top = std::exp(-log_s);
+  if (!(p_top * kMaxHeavy > 0.5f)) return h;  // 16 entries of at most p_top each hold at most half
+  float p[kMaxHeavy], mass = 0.f;
+  auto add = [&](int64_t j) {
+    const float pj = std::exp((x[j] - m) - log_s);
+    if (pj >= kHeavyShare && h.n < kMaxHeavy) { h.id[h.n] = j; p[h.n++] = pj; mass += pj; }
+  };
+  if (p_top > 1.f - kHeavyShare) {
+    add(top);  // no other entry can be heavy
+  } else {
+    const float at_least = m + log_s + kLogHeavyShare - 1e-3f;  // a cheap screen; add() decides
+    constexpr int64_t kBlock = 16;
+    int64_t j = 0;
+    for (; j + kBlock <= n; j += kBlock) {
+      int any = 0;
+#pragma omp simd reduction(| : any)
+      for (int64_t l = 0; l < kBlock; ++l) any |= x[j + l] >= at_least;
+      if (any)
+        for (int64_t l = 0; l < kBlock; ++l)
+          if (x[j + l] >= at_least) add(j + l);
+    }
+    for (; j < n; ++j)
+      if (x[j] >= at_least) add(j);
+  }
+  if (!(mass > 0.5f)) {
+    h.n = 0;
+    return h;
+  }
+  for (int k = 0; k < h.n; ++k) h.share[k] = p[k] / mass;
+  return h;
+}
+
+// The row's gradient `x` rebalanced (see above) from its own heavy entries and the light entries' sum.
+inline void set_heavy(float* x, const Heavy& h, const float* own, float light) {
+  float heavy_sum = 0.f;
+  for (int k = 0; k < h.n; ++k) heavy_sum += own[k];
+  for (int k = 0; k < h.n; ++k) x[h.id[k]] = (own[k] - h.share[k] * heavy_sum) - h.share[k] * light;
+}
+
+inline void rebalance(float* x, int64_t n, const Heavy& h) {
+  if (h.n == 0) return;
+  float own[kMaxHeavy];
+  for (int k = 0; k < h.n; ++k) {
+    own[k] = x[h.id[k]];
+    x[h.id[k]] = 0.f;
+  }
+  float light = 0.f;
+#pragma omp simd reduction(+ : light)
+  for (int64_t j = 0; j < n; ++j) light += x[j];
+  set_heavy(x, h, own, light);
 }
 
 // First index of the row's maximum, in one vectorised pass: each of kLanes lanes keeps its running max and where it
@@ -213,18 +269,30 @@ inline void set_teacher_entropy(float* s, double h) {
 // weight exp(-beta H_T) multiplies by beta). Elsewhere the row's log-sum-exp with `ids` excluded, minus its own,
 // both in the shifted form of row_lse_entropy ((x_t - m) + log1p(r_t) - log s, t the tail's argmax): 1 - sum would
 // cancel, and x - lse would round at |lse| (a tail holding all but e^-100 of the mass came out 1e-5 away from 0).
-// `empty` is set for a tail with no finite entry.
+// `empty` is set for a tail with no finite entry; (m_t, log_s_t) to the tail's own max and log-sum where they are
+// found, else to (m, log s + the result) (the same p_j / p_tail).
 constexpr double kTailFromSupport = 0.5;
 inline double tail_logprob(float* x, int64_t n, const int64_t* ids, int64_t k, float m, double log_s, double support,
-                           bool& empty) {
+                           bool& empty, float& m_t, float& log_s_t) {
   empty = false;
-  if (support < kTailFromSupport) return std::log1p(-support);
+  m_t = m;
+  if (support < kTailFromSupport) {
+    const double out = std::log1p(-support);
+    log_s_t = static_cast<float>(log_s + out);
+    return out;
+  }
   std::vector<float> saved(k);
   for (int64_t i = 0; i < k; ++i) { saved[i] = x[ids[i]]; x[ids[i]] = -std::numeric_limits<float>::infinity(); }
   const int64_t t = row_argmax(x, n);
   double out = 0;
   empty = !(x[t] > -std::numeric_limits<float>::infinity());
-  if (!empty) out = (static_cast<double>(x[t]) - m) + row_lse_entropy(x, n, t).log_s_wide - log_s;
+  log_s_t = static_cast<float>(log_s);
+  if (!empty) {
+    const double own = row_lse_entropy(x, n, t).log_s_wide;
+    out = (static_cast<double>(x[t]) - m) + own - log_s;
+    m_t = x[t];
+    log_s_t = static_cast<float>(own);
+  }
   for (int64_t i = 0; i < k; ++i) x[ids[i]] = saved[i];
   return out;
 }
@@ -355,13 +423,11 @@ void full_vocab_grad(float* __restrict x, const float* __restrict y, int64_t n, 
 }
 
 // Top-K row, every entry treated as a tail member first: x <- g_tail p_j / p_tail - a p_j, with p_j as in
-// full_vocab_grad and p_j / p_tail = exp((x - m) - tail_shift), tail_shift = log s + log p_tail.
-void tail_grad(float* __restrict x, int64_t n, float m, float log_s, float g_tail, float tail_shift, float a) {
+// full_vocab_grad and p_j / p_tail = exp((x - m_t) - log s_t), (m_t, log s_t) the tail's normaliser (kTailMax).
+void tail_grad(float* __restrict x, int64_t n, float m, float log_s, float g_tail, float m_t, float log_s_t,
+               float a) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float d = x[j] - m;
-    x[j] = g_tail * vexp(d - tail_shift) - a * vexp(d - log_s);
-  }
+  for (int64_t j = 0; j < n; ++j) x[j] = g_tail * vexp((x[j] - m_t) - log_s_t) - a * vexp((x[j] - m) - log_s);
 }
 
 double entropy_of(const double* lq, int64_t n) {
@@ -480,9 +546,10 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
       mass_u += std::exp(lqd[k]);
     }
     bool empty_z, empty_u;
-    const double tail_z = tail_logprob(x, V, row_ids, K, x[top], nz.log_s_wide, mass_z, empty_z);
-    const double tail_u = tail_logprob(y, V, row_ids, K, max_u, nu.log_s_wide, mass_u, empty_u);
-    s[kDistillTail] = static_cast<float>(tail_z);  // unfloored for the gradient (0 for an empty tail)
+    float tail_m_u, tail_ls_u;  // unused: the teacher's tail has no gradient
+    const double tail_z = tail_logprob(x, V, row_ids, K, x[top], nz.log_s_wide, mass_z, empty_z, s[kTailMax],
+                                       s[kTailLogS]);
+    const double tail_u = tail_logprob(y, V, row_ids, K, max_u, nu.log_s_wide, mass_u, empty_u, tail_m_u, tail_ls_u);
     s[P_NORM] = lp[K] = empty_z ? kLogTiny : static_cast<float>(std::max<double>(tail_z, kLogTiny));
     lqd[K] = empty_u ? kLogTiny : std::max<double>(tail_u, kLogTiny);
     s[Q_NORM] = lq[K] = static_cast<float>(lqd[K]);
@@ -522,14 +589,14 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
 void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V, int64_t target, int64_t K,
                                bool tail, const Divergence& div, const int64_t* row_ids, const float* s, float a,
                                float c, float* gk, float* zk) {
-  const float lse_z = s[LSE], aux = s[AUX_KL];
+  const float aux = s[AUX_KL];
   const int64_t top = static_cast<int64_t>(s[kDistillTop]);
   const float m = x[top], log_s = s[kDistillLogS];
-  const bool sharp = sharp_row(m, lse_z);
+  const Heavy heavy = heavy_entries(x, V, top, log_s);
   if (K == 0) {
     full_vocab_grad(x, y, V, m, log_s, aux, a, c, div);
     x[target] += a;
-    rebalance(x, V, top, sharp);
+    rebalance(x, V, heavy);
     return;
   }
   // Support gradients first (they need the original logits of the top-K entries).
@@ -545,10 +612,10 @@ void distill_row_grad(float* __restrict x, const float* __restrict y, int64_t V,
   // The tail bucket's gradient is shared by its members in proportion p_j / p_tail.
   // Without a tail bucket g_tail = 0 and the shift is unused.
   tail_grad(x, V, m, log_s, tail ? c * div.grad(pn, qn, s[kSupportTailDelta], aux, shift) : 0.f,
-            log_s + (tail ? s[kDistillTail] : 0.f), a);
+            tail ? s[kTailMax] : m, tail ? s[kTailLogS] : log_s, a);
   for (int64_t k = 0; k < K; ++k) x[row_ids[k]] = gk[k] - a * std::exp((zk[k] - m) - log_s);
   x[target] += a;
-  rebalance(x, V, top, sharp);
+  rebalance(x, V, heavy);
 }
 
 void check_chunk(const at::Tensor& z, const char* name) {
@@ -718,20 +785,31 @@ ALWAYS_INLINE float student_grad_span(float* __restrict x, int64_t b, int64_t e,
   return s;
 }
 
-// One pass writes the row and sums it (but the argmax) for the rebalance of a sharp row.
-void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t top, float lse, float log_s, float h,
-                      float a, float c) {
+// One pass writes the row and sums its light entries (spans between the heavy ones) for the rebalance.
+void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t top, float log_s, float h, float a,
+                      float c) {
   const float m = x[top];
-  const bool sharp = sharp_row(m, lse);
-  float others = student_grad_span(x, 0, top, m, log_s, h, a, c) +
-                 student_grad_span(x, top + 1, n, m, log_s, h, a, c);
-  if (target != top) { x[target] += a; others += a; }
-  if (sharp) {
-    x[top] = -others;
-  } else {
-    student_grad_span(x, top, top + 1, m, log_s, h, a, c);
-    if (target == top) x[top] += a;
+  const Heavy heavy = heavy_entries(x, n, top, log_s);
+  float own[kMaxHeavy], light = 0.f;
+  int64_t b = 0;
+  for (int k = 0; k < heavy.n; ++k) {
+    const int64_t j = heavy.id[k];
+    light += student_grad_span(x, b, j, m, log_s, h, a, c);
+    own[k] = student_grad_span(x, j, j + 1, m, log_s, h, a, c) + (j == target ? a : 0.f);
+    b = j + 1;
   }
+  light += student_grad_span(x, b, n, m, log_s, h, a, c);
+  if (heavy.n == 0) {
+    x[target] += a;
+    return;
+  }
+  bool target_heavy = false;
+  for (int k = 0; k < heavy.n; ++k) target_heavy |= heavy.id[k] == target;
+  if (!target_heavy) {
+    x[target] += a;
+    light += a;
+  }
+  set_heavy(x, heavy, own, light);
 }
 
 at::Tensor student_stats(const c10::optional<at::Tensor>& z, const at::Tensor& targets,
@@ -763,8 +841,7 @@ void student_grad(const c10::optional<at::Tensor>& z, const at::Tensor& targets,
     std::vector<float> scratch(rows.scratch_size());
     for (int64_t i = b; i < e; ++i) {
       float* x = rows.load(i, scratch.data());
-      student_row_grad(x, V, yp[i], static_cast<int64_t>(sp[i * ns + kStudentTop]), sp[i * ns + LSE],
-                       sp[i * ns + kStudentLogS], sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
+      student_row_grad(x, V, yp[i], static_cast<int64_t>(sp[i * ns + kStudentTop]), sp[i * ns + kStudentLogS], sp[i * ns + ENTROPY], cl[i], ce ? ce[i] : 0.f);
       rows.store(i, x);
     }
   });

@@ -199,6 +199,42 @@ def test_twins_tied_at_the_top(backend, name):
     assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, **options)
 
 
+def _twins(case, masked_vocab=False):
+    """The second half of the vocabulary duplicates the first (tied logits); optionally every third bias entry -inf
+    (targets moved onto live tokens), as the fuzz's edges do."""
+    half = case["weight"].shape[0] // 2
+    case["weight"][half:2 * half] = case["weight"][:half]
+    if case.get("bias") is not None:
+        case["bias"][half:2 * half] = case["bias"][:half]
+        if masked_vocab:
+            case["bias"][2::3] = -math.inf
+            case["token_ids"] = case["token_ids"] - (case["token_ids"] % 3 == 2).long()
+    return case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_twin_heavy_entries_are_rebalanced_together(backend):
+    """Twin top logits of p ~ 1/2 each, a teacher that nearly agrees on them: each twin's entry p - q is a difference
+    of two ~1/2s, 300x the naive dh error (found by random draws; the reference, renormalising its top-K support over
+    the whole vocabulary, projects its gradient as a log-softmax backward does). The rebalance moved only a sharp
+    row's argmax (p > 1/2); it now shares the row sum among the heavy entries (p >= 1/16) where they hold more than
+    half the mass."""
+    case = _twins(make_case(seed=2506, n=4, h=10, v=4, sd_frac=1.0, mask_frac=0.3, isw=True))
+    assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, alpha=0.0, topk=5, temperature=0.5,
+                                    reduction="none", entropy_beta=30.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_tail_far_below_the_max_spreads_by_its_own_softmax(backend):
+    """A tail member 200 below the row's max holding the teacher's mass (twins split between the top-K support and
+    the tail, scale 30, T = 0.5): its p_j / p_tail = exp((z - m) - log s - log p_tail) rounded at |z - m|, 1e5x the
+    naive error in the bias gradient (found by random draws). It is the tail's own softmax now,
+    exp((z - m_t) - log s_t)."""
+    case = _twins(make_case(seed=8440, n=12, h=4, v=8, sd_frac=1.0, mask_frac=0.3, isw=False, scale=30.0),
+                  masked_vocab=True)
+    assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, alpha=0.0, topk=3, temperature=0.5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_token_with_a_vanishing_old_logprob(backend):
     """A masked token whose old log-prob is -200 (exp(logp - old) overflows fp32) contributes nothing: the reference's

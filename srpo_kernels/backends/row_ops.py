@@ -66,9 +66,10 @@ class VocabPasses(Protocol):
     def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha: float, shift) -> None:
         """z <- c_div dD/dz - c_logp p over the full vocabulary, in place."""
 
-    def fill_tail_grad(self, z, norm_z, g_tail, tail_shift, c_logp) -> None:
-        """z <- g_tail exp((z - m) - tail_shift) - c_logp exp((z - m) - log s), (m, log s) = norm_z, in place (every
-        entry as a top-K tail member: p_j / p_tail with tail_shift = log s + log p_tail)."""
+    def fill_tail_grad(self, z, norm_z, g_tail, norm_tail, c_logp) -> None:
+        """z <- g_tail exp((z - m_t) - log s_t) - c_logp exp((z - m) - log s), (m, log s) = norm_z, (m_t, log s_t)
+        = norm_tail, in place (every entry as a top-K tail member: p_j / p_tail, a softmax over the tail when
+        norm_tail is the tail's own max and log-sum)."""
 
 
 @dataclass

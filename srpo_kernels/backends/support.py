@@ -177,9 +177,12 @@ def divergence_grad(lp, lq, delta, aux, alpha):
 # the student stats; in the distill stats, both sides', the student's tail log-prob before its floor at LOG_TINY
 # (the tail gradient spreads by p_j / p_tail), the full vocabulary's shift (full_vocab_shift), which the
 # gradient pass must take as the stats pass did, and the top-K support's lse_gap from fp64 log-sums (an fp32 log s
-# rounds at its own size, 2.4e-7 at log s ~ 4, which every delta of a near-agreeing support would carry).
+# rounds at its own size, 2.4e-7 at log s ~ 4, which every delta of a near-agreeing support would carry), then
+# the student's tail's own (max, log s): its members' p_j / p_tail is a softmax over the tail, which (z - m) would
+# round at |z - m| (2e-5 relative for a tail 200 below the max holding the teacher's mass).
 STUDENT_M = S.N_STUDENT_STATS
-M_Z, LS_Z, M_U, LS_U, TAIL_Z, SHIFT, GAP = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 7)
+M_Z, LS_Z, M_U, LS_U, TAIL_Z, SHIFT, GAP, TAIL_M, TAIL_LS = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 9)
+N_TENSOR_DISTILL_STATS = TAIL_LS + 1
 
 
 def norm_of(stats, m_col):
@@ -244,26 +247,40 @@ def bucket_logprobs(zk, uk, stats, tail: bool):
     return lp, lq, support_deltas(zk, uk, lp, lq, stats[:, GAP, None])[0]
 
 
-SHARP_LOG_PROB = math.log(0.5)
+SHARP_MASS = 0.5
+SHARP_LOG_PROB = math.log(SHARP_MASS)  # vocab_parallel.py: the argmax alone, across ranks
+# An entry holding at least this share of the probability is "heavy": at most 1 / HEAVY_SHARE of them in a row.
+HEAVY_SHARE = 1.0 / 16
 
 
-def argmax_and_sharp(z, lse):
-    """Each row's argmax ``[C, 1]`` and whether it holds more than half the probability (see rebalance_)."""
-    top = z.argmax(1, keepdim=True)
-    return top, (z.gather(1, top) - lse[:, None]) > SHARP_LOG_PROB
+def heavy_entries(z, lse):
+    """Each row's heavy entries, for rebalance_: (ids ``[C, k]``, share ``[C, k]`` = p_j / (the heavy entries' mass),
+    0 where an id is not heavy; sharp ``[C, 1]``: whether they hold more than half the probability)."""
+    vals, ids = z.topk(min(z.shape[1], round(1 / HEAVY_SHARE)), dim=1)
+    p = torch.exp(vals - lse[:, None])
+    p = torch.where(p >= HEAVY_SHARE, p, torch.zeros_like(p))
+    mass = p.sum(1, keepdim=True)
+    return ids, p / mass.clamp_min(torch.finfo(p.dtype).tiny), mass > SHARP_MASS
 
 
-def rebalance_(grad, top, sharp):
-    """On sharp rows, set entry `top` (the argmax logit, ``[C, 1]``) to minus the sum of the row's other entries.
+def rebalance_(grad, heavy):
+    """On sharp rows, restore the heavy entries' share of the zero row sum from the light entries.
 
-    dL/dz sums to zero over a row (the loss is invariant to shifting the logits). Where one token holds almost all
-    the probability, its entry is a difference of nearly equal terms, e.g. ``p (log p - log m - KL)``, and loses
-    every digit in fp32; the other entries carry no such cancellation, so their sum restores it. On a flat row that
-    sum of V similar terms is the less accurate of the two, so those rows keep their own entry.
-    """
-    own = grad.gather(1, top)
-    grad.scatter_(1, top, 0.0)
-    grad.scatter_(1, top, torch.where(sharp, -grad.sum(1, keepdim=True), own))
+    dL/dz sums to zero over a row (the loss is invariant to shifting the logits). Where a few tokens hold most of
+    the probability, their entries are differences of nearly equal terms, e.g. ``p (log p - log m - KL)``, that
+    lose their digits in fp32; the light entries carry no such cancellation. So each heavy entry j is moved by
+    p_j / (heavy mass) of the row's sum, the heavy entries' own sum taken first (one heavy entry: minus the sum of
+    the others, exactly): the projection autograd's log-softmax backward applies, on the entries where it matters
+    (twin top logits need it shared). On a flat row that sum of V similar terms is the less accurate, so those rows
+    keep their own entries. The C++ kernel's rebalance is the same rule."""
+    ids, share, sharp = heavy
+    own = grad.gather(1, ids)
+    is_heavy = share > 0
+    heavy_sum = torch.where(is_heavy, own, torch.zeros_like(own)).sum(1, keepdim=True)
+    grad.scatter_(1, ids, torch.where(is_heavy, torch.zeros_like(own), own))
+    light_sum = grad.sum(1, keepdim=True)
+    moved = (own - share * heavy_sum) - share * light_sum
+    grad.scatter_(1, ids, torch.where(is_heavy & sharp, moved, own))
 
 
 # Where the support holds less than this share of the mass, the tail's log-prob is log1p(-support mass).
@@ -296,6 +313,9 @@ def fill_support_stats(stats, zk, uk, alpha, norms, tails) -> None:
             stats[:, col] = tail.clamp_min(LOG_TINY)
             if col == S.P_NORM:  # unfloored for the gradient, which spreads by p_j / p_tail
                 stats[:, TAIL_Z] = torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
+                empty = ~torch.isfinite(m_t)  # no member to spread over: any finite normaliser
+                stats[:, TAIL_M] = torch.where(empty, norm[0], m_t)
+                stats[:, TAIL_LS] = torch.where(empty, norm[1], ls_t).to(stats.dtype)
             else:
                 (m_u, ls_u), dtype = norm, norm[1].dtype
                 lq_wide = torch.cat([shifted_logp(uk.to(dtype), (m_u.to(dtype), ls_u)),

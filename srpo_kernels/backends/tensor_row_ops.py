@@ -10,9 +10,9 @@ import torch
 
 from . import row_ops as S
 from .row_ops import VocabPasses
-from .support import (GAP, LS_U, LS_Z, M_U, M_Z, SHIFT, STUDENT_M, TAIL_Z, argmax_and_sharp, bucket_logprobs,
-                      divergence_grad, effective_topk, fill_support_stats, full_vocab_shift, norm_of, rebalance_,
-                      shifted_logp, topk_ids)
+from .support import (LS_U, LS_Z, M_U, M_Z, N_TENSOR_DISTILL_STATS, SHIFT, STUDENT_M, TAIL_M, bucket_logprobs,
+                      divergence_grad, effective_topk, fill_support_stats, full_vocab_shift, heavy_entries, norm_of,
+                      rebalance_, shifted_logp, topk_ids)
 
 
 class TensorRowOps:
@@ -37,10 +37,10 @@ class TensorRowOps:
         return torch.stack([m + log_s, logp, entropy, m.to(log_s.dtype), log_s], 1).to(z.dtype), (m, log_s)
 
     def student_grad(self, z, targets, stats, c_logp, c_ent):
-        top, sharp = argmax_and_sharp(z, stats[:, S.LSE])
+        heavy = heavy_entries(z, stats[:, S.LSE])
         self.passes.fill_student_grad(z, norm_of(stats, STUDENT_M), stats[:, S.ENTROPY], c_logp, c_ent)
         z.scatter_add_(1, targets[:, None], c_logp[:, None])
-        rebalance_(z, top, sharp)
+        rebalance_(z, heavy)
 
     def _tail_norm(self, x, ids):
         """(max, log s) of each row without the top-K ids (exact: no 1 - sum cancellation)."""
@@ -51,7 +51,7 @@ class TensorRowOps:
         return m, log_s
 
     def distill_stats(self, z, u, targets, alpha, topk, topk_tail):
-        stats = z.new_zeros(z.shape[0], GAP + 1)
+        stats = z.new_zeros(z.shape[0], N_TENSOR_DISTILL_STATS)
         student, norm_z = self._student_stats(z, targets)
         stats[:, :S.N_STUDENT_STATS] = student[:, :S.N_STUDENT_STATS]
         stats[:, M_Z], stats[:, LS_Z] = norm_of(student, STUDENT_M)
@@ -73,7 +73,7 @@ class TensorRowOps:
 
     def distill_grad(self, z, u, targets, stats, topk_ids, c_logp, c_div, alpha, topk, topk_tail):
         lse_z = stats[:, S.LSE]
-        top, sharp = argmax_and_sharp(z, lse_z)
+        heavy = heavy_entries(z, lse_z)
         if topk_ids is None:
             self.passes.fill_distill_grad(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), stats[:, S.AUX_KL],
                                           c_logp, c_div, alpha, stats[:, SHIFT])
@@ -85,10 +85,10 @@ class TensorRowOps:
             norm_z = norm_of(stats, M_Z)
             if topk_tail:
                 # Spread by p_j / p_tail with the tail's own mass, not its floor (the reference's gradient too).
-                self.passes.fill_tail_grad(z, norm_z, g[:, -1], norm_z[1] + stats[:, TAIL_Z], c_logp)
-            else:  # shift = log s keeps exp(z - m - shift) <= 1, so 0 * exp never meets an inf
-                self.passes.fill_tail_grad(z, norm_z, torch.zeros_like(lse_z), norm_z[1], c_logp)
+                self.passes.fill_tail_grad(z, norm_z, g[:, -1], norm_of(stats, TAIL_M), c_logp)
+            else:  # the row's (m, log s) keep exp(z - m - log s) <= 1, so 0 * exp never meets an inf
+                self.passes.fill_tail_grad(z, norm_z, torch.zeros_like(lse_z), norm_z, c_logp)
             k = topk_ids.shape[1]
             z.scatter_(1, topk_ids, g[:, :k] - c_logp[:, None] * torch.exp(shifted_logp(zk, norm_z)))
         z.scatter_add_(1, targets[:, None], c_logp[:, None])
-        rebalance_(z, top, sharp)
+        rebalance_(z, heavy)

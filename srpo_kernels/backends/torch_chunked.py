@@ -64,12 +64,12 @@ class TorchPasses:
         grad -= c_logp[:, None] * log_p.exp()
         z.copy_(grad)
 
-    def fill_tail_grad(self, z, norm_z, g_tail, tail_shift, c_logp):
-        """z <- g_tail exp((z - m) - tail_shift) - c_logp exp((z - m) - log s), in place (every entry as a tail
+    def fill_tail_grad(self, z, norm_z, g_tail, norm_tail, c_logp):
+        """z <- g_tail exp((z - m_t) - log s_t) - c_logp exp((z - m) - log s), in place (every entry as a tail
         member): exp(z - lse) would round each p at |lse|."""
-        d = z - norm_z[0][:, None]
-        z.copy_(g_tail[:, None] * torch.exp(d - tail_shift[:, None])
-                - c_logp[:, None] * torch.exp(d - norm_z[1][:, None]))
+        m_t, ls_t = norm_tail
+        spread = torch.exp((z - m_t[:, None]) - ls_t[:, None])
+        z.copy_(g_tail[:, None] * spread - c_logp[:, None] * torch.exp((z - norm_z[0][:, None]) - norm_z[1][:, None]))
 
 
 # The torch passes peak at ~13 [V] fp32 rows per chunk row (1.72 GB extra at N = 2048, H = 256, V = 151 936, half

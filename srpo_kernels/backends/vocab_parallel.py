@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 
 from . import row_ops as S
-from .support import (GAP, LS_U, LS_Z, M_U, M_Z, SHARP_LOG_PROB, STUDENT_M, TAIL_Z, bucket_logprobs, divergence_grad,
-                      effective_topk, fill_support_stats, log_s_entropy, norm_of, shifted_logp, topk_ids)
+from .support import (LS_U, LS_Z, M_U, M_Z, N_TENSOR_DISTILL_STATS, SHARP_LOG_PROB, STUDENT_M, TAIL_Z,
+                      bucket_logprobs, divergence_grad, effective_topk, fill_support_stats, log_s_entropy, norm_of,
+                      shifted_logp, topk_ids)
 from .torch_chunked import TORCH_TEMPORARIES, TorchPasses
 
 
@@ -229,7 +230,7 @@ class VocabParallelRowOps:
             # Every entry as a tail member (spread by p_j / p_tail, none without a tail), then the support's own.
             g_tail = g[:, -1] if topk_tail else torch.zeros_like(lse_z)
             tail_shift = norm_z[1] + stats[:, TAIL_Z] if topk_tail else norm_z[1]
-            self.passes.fill_tail_grad(z, norm_z, g_tail, tail_shift, c_logp)
+            self.passes.fill_tail_grad(z, norm_z, g_tail, (norm_z[0], tail_shift), c_logp)
             local, here = self._owned(topk_ids)
             rows, cols = here.nonzero(as_tuple=True)
             support = g[:, :k] - c_logp[:, None] * torch.exp(shifted_logp(zk, norm_z))
@@ -274,7 +275,7 @@ class VocabParallelRowOps:
 # stats' (max, log s); in the distill stats after theirs), then for top-K the support's student and teacher logits
 # (K each), which distill_grad needs and only the gathered pool holds.
 _MINE_STUDENT = STUDENT_M + 2
-_MINE_Z = GAP + 1  # SHIFT itself unused here: the blocks take shift 0 (see distill_stats)
+_MINE_Z = N_TENSOR_DISTILL_STATS  # SHIFT itself unused here: the blocks take shift 0 (see distill_stats)
 _SUPPORT = _MINE_Z + 1
 
 
