@@ -46,8 +46,8 @@ def measure(vocab: int = 32000, rows: int = 16, alpha: float = 0.5, rounds: int 
     # u, which distill_grad only reads, stays as distill_stats left it.
     work = student.clone()
 
-    def fresh():
-        return widen(work.copy_(student))
+    def fresh(t=None):
+        return widen(work.copy_(student), t)
 
     def widen(z, t=None):
         return Widen(z, t, None, 1.0)
@@ -60,7 +60,7 @@ def measure(vocab: int = 32000, rows: int = 16, alpha: float = 0.5, rounds: int 
         "distill_stats": lambda: ops.distill_stats(None, u, targets, alpha, None, False,
                                                    widen=widen(student, teacher)),
         "distill_grad": lambda: ops.distill_grad(None, u, targets, dst, ids, ones, ones, alpha, None, False,
-                                                 widen=Widen(work.copy_(student), teacher, None, 1.0)),
+                                                 widen=fresh(teacher)),
     }
     return {name: best_us_per_row(fn, rows, rounds) for name, fn in passes.items()}
 

@@ -791,25 +791,24 @@ void student_row_grad(float* __restrict x, int64_t n, int64_t target, int64_t to
   const float m = x[top];
   const Heavy heavy = heavy_entries(x, n, top, log_s);
   float own[kMaxHeavy], light = 0.f;
+  bool target_heavy = false;
   int64_t b = 0;
   for (int k = 0; k < heavy.n; ++k) {
     const int64_t j = heavy.id[k];
     light += student_grad_span(x, b, j, m, log_s, h, a, c);
-    own[k] = student_grad_span(x, j, j + 1, m, log_s, h, a, c) + (j == target ? a : 0.f);
+    own[k] = student_grad_span(x, j, j + 1, m, log_s, h, a, c);
+    if (j == target) {
+      own[k] += a;
+      target_heavy = true;
+    }
     b = j + 1;
   }
   light += student_grad_span(x, b, n, m, log_s, h, a, c);
-  if (heavy.n == 0) {
-    x[target] += a;
-    return;
-  }
-  bool target_heavy = false;
-  for (int k = 0; k < heavy.n; ++k) target_heavy |= heavy.id[k] == target;
   if (!target_heavy) {
     x[target] += a;
     light += a;
   }
-  set_heavy(x, heavy, own, light);
+  if (heavy.n) set_heavy(x, heavy, own, light);
 }
 
 at::Tensor student_stats(const c10::optional<at::Tensor>& z, const at::Tensor& targets,
