@@ -33,7 +33,9 @@ def _add_config_args(p: argparse.ArgumentParser, skip=()):
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        text = f"{helps.get(f.name, '')} (default: {f.default})"
+        text = helps.get(f.name, "")
+        if "default" not in text:  # a comment may already say it (e.g. --lr's depends on the model)
+            text += f" (default: {f.default})"
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         elif typing.get_origin(hint) is typing.Union:  # Optional[X]
@@ -93,12 +95,11 @@ def cmd_compare(args):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="srpo", description="SRPO post-training on srpo_kernels' fused loss.")
     sub = p.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train one algorithm", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="train one algorithm")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
     compare = sub.add_parser("compare", help="srpo, sdpo and grpo on the same seed and prompts: step time by "
-                                             "phase, teacher and student rows, peak memory",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                             "phase, teacher and student rows, peak memory")
     _add_config_args(compare, skip=("algo", "resume", "loss"))
     compare.add_argument("--loss", choices=("fused", "reference", "both"), default="fused",
                          help="fused (srpo_kernels), reference (materialised logits, as TRL and the official SDPO "

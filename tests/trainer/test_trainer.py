@@ -2,6 +2,7 @@
 verifier errors, and an exact resume after SIGKILL."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,14 +184,22 @@ def test_cli_compare_runs_fused_and_reference_side_by_side(tmp_path):
     assert (tmp_path / "compare.png").is_file()
 
 
-def test_cli_help_documents_every_option():
+def test_cli_help_documents_every_option_and_its_default_once():
     from srpo import TrainConfig
     import dataclasses
 
-    out = subprocess.run([sys.executable, "-m", "srpo", "train", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    for f in dataclasses.fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in out, f.name
+    for command in ("train", "compare"):
+        out = subprocess.run([sys.executable, "-m", "srpo", command, "--help"], cwd=ROOT,
+                             capture_output=True, text=True, check=True, env=dict(os.environ, COLUMNS="200")).stdout
+        options = re.split(r"\n  (?=--)", out.split("options:", 1)[1])[1:]
+        for f in dataclasses.fields(TrainConfig):
+            flag = "--" + f.name.replace("_", "-")
+            if command == "compare" and f.name in ("algo", "resume", "loss"):
+                continue
+            text = next((o for o in options if o.startswith(flag + " ") or o.startswith(flag + ",")
+                         or o.startswith("--" + "[no-]" + flag[2:])), None)
+            assert text is not None, (command, flag)
+            assert " ".join(text.split()).count("(default:") == 1, (command, " ".join(text.split()))
 
 
 @pytest.mark.slow
