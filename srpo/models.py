@@ -111,7 +111,11 @@ def load(name: str, seed: int = 0, device: torch.device = torch.device("cpu")):
         tokenizer = tiny_tokenizer()
         return tiny_model(tokenizer, seed, QWEN3_VOCAB if name == "tiny-qwen3-vocab" else None), tokenizer
     path = smollm2_dir() if name == "smollm2" else name
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:  # transformers' message for a name that is no directory is about the hub and repo ids
+        raise ValueError(f"model must be smollm2, tiny, tiny-qwen3-vocab, or a local Hugging Face model directory "
+                         f"(or an id already in the Hugging Face cache), got {name!r}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=_attention(device))

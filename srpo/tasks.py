@@ -74,7 +74,13 @@ def get_verifier(spec: str) -> Callable[[str, Any], float]:
     if ":" not in spec:
         raise ValueError(f"verifier must be one of {sorted(VERIFIERS)} or 'module:function', got {spec!r}")
     module, func = spec.split(":", 1)
-    return getattr(importlib.import_module(module), func)
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"verifier {spec!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"verifier {spec!r} is not callable: {type(fn).__name__}")
+    return fn
 
 
 class SeededTask:
@@ -187,6 +193,8 @@ def load_task(task: str, verifier: str, digits: int = 1, ops: str = "+-", seed: 
     """(training task, held-out task, verifier) for ``TrainConfig.task``: ``arithmetic``, ``parity``,
     ``reasoning-gym:NAME``, or a JSONL file scored by `verifier`. The held-out task draws from another seed."""
     held_out = seed + 10_007
+    if verifier != "numeric" and (task in ("arithmetic", "parity") or task.startswith(ReasoningGym.PREFIX)):
+        raise ValueError(f"verifier {verifier!r} applies to JSONL tasks only: task {task!r} has its own")
     if task == "arithmetic":
         return Arithmetic(digits, ops, seed=seed), Arithmetic(digits, ops, seed=held_out), numeric
     if task == "parity":

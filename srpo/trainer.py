@@ -42,7 +42,7 @@ class TrainConfig:
     lr: Optional[float] = None  # AdamW learning rate (default: 1e-3 for the random tiny models, 1e-5 otherwise)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up
-    max_grad_norm: float = 1.0  # gradient-norm clip
+    max_grad_norm: Optional[float] = 1.0  # gradient-norm clip (None: no clip, the norm still logged)
     teacher: str = "ema"  # ema (EMA of the policy) | live (the policy itself, no grad)
     ema_rate: float = 0.05  # EMA rate of the teacher
     alpha: float = 0.5  # divergence: 0 forward KL, 1 reverse KL, in between generalised JSD
@@ -87,6 +87,12 @@ class TrainConfig:
         for name in ("mini_batches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "micro_batch", "eval_every"):  # 0 has a meaning for each (see its comment)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and not (0 < self.max_grad_norm < math.inf):
+            # a clip to 0 zeroes every gradient: a run that silently learns nothing
+            raise ValueError(f"max_grad_norm must be a positive finite number or None, got {self.max_grad_norm}")
         for name, allowed in (("loss", LOSSES), ("device", ("auto", "cpu", "cuda")), ("dtype", ("fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -417,8 +423,8 @@ class Trainer:
                 with timer("loss"):
                     loss_inputs = self._accumulate(batch, part, act, teacher, old, totals)
                 with timer("optim"):
-                    totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                                cfg.max_grad_norm))
+                    clip = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+                    totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 totals["updates"] += 1

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from srpo.tasks import Arithmetic, JsonlDataset, get_verifier, mcq, numeric, toolcall
+from srpo.tasks import Arithmetic, JsonlDataset, get_verifier, load_task, mcq, numeric, toolcall
 
 
 def test_numeric_tolerates_surrounding_text():
@@ -33,6 +33,15 @@ def test_module_function_verifier_and_unknown_name():
     assert get_verifier("coin_verifier:coin")("ab", None) in (0.0, 1.0)
     with pytest.raises(ValueError, match="verifier"):
         get_verifier("nope")
+    with pytest.raises(ValueError, match="verifier 'no_such_module:f': ModuleNotFoundError"):
+        get_verifier("no_such_module:f")
+    with pytest.raises(ValueError, match="verifier 'coin_verifier:nope': AttributeError"):
+        get_verifier("coin_verifier:nope")
+
+
+def test_verifier_for_a_task_with_its_own_is_refused():
+    with pytest.raises(ValueError, match="verifier 'mcq' applies to JSONL tasks only"):
+        load_task("arithmetic", "mcq")
 
 
 def test_malformed_dataset_line_names_file_and_line(tmp_path):

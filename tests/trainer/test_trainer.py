@@ -148,6 +148,25 @@ def test_bf16_step_runs_and_cuda_is_refused_without_a_gpu(tmp_path, coin_dataset
             Trainer(tiny_config(tmp_path, device="cuda"))
 
 
+@pytest.mark.parametrize("field,value", [("warmup_steps", -1), ("micro_batch", -2), ("eval_every", -1),
+                                         ("max_grad_norm", 0.0), ("max_grad_norm", float("inf"))])
+def test_config_refuses_values_with_no_meaning(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(tmp_path, **{field: value})
+
+
+def test_unclipped_run_logs_the_gradient_norm(tmp_path, coin_dataset):
+    hist = _steps(Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin",
+                                      max_grad_norm=None)).train())
+    updated = [r for r in hist if r["updates"]]
+    assert updated and all(0 < r["grad_norm"] < float("inf") for r in updated)
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="model must be smollm2, tiny, .*got '/no/such/model'"):
+        Trainer(tiny_config(tmp_path, model="/no/such/model"))
+
+
 def test_verifier_errors_give_zero_reward_and_training_goes_on(tmp_path, coin_dataset):
     hist = _steps(Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:broken")).train())
     assert all(r["reward_mean"] == 0 for r in hist)
