@@ -18,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import srpo_kernels
 
-from ..routing import route_rollouts
+from ..routing import ALGOS, route_rollouts
 from ..teacher import EMATeacher, teacher_prompt_ids
 
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -160,6 +160,18 @@ class SRPOConfig(GRPOConfig):
     teacher: str = field(default="ema", metadata={"help": "ema | live"})
     ema_rate: float = field(default=0.05, metadata={"help": "EMA rate of the teacher"})
     dual_clip: Optional[float] = field(default=3.0, metadata={"help": "GRPO dual clip (None disables)"})
+
+    def __post_init__(self):
+        # Checked here, not at the first loss call, which comes after the first generation.
+        super().__post_init__()
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.teacher not in ("ema", "live"):
+            raise ValueError(f"teacher must be 'ema' or 'live', got {self.teacher!r}")
+        if not 0 < self.ema_rate <= 1:
+            raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
+        srpo_kernels.SRPOLossConfig(alpha=self.alpha, topk=self.topk, topk_tail=self.topk_tail,
+                                    entropy_beta=self.entropy_beta, is_clip=self.is_clip, dual_clip=self.dual_clip)
 
 
 class _EMACallback(TrainerCallback):

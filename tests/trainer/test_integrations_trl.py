@@ -93,6 +93,13 @@ def test_srpo_trainer_runs_two_steps(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.model.parameters()))  # EMA moved
 
 
+@pytest.mark.parametrize("option,value", [("algo", "ppo"), ("teacher", "frozen"), ("ema_rate", 0.0), ("alpha", 1.5),
+                                          ("topk", 0), ("entropy_beta", -1.0), ("is_clip", 0.0), ("dual_clip", 0.5)])
+def test_srpo_config_refuses_bad_options_at_construction(tmp_path, option, value):
+    with pytest.raises(ValueError, match=option):
+        _args(SRPOConfig, tmp_path, **{option: value})
+
+
 # ---------------------------------------------------------------- FSDP2: two gloo processes on the CPU
 def _fsdp_problem(own_head):
     """The tiny model (untied when the lm_head gets its own fully_shard: FSDP2 needs tied weights in one group)
