@@ -7,16 +7,13 @@ import torch
 
 from .backends import BACKENDS, get_row_ops
 from .backends.vocab_parallel import vocab_parallel_ops
-from .config import SRPOLossConfig
+from .config import SRPOLossConfig, positive_int
 from .function import LogprobParams, LogprobsFunction, SRPOLossFunction, SRPOParams
 from .gemm import math_dtype
 from .inputs import check_projection, flatten_inputs, FlatInputs
 from .output import SRPOLossOutput, summarize
 
 
-def _check_chunk_size(chunk_size):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
 def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=None, *, old_logprobs=None,
@@ -51,7 +48,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
     cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                          alpha=alpha, topk=topk, topk_tail=topk_tail, is_clip=is_clip, entropy_beta=entropy_beta,
                          ref_beta=ref_beta, reduction=reduction)
-    _check_chunk_size(chunk_size)
+    chunk_size = positive_int("chunk_size", chunk_size)
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
     flat_hidden, x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
@@ -74,8 +71,8 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     """Differentiable per-token log-probs ``log softmax((h W^T + b) / T)[y]`` shaped like ``token_ids``, and the
     entropies too when ``with_entropy`` (returned as ``(logprobs, entropy)``). Never materialises ``[N, V]``.
     ``vocab_parallel_group``: as in :func:`fused_srpo_loss`."""
-    SRPOLossConfig(temperature=temperature)
-    _check_chunk_size(chunk_size)
+    temperature = SRPOLossConfig(temperature=temperature).temperature
+    chunk_size = positive_int("chunk_size", chunk_size)
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
@@ -107,7 +104,7 @@ class FusedSRPOLoss(torch.nn.Module):
     def __init__(self, backend="auto", chunk_size=None, vocab_parallel_group=None, **options):
         super().__init__()
         self.config = SRPOLossConfig(**options)
-        _check_chunk_size(chunk_size)
+        chunk_size = positive_int("chunk_size", chunk_size)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend, self.chunk_size, self.vocab_parallel_group = backend, chunk_size, vocab_parallel_group

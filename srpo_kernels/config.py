@@ -2,25 +2,38 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _finite(name: str, value, *, low=None, high=None, low_open=False, allow_none=False):
+def _finite(name: str, value, *, low=None, high=None, low_open=False, allow_none=False) -> Optional[float]:
+    """`value` as a Python float (numpy scalars included) once it passes the bounds."""
     if value is None:
         if allow_none:
-            return
+            return None
         raise ValueError(f"{name} must be a finite number, got None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def positive_int(name: str, value, *, allow_none=True) -> Optional[int]:
+    """`value` as a Python int (numpy integers included), or None where allowed; bools are refused."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}a positive int, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -48,17 +61,20 @@ class SRPOLossConfig:
     reduction: str = "mean"
 
     def __post_init__(self):
-        _finite("temperature", self.temperature, low=0.0, low_open=True)
-        _finite("eps_low", self.eps_low, low=0.0, high=1.0)
-        _finite("eps_high", self.eps_high, low=0.0)
-        _finite("dual_clip", self.dual_clip, low=1.0, low_open=True, allow_none=True)
-        _finite("alpha", self.alpha, low=0.0, high=1.0)
-        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1):
-            raise ValueError(f"topk must be None or a positive int, got {self.topk!r}")
+        # Stored as Python numbers (a numpy scalar passes the checks and is converted), since the kernels take them.
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("temperature", _finite("temperature", self.temperature, low=0.0, low_open=True))
+        put("eps_low", _finite("eps_low", self.eps_low, low=0.0, high=1.0))
+        put("eps_high", _finite("eps_high", self.eps_high, low=0.0))
+        put("dual_clip", _finite("dual_clip", self.dual_clip, low=1.0, low_open=True, allow_none=True))
+        put("alpha", _finite("alpha", self.alpha, low=0.0, high=1.0))
+        put("topk", positive_int("topk", self.topk))
         if not isinstance(self.topk_tail, bool):
             raise TypeError(f"topk_tail must be a bool, got {type(self.topk_tail).__name__}")
-        _finite("is_clip", self.is_clip, low=0.0, low_open=True, allow_none=True)
-        _finite("entropy_beta", self.entropy_beta, low=0.0)
-        _finite("ref_beta", self.ref_beta, low=0.0)
+        put("is_clip", _finite("is_clip", self.is_clip, low=0.0, low_open=True, allow_none=True))
+        put("entropy_beta", _finite("entropy_beta", self.entropy_beta, low=0.0))
+        put("ref_beta", _finite("ref_beta", self.ref_beta, low=0.0))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")

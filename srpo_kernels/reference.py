@@ -38,7 +38,7 @@ def _logits(hidden, weight, bias, temperature, dtype):
 
 def logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy=False):
     """Per-token log-probs (and entropies) from materialised logits; differentiable."""
-    SRPOLossConfig(temperature=temperature)
+    temperature = SRPOLossConfig(temperature=temperature).temperature
     flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
     dtype = math_dtype(flat_h.dtype)
     log_p = _logits(flat_h, weight, bias, temperature, dtype).log_softmax(-1)

@@ -113,6 +113,25 @@ def test_module_validates_at_construction():
         sk.FusedSRPOLoss(not_an_option=1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_numpy_scalars_are_numbers(backend):
+    # Options read from a config file or computed with numpy arrive as numpy scalars: the same as Python numbers.
+    np = pytest.importorskip("numpy")
+    a = _args()
+    plain = dict(alpha=0.3, topk=5, temperature=0.7, entropy_beta=2.0, normalizer=9.0, chunk_size=5)
+    numpy = dict(alpha=np.float64(0.3), topk=np.int64(5), temperature=np.float64(0.7),
+                 entropy_beta=np.int32(2), normalizer=np.float64(9.0), chunk_size=np.int16(5))
+    want = sk.fused_srpo_loss(**a, **plain, backend=backend)
+    got = sk.fused_srpo_loss(**a, **numpy, backend=backend)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.logprobs, want.logprobs)
+    cfg = sk.SRPOLossConfig(topk=np.int64(3), alpha=np.float32(0.5))
+    assert type(cfg.topk) is int and type(cfg.alpha) is float
+    assert torch.equal(sk.fused_logprobs(a["hidden"], a["weight"], a["token_ids"], temperature=np.float32(0.5)),
+                       sk.fused_logprobs(a["hidden"], a["weight"], a["token_ids"], temperature=0.5))
+    with pytest.raises(ValueError, match="topk"):
+        sk.SRPOLossConfig(topk=np.float64(3.0))
+
+
 def test_with_entropy_must_be_a_bool():
     a = _args()
     with pytest.raises(TypeError, match="with_entropy"):
