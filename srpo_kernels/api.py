@@ -10,7 +10,7 @@ from .backends.vocab_parallel import vocab_parallel_ops
 from .config import SRPOLossConfig, positive_int
 from .function import LogprobParams, LogprobsFunction, SRPOLossFunction, SRPOParams
 from .gemm import math_dtype
-from .inputs import check_projection, flatten_inputs, FlatInputs
+from .inputs import check_projection, flatten_inputs, FlatInputs, follow_autocast
 from .output import SRPOLossOutput, summarize
 
 
@@ -49,6 +49,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
                          alpha=alpha, topk=topk, topk_tail=topk_tail, is_clip=is_clip, entropy_beta=entropy_beta,
                          ref_beta=ref_beta, reduction=reduction)
     chunk_size = positive_int("chunk_size", chunk_size)
+    hidden, weight, bias, teacher_hidden = follow_autocast(hidden, weight, bias, teacher_hidden)
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
     flat_hidden, x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
@@ -73,6 +74,7 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     ``vocab_parallel_group``: as in :func:`fused_srpo_loss`."""
     temperature = SRPOLossConfig(temperature=temperature).temperature
     chunk_size = positive_int("chunk_size", chunk_size)
+    hidden, weight, bias = follow_autocast(hidden, weight, bias)
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)

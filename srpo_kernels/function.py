@@ -6,6 +6,7 @@ per-token upstream gradient in forward, so its backward re-runs the chunk loop w
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +20,18 @@ from .chunk_loop import ChunkRunner, Grads, RowStats, log_weight_normalizer, nor
 from .config import SRPOLossConfig
 from .gemm import returned_grad
 from .inputs import FlatInputs
+
+
+def _exact_dtypes(method):
+    """Run a forward/backward with torch.autocast off: its GEMMs follow gemm.py's policy for the dtypes they are
+    given (the entry points cast the operands to autocast's dtype first), and an autocast region around the call, or
+    around ``backward()``, would otherwise turn the fp32 GEMMs of the widened policy into bf16 ones. The first
+    tensor argument (hidden in forward, the upstream gradient in backward) names the device."""
+    @functools.wraps(method)
+    def run(ctx, first, *rest):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *rest)
+    return run
 
 
 @dataclass
@@ -165,6 +178,7 @@ class SRPOLossFunction(torch.autograd.Function):
     divergence, distill_weight, clipped); only ``loss`` is differentiable."""
 
     @staticmethod
+    @_exact_dtypes
     def forward(ctx, hidden, weight, bias, params: SRPOParams):
         cfg = params.config
         x = params.inputs
@@ -194,6 +208,7 @@ class SRPOLossFunction(torch.autograd.Function):
         return (loss,) + outs
 
     @staticmethod
+    @_exact_dtypes
     def backward(ctx, grad_loss, *_unused):
         _refuse_double_backward()
         if ctx.grads is not None:
@@ -229,6 +244,7 @@ class LogprobsFunction(torch.autograd.Function):
     Backward recomputes each chunk's logits (the upstream gradients are per token)."""
 
     @staticmethod
+    @_exact_dtypes
     def forward(ctx, hidden, weight, bias, params: LogprobParams):
         runner = _logprob_runner(hidden, weight, bias, params)
         stats = runner.empty_stats()
@@ -238,6 +254,7 @@ class LogprobsFunction(torch.autograd.Function):
         return stats.logp, stats.entropy
 
     @staticmethod
+    @_exact_dtypes
     def backward(ctx, grad_logp, grad_entropy):
         _refuse_double_backward()
         hidden, weight, bias = ctx.saved_tensors

@@ -130,6 +130,22 @@ def _refuse_dtensor(weight):
                             "FSDP2), or this rank's block of vocabulary rows with vocab_parallel_group")
 
 
+def follow_autocast(*operands):
+    """The GEMM operands (hidden, weight, bias, teacher_hidden; None passes) in torch.autocast's dtype when it is on
+    for their device, as ``F.linear`` would take them: bf16 activations with an fp32 lm_head under autocast is the
+    usual mixed-precision setup. The casts are differentiable, so fp32 master weights get their gradient in fp32;
+    fp64 is left alone, as autocast leaves it."""
+    first = operands[0]
+    if not isinstance(first, torch.Tensor) or first.device.type == "meta":
+        return operands
+    device = first.device.type
+    if not torch.is_autocast_enabled(device):
+        return operands
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in operands)
+
+
 def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = None):
     """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape).
     `vocab`: the whole vocabulary when `weight` is one rank's block of it (token ids are global)."""
@@ -146,7 +162,8 @@ def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = Non
         raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} (cast one, e.g. "
+                        f"weight.to(hidden.dtype), differentiable; under torch.autocast both are cast for you)")
     rows = weight.shape[0]
     if rows == 0:
         raise ValueError("weight must have at least one vocabulary row")

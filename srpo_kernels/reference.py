@@ -14,7 +14,7 @@ import torch
 from .config import SRPOLossConfig
 from .backends.support import topk_ids
 from .gemm import math_dtype
-from .inputs import check_projection, flatten_inputs
+from .inputs import check_projection, flatten_inputs, follow_autocast
 from .output import SRPOLossOutput, summarize
 
 LOG_TINY = math.log(torch.finfo(torch.float32).tiny)  # floor of a tail bucket's log-probability
@@ -39,6 +39,7 @@ def _logits(hidden, weight, bias, temperature, dtype):
 def logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy=False):
     """Per-token log-probs (and entropies) from materialised logits; differentiable."""
     temperature = SRPOLossConfig(temperature=temperature).temperature
+    hidden, weight, bias = follow_autocast(hidden, weight, bias)
     flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
     dtype = math_dtype(flat_h.dtype)
     log_p = _logits(flat_h, weight, bias, temperature, dtype).log_softmax(-1)
@@ -104,6 +105,7 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
     cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                          alpha=alpha, topk=topk, topk_tail=topk_tail, is_clip=is_clip, entropy_beta=entropy_beta,
                          ref_beta=ref_beta, reduction=reduction)
+    hidden, weight, bias, teacher_hidden = follow_autocast(hidden, weight, bias, teacher_hidden)
     flat_hidden, x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
                                     is_weights=is_weights, bias=bias, normalizer=normalizer,

@@ -103,3 +103,40 @@ def test_upstream_gradient_scales_the_handed_over_gradients(reduction, retain):
 
     for unit, scaled in zip(grads(1.0), grads(0.37)):
         assert torch.equal(scaled, unit * torch.tensor(0.37))
+
+
+def _autocast_run(case, dtype, autocast, backend, call):
+    """(value, dh, dW, db) of `call` ("loss", "none" or "logprobs") on leaves of `dtype` (hidden may differ: see
+    the caller), inside a bf16 autocast region or not."""
+    h, w, b = (case[k].to(dtype).requires_grad_() for k in ("hidden", "weight", "bias"))
+    if "hidden_dtype" in case:
+        h = case["hidden"].to(case["hidden_dtype"]).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if call == "logprobs":
+            lp, ent = sk.fused_logprobs(h, w, case["token_ids"], bias=b, with_entropy=True, backend=backend)
+            value = lp.sum() + (ent * 0.3).sum()
+        else:
+            out = sk.fused_srpo_loss(h, w, case["token_ids"], case["advantages"].float(), case["route"],
+                                     case["teacher_hidden"].to(dtype), bias=b, backend=backend,
+                                     reduction="none" if call == "none" else "mean")
+            value = out.loss.sum()
+        value.backward()  # inside the region, as a training step under autocast does
+    return value.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("call", ["loss", "none", "logprobs"])
+@pytest.mark.parametrize("native", [True, False], ids=["low-precision-gemms", "widened-gemms"])
+def test_autocast_casts_the_operands_and_stays_out_of_the_gemms(backend, call, native, monkeypatch):
+    # Under autocast the fused loss takes bf16 operands, as F.linear would, and gives fp32 leaves fp32 gradients
+    # equal to those of explicit bf16 leaves; the widened policy's fp32 GEMMs stay fp32 (autocast would make them
+    # bf16 GEMMs: a different dh).
+    from srpo_kernels import gemm
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: native)
+    case = make_case(seed=3, n=40, h=16, v=301)
+    want = _autocast_run(case, torch.bfloat16, False, backend, call)
+    got = _autocast_run(case, torch.float32, True, backend, call)
+    mixed = _autocast_run(dict(case, hidden_dtype=torch.bfloat16), torch.float32, True, backend, call)
+    for a, b, c in zip(want, got, mixed):
+        assert torch.equal(a.float(), b) and torch.equal(b, c.float())
+    assert all(g.dtype == torch.float32 for g in got[1:])

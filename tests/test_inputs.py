@@ -132,6 +132,16 @@ def test_numpy_scalars_are_numbers(backend):
         sk.SRPOLossConfig(topk=np.float64(3.0))
 
 
+def test_mixed_operand_dtypes_say_the_way_out_and_autocast_takes_them():
+    a = _args()
+    a["hidden"] = a["hidden"].bfloat16()
+    for fn in (sk.fused_srpo_loss, sk.reference.srpo_loss):
+        with pytest.raises(TypeError, match=r"weight must have hidden's dtype .*autocast"):
+            fn(**a)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(fn(**a).loss)
+
+
 def test_with_entropy_must_be_a_bool():
     a = _args()
     with pytest.raises(TypeError, match="with_entropy"):
