@@ -22,6 +22,10 @@ from .tasks import load_task
 from .teacher import EMATeacher, chat_prompt_ids, teacher_prompt_ids
 
 LOSSES = ("fused", "reference")
+# Options a resumed run may change: how long, where, on what, and how it reports and evaluates; the same
+# computation otherwise (the loss implementations and micro-batching agree to rounding).
+RESUMABLE_CHANGES = ("steps", "resume", "output_dir", "progress", "eval_every", "eval_prompts", "eval_samples",
+                     "save_every", "device", "backend", "loss", "micro_batch")
 
 
 @dataclass
@@ -190,7 +194,9 @@ class Trainer:
     def _restore(self):
         state = checkpoint.load(self.out)
         if state is None:
+            print(f"[srpo] --resume: no checkpoint in {self.out}, starting at step 0")
             return
+        self._check_resumable(state.get("config") or {})
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
@@ -200,6 +206,15 @@ class Trainer:
         self.step, self.history = state["step"], state["history"]
         self.verifier_errors = state.get("verifier_errors", 0)
         self._write_metrics()  # drop records written after the checkpoint
+
+    def _check_resumable(self, saved: dict):
+        """A resumed run continues the saved one: options that change what it computes must be the same."""
+        now = dataclasses.asdict(self.cfg)
+        changed = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in saved
+                   if k in now and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+        if changed:
+            raise ValueError(f"--resume: the checkpoint in {self.out} was trained with other options: "
+                             f"{', '.join(changed)}; pass the same ones, or start over in another --output-dir")
 
     def save(self):
         checkpoint.save(self.out, {

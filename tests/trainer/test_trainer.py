@@ -162,6 +162,16 @@ def test_unclipped_run_logs_the_gradient_norm(tmp_path, coin_dataset):
     assert updated and all(0 < r["grad_norm"] < float("inf") for r in updated)
 
 
+def test_resume_refuses_changed_options_and_says_when_there_is_nothing(tmp_path, coin_dataset, capsys):
+    opts = dict(task=coin_dataset, verifier="coin_verifier:coin", steps=1)
+    Trainer(tiny_config(tmp_path / "none", resume=True, **opts))
+    assert "no checkpoint" in capsys.readouterr().out
+    Trainer(tiny_config(tmp_path, **opts)).train()
+    with pytest.raises(ValueError, match=r"--resume: .*algo 'srpo' \(now 'grpo'\), alpha 0.5 \(now 1.0\)"):
+        Trainer(tiny_config(tmp_path, resume=True, **dict(opts, algo="grpo"), alpha=1.0))
+    assert Trainer(tiny_config(tmp_path, resume=True, **dict(opts, steps=3), micro_batch=2)).step == 1
+
+
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="model must be smollm2, tiny, .*got '/no/such/model'"):
         Trainer(tiny_config(tmp_path, model="/no/such/model"))
