@@ -14,8 +14,6 @@ from .inputs import check_projection, flatten_inputs, FlatInputs, follow_autocas
 from .output import SRPOLossOutput, summarize
 
 
-
-
 def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=None, *, old_logprobs=None,
                     ref_logprobs=None, loss_mask=None, is_weights=None, bias=None, temperature=1.0, eps_low=0.2,
                     eps_high=0.28, dual_clip: Optional[float] = 3.0, alpha=0.5, topk=None, topk_tail=True,

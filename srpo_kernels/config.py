@@ -27,12 +27,12 @@ def _finite(name: str, value, *, low=None, high=None, low_open=False, allow_none
     return value
 
 
-def positive_int(name: str, value, *, allow_none=True) -> Optional[int]:
-    """`value` as a Python int (numpy integers included), or None where allowed; bools are refused."""
-    if value is None and allow_none:
+def positive_int(name: str, value) -> Optional[int]:
+    """`value` (None, or a positive int: numpy integers too, bools not) as a Python int."""
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}a positive int, got {value!r}")
+        raise ValueError(f"{name} must be None or a positive int, got {value!r}")
     return int(value)
 
 
