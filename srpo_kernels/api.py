@@ -112,6 +112,10 @@ class FusedSRPOLoss(torch.nn.Module):
     def forward(self, hidden, weight, token_ids, advantages, route=None, teacher_hidden=None,
                 **tensors) -> SRPOLossOutput:
         options = {f: getattr(self.config, f) for f in self.config.__dataclass_fields__}
+        held = sorted(set(tensors) & (set(options) | {"backend", "chunk_size", "vocab_parallel_group"}))
+        if held:
+            raise TypeError(f"FusedSRPOLoss holds {', '.join(held)} from its construction; forward takes the "
+                            f"per-batch tensors (and normalizer, weight_normalizer) only")
         return fused_srpo_loss(hidden, weight, token_ids, advantages, route, teacher_hidden, **tensors, **options,
                                backend=self.backend, chunk_size=self.chunk_size,
                                vocab_parallel_group=self.vocab_parallel_group)

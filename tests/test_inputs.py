@@ -111,6 +111,9 @@ def test_module_validates_at_construction():
         sk.FusedSRPOLoss(backend="gpu")
     with pytest.raises(TypeError):
         sk.FusedSRPOLoss(not_an_option=1)
+    a = _args()
+    with pytest.raises(TypeError, match="FusedSRPOLoss holds alpha, backend from its construction"):
+        sk.FusedSRPOLoss(alpha=0.3)(**a, alpha=0.5, backend="cpu")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
