@@ -9,6 +9,11 @@ import torch
 ALGOS = ("srpo", "grpo", "sdpo")
 
 
+def check_algo(algo: str) -> None:
+    if algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+
+
 @dataclass
 class Routing:
     advantages: torch.Tensor  # [G] per rollout
@@ -33,8 +38,7 @@ def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -
     sdpo (as its authors run it): distill every rollout with another correct rollout, correct or not; the rest
     contribute nothing; no GRPO term.
     """
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    check_algo(algo)
     correct = rewards >= 0.5
     n_correct = int(correct.sum())
     others_correct = (n_correct - correct.long()) > 0

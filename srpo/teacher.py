@@ -45,12 +45,24 @@ def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
+TEACHERS = ("ema", "live")
+
+
+def check_teacher(teacher: str) -> None:
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be 'ema' or 'live', got {teacher!r}")
+
+
+def check_ema_rate(rate: float) -> None:
+    if not 0 < rate <= 1:
+        raise ValueError(f"ema_rate must be in (0, 1], got {rate}")
+
+
 class EMATeacher:
     """``theta' <- (1 - rate) theta' + rate theta`` after each optimiser step; frozen, eval mode."""
 
     def __init__(self, model: torch.nn.Module, rate: float = 0.05):
-        if not 0 < rate <= 1:
-            raise ValueError(f"ema rate must be in (0, 1], got {rate}")
+        check_ema_rate(rate)
         self.rate = rate
         self.model = _fresh_copy(model).eval()
         for p in self.model.parameters():

@@ -17,9 +17,9 @@ import torch
 import srpo_kernels
 from . import checkpoint, models
 from .peak_memory import PeakMemory
-from .routing import ALGOS, route_rollouts
+from .routing import check_algo, route_rollouts
 from .tasks import load_task
-from .teacher import EMATeacher, chat_prompt_ids, teacher_prompt_ids
+from .teacher import EMATeacher, chat_prompt_ids, check_teacher, teacher_prompt_ids
 
 LOSSES = ("fused", "reference")
 # Options a resumed run may change: how long, where, on what, and how it reports and evaluates; the same
@@ -75,10 +75,8 @@ class TrainConfig:
     progress: bool = True  # progress bar
 
     def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        if self.teacher not in ("ema", "live"):
-            raise ValueError(f"teacher must be 'ema' or 'live', got {self.teacher!r}")
+        check_algo(self.algo)
+        check_teacher(self.teacher)
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_prompts", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -105,12 +105,11 @@ def test_upstream_gradient_scales_the_handed_over_gradients(reduction, retain):
         assert torch.equal(scaled, unit * torch.tensor(0.37))
 
 
-def _autocast_run(case, dtype, autocast, backend, call):
-    """(value, dh, dW, db) of `call` ("loss", "none" or "logprobs") on leaves of `dtype` (hidden may differ: see
-    the caller), inside a bf16 autocast region or not."""
-    h, w, b = (case[k].to(dtype).requires_grad_() for k in ("hidden", "weight", "bias"))
-    if "hidden_dtype" in case:
-        h = case["hidden"].to(case["hidden_dtype"]).requires_grad_()
+def _autocast_run(case, dtype, autocast, backend, call, hidden_dtype=None):
+    """(value, dh, dW, db) of `call` ("loss", "none" or "logprobs") on leaves of `dtype` (hidden's `hidden_dtype`
+    where given), inside a bf16 autocast region or not."""
+    w, b = (case[k].to(dtype).requires_grad_() for k in ("weight", "bias"))
+    h = case["hidden"].to(hidden_dtype or dtype).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if call == "logprobs":
             lp, ent = sk.fused_logprobs(h, w, case["token_ids"], bias=b, with_entropy=True, backend=backend)
@@ -136,7 +135,7 @@ def test_autocast_casts_the_operands_and_stays_out_of_the_gemms(backend, call, n
     case = make_case(seed=3, n=40, h=16, v=301)
     want = _autocast_run(case, torch.bfloat16, False, backend, call)
     got = _autocast_run(case, torch.float32, True, backend, call)
-    mixed = _autocast_run(dict(case, hidden_dtype=torch.bfloat16), torch.float32, True, backend, call)
+    mixed = _autocast_run(case, torch.float32, True, backend, call, hidden_dtype=torch.bfloat16)
     for a, b, c in zip(want, got, mixed):
         assert torch.equal(a.float(), b) and torch.equal(b, c.float())
     assert all(g.dtype == torch.float32 for g in got[1:])

@@ -18,8 +18,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 import srpo_kernels
 
-from ..routing import ALGOS, route_rollouts
-from ..teacher import EMATeacher, teacher_prompt_ids
+from ..routing import check_algo, route_rollouts
+from ..teacher import EMATeacher, check_ema_rate, check_teacher, teacher_prompt_ids
 
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -164,12 +164,9 @@ class SRPOConfig(GRPOConfig):
     def __post_init__(self):
         # Checked here, not at the first loss call, which comes after the first generation.
         super().__post_init__()
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        if self.teacher not in ("ema", "live"):
-            raise ValueError(f"teacher must be 'ema' or 'live', got {self.teacher!r}")
-        if not 0 < self.ema_rate <= 1:
-            raise ValueError(f"ema_rate must be in (0, 1], got {self.ema_rate}")
+        check_algo(self.algo)
+        check_teacher(self.teacher)
+        check_ema_rate(self.ema_rate)
         srpo_kernels.SRPOLossConfig(alpha=self.alpha, topk=self.topk, topk_tail=self.topk_tail,
                                     entropy_beta=self.entropy_beta, is_clip=self.is_clip, dual_clip=self.dual_clip)
 
