@@ -25,9 +25,10 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
         hidden: student hidden states ``[..., H]`` (fp32/bf16/fp16).
         weight: lm_head weight ``[V, H]``, same dtype; ``requires_grad=False`` skips its gradient GEMM.
         token_ids: sampled tokens ``[...]``; every per-token tensor below has this shape.
-        advantages: per-token advantages (``[B, 1]`` per-sequence broadcasts, a float applies to all).
+        advantages: per-token advantages (``[B, 1]`` per-sequence broadcasts; one number applies to all).
         route: bool, True routes the token to the SDPO (self-distillation) branch; None = all GRPO.
-        teacher_hidden: ``[M, H]`` teacher hidden states, one row per route-True token in order (no gradient).
+        teacher_hidden: ``[M, H]`` teacher hidden states, one row per route-True token in order (no gradient;
+            cast to hidden's dtype).
         old_logprobs: behaviour-policy log-probs; None = on-policy (ratio 1, gradient of logp).
         ref_logprobs: reference log-probs for the ``ref_beta * k3`` penalty.
         loss_mask: bool, False drops a token from the loss and the metrics.
@@ -53,7 +54,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
                                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
                                     is_weights=is_weights, bias=bias, normalizer=normalizer,
                                     weight_normalizer=weight_normalizer, cfg=cfg,
-                                    vocab=None if shard_ops is None else shard_ops.vocab_shard.vocab)
+                                    shard=None if shard_ops is None else shard_ops.vocab_shard)
     ops = shard_ops or get_row_ops(backend, flat_hidden.device, flat_hidden.dtype, weight.shape[0])
     params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
     loss, *per_token = SRPOLossFunction.apply(flat_hidden, weight, bias, params)

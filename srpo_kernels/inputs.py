@@ -54,16 +54,19 @@ def _float_tensor(name: str, value, device) -> torch.Tensor:
     return t
 
 
+def _expand_to(name: str, t: torch.Tensor, shape: torch.Size, broadcast: bool) -> torch.Tensor:
+    """`t` as `shape`: equal to it, or with `broadcast` one number (0-d) or the same ndim with 1s that expand."""
+    if t.shape == shape:
+        return t
+    if broadcast and (t.dim() == 0 or t.dim() == len(shape) and all(a in (1, b) for a, b in zip(t.shape, shape))):
+        return t.expand(shape)
+    extra = " (or broadcastable with the same number of dims, e.g. [B, 1], or one number)" if broadcast else ""
+    raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(t.shape)}")
+
+
 def _per_token(name: str, value, shape: torch.Size, device, dtype, *, broadcast=False) -> torch.Tensor:
-    """A per-token float tensor of `shape` (or, with `broadcast`, one with the same ndim that expands to it)."""
-    t = _float_tensor(name, value, device)
-    if t.shape != shape:
-        ok = broadcast and t.dim() == len(shape) and all(a in (1, b) for a, b in zip(t.shape, shape))
-        if not ok:
-            extra = " (or broadcastable with the same number of dims, e.g. [B, 1])" if broadcast else ""
-            raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(t.shape)}")
-        t = t.expand(shape)
-    t = t.reshape(-1).to(dtype)
+    """A per-token float tensor of `shape` (or, with `broadcast`, one that expands to it), flat, finite."""
+    t = _expand_to(name, _float_tensor(name, value, device), shape, broadcast).reshape(-1).to(dtype)
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} must be finite everywhere")
     return t
@@ -77,13 +80,7 @@ def _bool_per_token(name: str, value, shape: torch.Size, device, *, broadcast=Fa
         if t.is_complex() or not ((t == 0) | (t == 1)).all():
             raise ValueError(f"{name} must be a bool tensor (or hold only 0 and 1), got {t.dtype} with other values")
         t = t != 0
-    if t.shape != shape:
-        ok = broadcast and t.dim() == len(shape) and all(a in (1, b) for a, b in zip(t.shape, shape))
-        if not ok:
-            extra = " (or broadcastable with the same number of dims, e.g. [B, 1])" if broadcast else ""
-            raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(t.shape)}")
-        t = t.expand(shape)
-    return t.reshape(-1)
+    return _expand_to(name, t, shape, broadcast).reshape(-1)
 
 
 def _positive_scalar(name: str, value) -> Optional[float]:
@@ -187,15 +184,41 @@ def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = Non
     return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape
 
 
+def _refuse_masked_targets(bias, token_ids, valid, shape, shard=None) -> None:
+    """A token in the loss whose sampled id a -inf bias entry masks has probability 0: it cannot have been sampled
+    from this policy, its log-prob is -inf, and the on-policy ratio exp(logp - stopgrad(logp)) is undefined (the
+    reference gave NaN, the kernels 1). An error naming it, on every rank of a vocabulary-parallel group alike
+    (`shard`: this rank holds ids [offset, offset + size) and `bias` is its block)."""
+    if bias is None or not token_ids.numel():
+        return
+    local = token_ids - (0 if shard is None else shard.offset)
+    here = valid & (local >= 0) & (local < bias.shape[0])
+    masked = here & torch.isneginf(bias.detach()[local.clamp(0, bias.shape[0] - 1)])
+    count = masked.sum()
+    if shard is not None:
+        shard.sum_(count)
+    if int(count):
+        example = ""
+        if masked.any():
+            i = int(masked.nonzero()[0])
+            index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), shape)) if len(shape) else ()
+            example = f", e.g. token_ids[{', '.join(map(str, index))}] = {int(token_ids[i])}"
+        raise ValueError(f"token_ids: {int(count)} token(s) in the loss sample a vocabulary entry that bias masks "
+                         f"with -inf{example}: a token of probability 0 has log-prob -inf and no defined ratio; "
+                         f"leave it out with loss_mask")
+
+
 def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
                    loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
-                   vocab: Optional[int] = None) -> Tuple[torch.Tensor, FlatInputs]:
-    """(hidden as [N, H], the rest checked and flattened)."""
-    flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias, vocab)
-    vocab = weight.shape[0] if vocab is None else vocab
+                   shard=None) -> Tuple[torch.Tensor, FlatInputs]:
+    """(hidden as [N, H], the rest checked and flattened). `shard`: the vocab_parallel VocabShard, whose `weight`
+    and `bias` are this rank's block of a vocabulary of `shard.vocab` (token ids are global)."""
+    flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias,
+                                                    None if shard is None else shard.vocab)
+    vocab = weight.shape[0] if shard is None else shard.vocab
     device = flat_hidden.device
     dtype = math_dtype(flat_hidden.dtype)
-    if isinstance(advantages, (int, float)) and not isinstance(advantages, bool):
+    if isinstance(advantages, numbers.Real) and not isinstance(advantages, bool):  # numpy scalars too
         advantages = torch.full(shape, float(advantages), device=device, dtype=dtype)
     adv = _per_token("advantages", advantages, shape, device, dtype, broadcast=True)
     n = flat_ids.numel()
@@ -214,8 +237,11 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
         if teacher_hidden.dim() != 2 or teacher_hidden.shape != (n_sd, flat_hidden.shape[1]):
             raise ValueError(f"teacher_hidden must have shape [M, H] = ({n_sd}, {flat_hidden.shape[1]}) "
                              f"(one row per route-True token), got {tuple(teacher_hidden.shape)}")
-        teacher_hidden = teacher_hidden.detach()
+        # The teacher's rows take the student's GEMM, so its dtype (no gradient flows back: a cast loses nothing
+        # the loss would use). Every backend and the reference then see the same operands.
+        teacher_hidden = teacher_hidden.detach().to(flat_hidden.dtype)
         _require_finite(teacher_hidden=teacher_hidden)
+    _refuse_masked_targets(bias, flat_ids, valid, shape, shard)
     old = None if old_logprobs is None else _per_token("old_logprobs", old_logprobs, shape, device, dtype)
     if cfg.ref_beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when ref_beta > 0")
@@ -230,10 +256,13 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
     if weight_normalizer is not None:
         # A mean of exp(-beta H_T) with 0 <= H_T <= log V is at least V^-beta; below that it is no such mean, and
         # the normalised weights would overflow fp32 (1e-300 gave an inf loss).
+        # And at most exp(0) = 1 (H_T >= 0): above it, e.g. a token count passed here by mistake, every distilled
+        # token's loss would shrink silently.
         floor = -cfg.entropy_beta * math.log(vocab)
-        if math.log(weight_normalizer) < floor * (1 + 1e-6) - 1e-6:
-            raise ValueError(f"weight_normalizer must be a mean of exp(-entropy_beta * H_T), at least "
-                             f"V^-entropy_beta = exp({floor:.4g}) for V = {vocab} and entropy_beta = "
+        log_wn = math.log(weight_normalizer)
+        if not floor * (1 + 1e-6) - 1e-6 <= log_wn <= 1e-6:
+            raise ValueError(f"weight_normalizer must be a mean of exp(-entropy_beta * H_T), in "
+                             f"[V^-entropy_beta, 1] = [exp({floor:.4g}), 1] for V = {vocab} and entropy_beta = "
                              f"{cfg.entropy_beta}, got {weight_normalizer:.4g}")
     distributed = world_size() > 1 and (normalizer is None or weight_normalizer is None)
     if distributed and normalizer is None:  # D_global / world: DDP's averaging then gives the full-batch gradient

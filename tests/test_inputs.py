@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import srpo_kernels as sk
-from cases import make_case
+from cases import fused, make_case
 
 
 def _args(**over):
@@ -49,7 +49,9 @@ BAD = {
     "weight_normalizer_nan": (dict(weight_normalizer=math.nan), ValueError, "weight_normalizer"),
     # Below V^-beta = 31^-1 no mean of exp(-beta H_T) can lie; 1e-300 gave an inf loss.
     "weight_normalizer_tiny": (dict(weight_normalizer=1e-300), ValueError, "weight_normalizer must be a mean"),
-    "weight_normalizer_below_floor": (dict(weight_normalizer=0.03), ValueError, "at least V\\^-entropy_beta"),
+    "weight_normalizer_below_floor": (dict(weight_normalizer=0.03), ValueError, "in \\[V\\^-entropy_beta, 1\\]"),
+    # Above exp(0) = 1 no mean of exp(-beta H_T) can lie either (a token count passed here shrank every SDPO loss).
+    "weight_normalizer_above_one": (dict(weight_normalizer=12.0), ValueError, "weight_normalizer must be a mean"),
     "temperature_zero": (dict(temperature=0.0), ValueError, "temperature"),
     "temperature_inf": (dict(temperature=math.inf), ValueError, "temperature"),
     "alpha_range": (dict(alpha=1.5), ValueError, "alpha"),
@@ -192,10 +194,60 @@ def test_non_finite_inputs_are_refused_by_every_entry_point_and_minus_inf_bias_i
     assert torch.isfinite(_call(bias=bias, token_ids=ids).loss)
 
 
-def test_smallest_possible_weight_normalizer_is_accepted():
-    """V^-beta itself is the mean when every teacher token is uniform: the floor is inclusive."""
-    out = _call(weight_normalizer=31.0 ** -2.0, entropy_beta=2.0)
-    assert torch.isfinite(out.loss)
+def test_smallest_and_largest_possible_weight_normalizers_are_accepted():
+    """V^-beta itself is the mean when every teacher token is uniform, 1 when every one is certain (and whatever
+    the entropies when beta = 0): both ends are inclusive."""
+    for wn, beta in ((31.0 ** -2.0, 2.0), (1.0, 2.0), (1.0, 0.0)):
+        assert torch.isfinite(_call(weight_normalizer=wn, entropy_beta=beta).loss)
+
+
+@pytest.mark.parametrize("fn", [sk.fused_srpo_loss, sk.reference.srpo_loss], ids=["fused", "reference"])
+def test_a_sampled_token_that_bias_masks_is_refused_unless_loss_mask_leaves_it_out(fn):
+    """Probability 0 under the policy: log-prob -inf and no defined on-policy ratio (the reference gave NaN, the
+    kernels a finite loss). An error naming the token, from the fused loss and the reference alike."""
+    a = _args()
+    ids = a["token_ids"].reshape(3, 4).clamp(max=29)
+    ids[1, 2] = 30  # the only token sampled at the masked entry
+    a.update(hidden=a["hidden"].reshape(3, 4, 8), token_ids=ids, advantages=a["advantages"].reshape(3, 4))
+    bias = torch.zeros(31)
+    bias[30] = -math.inf
+    for route in (torch.zeros(3, 4, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)):  # GRPO and SDPO
+        th = torch.randn(int(route.sum()), 8) if route.any() else None
+        with pytest.raises(ValueError, match=r"1 token\(s\) in the loss .* token_ids\[1, 2\] = 30.*loss_mask"):
+            fn(**dict(a, route=route, teacher_hidden=th), bias=bias)
+    mask = ids != 30
+    out = fn(**dict(a, route=torch.zeros(3, 4, dtype=torch.bool), teacher_hidden=None), bias=bias, loss_mask=mask)
+    assert torch.isfinite(out.loss) and torch.isneginf(out.logprobs[1, 2])
+    out = fn(**dict(a, route=torch.zeros(3, 4, dtype=torch.bool), teacher_hidden=None), bias=bias, loss_mask=mask,
+             old_logprobs=torch.full((3, 4), -3.0))
+    assert torch.isfinite(out.loss) and torch.isneginf(out.logprobs[1, 2])
+
+
+@pytest.mark.parametrize("fn", [fused(b) for b in ("torch", "cpu")] + [sk.reference.srpo_loss],
+                         ids=["torch", "cpu", "reference"])
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_teacher_hidden_takes_the_students_dtype(fn, hidden_dtype):
+    """The teacher's rows go through the student's GEMM: a teacher_hidden of another dtype (an fp32 EMA teacher
+    beside a bf16 student) is cast to hidden's, the same in every implementation (the reference raised a raw
+    matmul dtype error)."""
+    a = _args()
+    a.update(hidden=a["hidden"].to(hidden_dtype), weight=a["weight"].to(hidden_dtype))
+    want = fn(**dict(a, teacher_hidden=a["teacher_hidden"].to(hidden_dtype)))
+    for other in (torch.float64, torch.float16, torch.float32, torch.bfloat16):
+        got = fn(**dict(a, teacher_hidden=a["teacher_hidden"].double().to(other)))
+        if other in (torch.float64, torch.float32):  # exact in hidden's dtype once cast
+            assert torch.equal(got.loss, want.loss) and torch.equal(got.teacher_entropy, want.teacher_entropy)
+        assert torch.isfinite(got.loss)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_one_number_of_advantage_applies_to_every_token(backend):
+    """A Python float, a numpy scalar and a 0-d tensor are the same advantage for every token."""
+    np = pytest.importorskip("numpy")
+    a = _args()
+    want = sk.fused_srpo_loss(**dict(a, advantages=torch.full((12,), 0.75)), backend=backend).loss
+    for adv in (0.75, np.float32(0.75), torch.tensor(0.75), torch.tensor(0.75, dtype=torch.float64)):
+        assert torch.equal(sk.fused_srpo_loss(**dict(a, advantages=adv), backend=backend).loss, want), adv
 
 
 def test_dtensor_weight_is_refused_with_the_way_out():

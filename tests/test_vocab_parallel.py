@@ -90,6 +90,15 @@ def _worker(rank, world, sizes, init_file, out_dir):
                           vocab_parallel_group=group)
     except ValueError as e:
         results["mismatch"] = str(e)
+    try:  # a sampled token that the last block's bias masks: the same error on every rank, the holder's with it
+        case = _case("grpo", sizes)
+        v = sum(sizes)
+        case["token_ids"][5] = masked = int(torch.isneginf(case["bias"]).nonzero()[0])
+        case["loss_mask"][5] = True
+        assert masked >= v - sizes[-1]
+        _call(case, rows, {}, group)
+    except ValueError as e:
+        results["masked_target"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # leave together: gloo torn down under a rank still writing can abort it
     dist.destroy_process_group()
@@ -125,6 +134,8 @@ def test_sharded_call_equals_unsharded(world, sizes):
             _close(got["logprobs"][key], want[key], f"fused_logprobs rank {r} {key}")
         _close(got["logprobs"]["dw"], want["dw"][_block(sizes, r)], f"fused_logprobs rank {r} dW")
         assert "every rank must pass the same tokens" in got.get("mismatch", "")
+        assert "1 token(s) in the loss sample a vocabulary entry that bias masks" in got.get("masked_target", "")
+        assert ("token_ids[5] =" in got["masked_target"]) == (r == world - 1)
 
 
 def test_bad_arguments():
