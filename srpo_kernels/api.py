@@ -58,6 +58,9 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
     ops = shard_ops or get_row_ops(backend, flat_hidden.device, flat_hidden.dtype, weight.shape[0])
     params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
     loss, *per_token = SRPOLossFunction.apply(flat_hidden, weight, bias, params)
+    # Detached here too: under torch.compile mark_non_differentiable is not kept, and the diagnostics came back
+    # requiring grad (their gradient would be dropped).
+    per_token = [t.detach() for t in per_token]
     logp, ent, t_ent, div, w, clipped = per_token
     metrics = summarize(logp, ent, t_ent, div, w, clipped, x.route, x.valid)
     shaped = [t.reshape(x.token_shape) for t in per_token]

@@ -163,3 +163,27 @@ def test_no_grad_forward_matches():
     ref = sk.reference.srpo_loss(case["hidden"], case["weight"], case["token_ids"], case["advantages"],
                                  case["route"], case["teacher_hidden"])
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+
+
+def test_under_torch_compile_results_match_eager_and_diagnostics_stay_detached():
+    """torch.compile (dynamo; the loss is a graph break) drops mark_non_differentiable: the per-token diagnostics
+    came back requiring grad, so a term built on them looked differentiable while its gradient was dropped."""
+    case = make_case(seed=12, n=20, v=61)
+    hidden = case["hidden"].float()
+
+    def step(h):
+        out = sk.fused_srpo_loss(h * 1.0, case["weight"].float(), case["token_ids"], case["advantages"].float(),
+                                 case["route"], case["teacher_hidden"].float(), backend="cpu")
+        return out.loss, out.logprobs, out.entropy, out.distill_weight
+
+    eager_h = hidden.clone().requires_grad_()
+    eager = step(eager_h)
+    eager[0].backward()
+    torch._dynamo.reset()
+    compiled_h = hidden.clone().requires_grad_()
+    compiled = torch.compile(step, backend="eager")(compiled_h)
+    compiled[0].backward()
+    assert all(not t.requires_grad for t in compiled[1:])
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a.detach(), b.detach())
+    assert torch.equal(compiled_h.grad, eager_h.grad)
