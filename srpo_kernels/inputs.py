@@ -252,6 +252,9 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
         if (isw < 0).any():
             raise ValueError("is_weights must be >= 0 everywhere")
     normalizer = _positive_scalar("normalizer", normalizer)
+    if normalizer is not None and cfg.reduction != "mean":
+        raise ValueError(f"normalizer is the denominator of reduction='mean': with reduction={cfg.reduction!r} it "
+                         f"would be ignored (divide the result yourself, or use reduction='mean')")
     weight_normalizer = _positive_scalar("weight_normalizer", weight_normalizer)
     if weight_normalizer is not None:
         # A mean of exp(-beta H_T) with 0 <= H_T <= log V is at least V^-beta; below that it is no such mean, and

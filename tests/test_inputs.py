@@ -46,6 +46,9 @@ BAD = {
     "is_negative": (dict(is_weights=-torch.ones(12)), ValueError, "is_weights"),
     "bias_shape": (dict(bias=torch.zeros(30)), ValueError, "bias"),
     "normalizer_zero": (dict(normalizer=0), ValueError, "normalizer"),
+    # Only "mean" divides by it: with "sum" or "none" it was silently ignored.
+    "normalizer_with_sum": (dict(normalizer=7.0, reduction="sum"), ValueError, "normalizer is the denominator"),
+    "normalizer_with_none": (dict(normalizer=7.0, reduction="none"), ValueError, "reduction='none' it would be"),
     "weight_normalizer_nan": (dict(weight_normalizer=math.nan), ValueError, "weight_normalizer"),
     # Below V^-beta = 31^-1 no mean of exp(-beta H_T) can lie; 1e-300 gave an inf loss.
     "weight_normalizer_tiny": (dict(weight_normalizer=1e-300), ValueError, "weight_normalizer must be a mean"),
