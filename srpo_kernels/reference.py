@@ -135,7 +135,13 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
 
     # The loss takes a masked token at ratio 1: exp(logp - old) overflows fp32 for old < -88, and masking after it
     # would back-propagate 0 * inf = NaN into every gradient. The clipped diagnostic keeps every position's own ratio.
-    loss_g, _ = surrogate(torch.exp(logp - torch.where(x.valid, old, logp.detach())))
+    log_ratio = logp - torch.where(x.valid, old, logp.detach())
+    # Likewise where the clip or the dual clip holds the loss, or A = 0: no gradient flows there, and an overflowed
+    # ratio gave 0 * inf = NaN in the backward (-0 * inf in the loss). There the ratio is capped at twice both clip
+    # points, which leaves the loss as it is.
+    _, held = surrogate(torch.exp(log_ratio.detach()))
+    cap = math.log(2 * max(1 + eps_high, dual_clip or 0.0))
+    loss_g, _ = surrogate(torch.exp(torch.where(held | (adv == 0), log_ratio.clamp(max=cap), log_ratio)))
     _, clipped = surrogate(torch.exp(logp.detach() - old))
 
     # SDPO branch, teacher only on the routed rows.

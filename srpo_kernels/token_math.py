@@ -25,7 +25,9 @@ class GRPOTerms:
 def grpo_surrogate(logp, old_logp: Optional[torch.Tensor], adv, cfg: SRPOLossConfig) -> GRPOTerms:
     """``max(-A rho, -A clip(rho))`` with dual clip for ``A < 0``; on-policy (no old) means rho = 1, grad = -A."""
     ratio = torch.ones_like(logp) if old_logp is None else torch.exp(logp - old_logp)
-    unclipped = -adv * ratio
+    # -A * rho is 0 for A = 0 whatever rho, also where rho overflowed fp32 (old log-probs 88 below the current):
+    # -0 * inf made the loss NaN and the token count as clipped.
+    unclipped = torch.where(adv == 0, torch.zeros_like(ratio), -adv * ratio)
     clipped_loss = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     # In range the two are equal and both carry -A*rho; out of range only the unclipped side has a gradient.
     flows = unclipped >= clipped_loss
@@ -35,7 +37,7 @@ def grpo_surrogate(logp, old_logp: Optional[torch.Tensor], adv, cfg: SRPOLossCon
         dual = (adv < 0) & (loss > cap)
         loss = torch.where(dual, cap, loss)
         flows = flows & ~dual
-    grad = torch.where(flows, -adv * ratio, torch.zeros_like(loss))
+    grad = torch.where(flows, unclipped, torch.zeros_like(loss))  # d(-A rho)/dlogp = -A rho
     return GRPOTerms(loss=loss, dloss_dlogp=grad, clipped=~flows)
 
 

@@ -251,6 +251,26 @@ def test_masked_token_with_a_vanishing_old_logprob(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("old", [-100.0, -1e4])
+@pytest.mark.parametrize("dual_clip", [3.0, None])
+def test_ratio_that_overflows_where_no_gradient_flows(backend, old, dual_clip):
+    """Old log-probs far below the current ones: exp(logp - old) overflows fp32 (fp64 too at -1e4). Where A = 0
+    (-0 * inf made the fused loss NaN and the token count as clipped) and where the clip or the dual clip holds the
+    loss (the reference's backward gave 0 * inf = NaN), the loss and every gradient are finite and equal fp64's.
+    (A < 0 with no dual clip is a loss of -A * rho: infinite in fp32 for any implementation.)"""
+    case = make_case(seed=8, n=24, v=61, mask_frac=0.1)
+    case["old_logprobs"][:] = old
+    case["advantages"][::3] = 0.0
+    if dual_clip is None:
+        case["advantages"] = case["advantages"].abs()
+    ours = assert_fp32_no_worse_than_naive(fused(backend, chunk_size=8), case, dual_clip=dual_clip)
+    truth = run(ref_loss, case, dual_clip=dual_clip)
+    assert torch.equal(ours["clipped"], truth["clipped"])
+    assert not truth["clipped"][::3].any()  # A = 0: nothing is clipped
+    assert ours["metrics"]["clip_fraction"] == truth["metrics"]["clip_fraction"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_top_k_tail_gradient_takes_shifted_log_probs(backend):
     """The top-K path's p_j outside the support (and the tail's p_j / p_tail) came from exp(z - lse), rounded at
     |lse|: 25x the naive dh error on a row of this case (found by random draws, T = 0.5, top-1 with a tail). Every
