@@ -57,6 +57,10 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
                                     shard=None if shard_ops is None else shard_ops.vocab_shard)
     ops = shard_ops or get_row_ops(backend, flat_hidden.device, flat_hidden.dtype, weight.shape[0])
     params = SRPOParams(inputs=x, config=cfg, ops=ops, chunk_size=chunk_size)
+    if not torch.is_grad_enabled():
+        # Under no_grad / inference_mode (evaluation, metrics) nothing will call backward, but needs_input_grad still
+        # follows requires_grad: detached, the forward skips the dh/dW GEMMs and the V x H fp32 accumulator.
+        flat_hidden, weight, bias = (None if t is None else t.detach() for t in (flat_hidden, weight, bias))
     loss, *per_token = SRPOLossFunction.apply(flat_hidden, weight, bias, params)
     # Detached here too: under torch.compile mark_non_differentiable is not kept, and the diagnostics came back
     # requiring grad (their gradient would be dropped).

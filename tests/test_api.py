@@ -187,3 +187,27 @@ def test_under_torch_compile_results_match_eager_and_diagnostics_stay_detached()
     for a, b in zip(compiled, eager):
         assert torch.equal(a.detach(), b.detach())
     assert torch.equal(compiled_h.grad, eager_h.grad)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_grad_call_on_leaves_that_require_grad_computes_no_gradients(monkeypatch, mode, reduction):
+    """Evaluation under no_grad with the model's parameters (requires_grad=True): needs_input_grad still said yes,
+    so the forward ran the dh/dW GEMMs and held a V x H fp32 accumulator for a backward that never comes."""
+    from srpo_kernels import function
+
+    case = make_case(seed=13, n=30, v=97)
+    args = [case[k].float() if case[k].is_floating_point() else case[k]
+            for k in ("hidden", "weight", "token_ids", "advantages", "route", "teacher_hidden")]
+    args[0].requires_grad_()
+    args[1].requires_grad_()
+    want = sk.fused_srpo_loss(*args, backend="cpu", reduction=reduction)
+
+    def no_gradients(*_):
+        raise AssertionError("gradient accumulators allocated under no_grad")
+
+    monkeypatch.setattr(function.ChunkRunner, "new_grads", no_gradients)
+    with mode():
+        got = sk.fused_srpo_loss(*args, backend="cpu", reduction=reduction)
+    assert not got.loss.requires_grad
+    assert torch.equal(got.loss, want.loss.detach()) and torch.equal(got.logprobs, want.logprobs)
