@@ -352,12 +352,27 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def weight_normalizer(self, teacher: Dict[int, torch.Tensor], rows: List[int], responses) -> float:
-        """Mean of exp(-entropy_beta * H_T) over the distilled tokens of `rows`, H_T the teacher's full-vocabulary
-        entropy with the lm_head's bias, as the loss computes it."""
-        _, h_t = self._fused_logprobs(torch.cat([teacher[i] for i in rows]), self._lm_head(), rows, responses,
-                                      with_entropy=True)
-        return float(torch.exp(-self.cfg.entropy_beta * h_t.double()).mean())
+    def weight_normalizer(self, teacher: Dict[int, torch.Tensor], rows: List[int], responses, prompts=None) -> float:
+        """Mean of exp(-entropy_beta * H_T) over the distilled tokens of `rows`, H_T the teacher's entropy over the
+        divergence's support as the loss computes it (the lm_head's bias included): the full vocabulary, or with
+        `topk` the student's top-K (and tail), which takes a student pass without gradient over `prompts`."""
+        cfg = self.cfg
+        if cfg.topk is None:
+            _, h_t = self._fused_logprobs(torch.cat([teacher[i] for i in rows]), self._lm_head(), rows, responses,
+                                          with_entropy=True)
+        else:
+            weight, bias = self._lm_head()
+            parts = []
+            for mb in self._micro_batches(rows):
+                hidden = self._response_hidden(self.model, [prompts[i] for i in mb], [responses[i] for i in mb])
+                ids = self._token_ids(mb, responses)
+                out = srpo_kernels.fused_srpo_loss(
+                    hidden.to(weight.dtype), weight, ids, 0.0, torch.ones_like(ids, dtype=torch.bool),
+                    torch.cat([teacher[i] for i in mb]), bias=bias, temperature=cfg.temperature, topk=cfg.topk,
+                    topk_tail=cfg.topk_tail, backend=cfg.backend)
+                parts.append(out.teacher_entropy)
+            h_t = torch.cat(parts)
+        return float(torch.exp(-cfg.entropy_beta * h_t.double()).mean())
 
     # ------------------------------------------------------------------ the update phase
     def lr(self) -> float:
@@ -383,9 +398,9 @@ class Trainer:
         micro = self._micro_batches(active)
         sd_rows = [i for i in active if batch.distill[i]]
         weight_normalizer = None
-        if len(micro) > 1 and sd_rows and cfg.entropy_beta > 0 and cfg.topk is None:
-            # One entropy-weight normaliser for the mini-batch, not one per micro-batch.
-            weight_normalizer = self.weight_normalizer(teacher, sd_rows, responses)
+        if len(micro) > 1 and sd_rows and cfg.entropy_beta > 0:
+            # One entropy-weight normaliser for the mini-batch, not one per micro-batch (with top-K each had its own).
+            weight_normalizer = self.weight_normalizer(teacher, sd_rows, responses, batch.roll.prompts)
         options = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                        dual_clip=cfg.dual_clip, alpha=cfg.alpha, topk=cfg.topk, topk_tail=cfg.topk_tail,
                        is_clip=cfg.is_clip, entropy_beta=cfg.entropy_beta, normalizer=n_tokens,

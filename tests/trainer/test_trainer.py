@@ -54,10 +54,10 @@ def test_sdpo_has_no_grpo_term(tmp_path, coin_dataset):
     assert all(r["grpo_rollouts"] == 0 and r["teacher_rows"] == r["sdpo_rollouts"] for r in hist)
 
 
-@pytest.mark.parametrize("micro_batch", [0, 3])
-def test_trainer_loss_equals_reference_loss(tmp_path, coin_dataset, micro_batch):
+@pytest.mark.parametrize("micro_batch,topk", [(0, None), (3, None), (3, 4)])
+def test_trainer_loss_equals_reference_loss(tmp_path, coin_dataset, micro_batch, topk):
     trainer = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", steps=1,
-                                  micro_batch=micro_batch))
+                                  micro_batch=micro_batch, topk=topk))
     for _ in range(4):  # until a step has both branches
         x = trainer.train_step().loss_inputs
         if x.get("teacher_hidden") is not None and not bool(x["route"].all()):
@@ -137,6 +137,36 @@ def test_weight_normalizer_uses_the_lm_head_bias(tmp_path, coin_dataset):
     entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
     expected = torch.exp(-trainer.cfg.entropy_beta * entropy).mean().item()
     assert trainer.weight_normalizer(teacher, [0, 1], responses) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("topk_tail", [True, False])
+def test_weight_normalizer_with_top_k_is_over_the_support(tmp_path, coin_dataset, topk_tail):
+    """With --topk the loss takes H_T over the student's top-K (and tail): a micro-batched step used to skip the
+    mini-batch normaliser and let each micro-batch normalise by its own mean. The normaliser it now passes is the
+    mean over the loss's own teacher entropies, computed here in one call of the reference."""
+    trainer = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", topk=3,
+                                  topk_tail=topk_tail, micro_batch=1, entropy_beta=2.0))
+    h = trainer.model.get_output_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    prompts, responses = [[5, 6, 7], [8, 9], [10]], [[1, 2, 3, 4], [11, 12], [13, 14, 15]]
+    teacher = {i: torch.randn(len(r), h, generator=g) for i, r in enumerate(responses)}
+    rows = [0, 2]
+    got = trainer.weight_normalizer(teacher, rows, responses, prompts)
+    with torch.no_grad():
+        hidden = trainer._response_hidden(trainer.model, [prompts[i] for i in rows], [responses[i] for i in rows])
+    ids = torch.tensor([t for i in rows for t in responses[i]])
+    head = trainer.model.get_output_embeddings()
+    out = srpo_kernels.reference.srpo_loss(hidden.double(), head.weight.detach().double(), ids, 0.0,
+                                           torch.ones(len(ids), dtype=torch.bool),
+                                           torch.cat([teacher[i] for i in rows]).double(), topk=3,
+                                           topk_tail=topk_tail, temperature=trainer.cfg.temperature)
+    expected = torch.exp(-2.0 * out.teacher_entropy).mean().item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    full_vocab = srpo_kernels.reference.srpo_loss(hidden.double(), head.weight.detach().double(), ids, 0.0,
+                                                  torch.ones(len(ids), dtype=torch.bool),
+                                                  torch.cat([teacher[i] for i in rows]).double(),
+                                                  temperature=trainer.cfg.temperature)
+    assert abs(got - torch.exp(-2.0 * full_vocab.teacher_entropy).mean().item()) > 1e-3  # a different number
 
 
 def test_bf16_step_runs_and_cuda_is_refused_without_a_gpu(tmp_path, coin_dataset):
