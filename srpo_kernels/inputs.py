@@ -257,9 +257,8 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                          f"would be ignored (divide the result yourself, or use reduction='mean')")
     weight_normalizer = _positive_scalar("weight_normalizer", weight_normalizer)
     if weight_normalizer is not None:
-        # A mean of exp(-beta H_T) with 0 <= H_T <= log V is at least V^-beta; below that it is no such mean, and
-        # the normalised weights would overflow fp32 (1e-300 gave an inf loss).
-        # And at most exp(0) = 1 (H_T >= 0): above it, e.g. a token count passed here by mistake, every distilled
+        # A mean of exp(-beta H_T) with 0 <= H_T <= log V lies in [V^-beta, 1]. Below, the normalised weights would
+        # overflow fp32 (1e-300 gave an inf loss); above, e.g. a token count passed here by mistake, every distilled
         # token's loss would shrink silently.
         floor = -cfg.entropy_beta * math.log(vocab)
         log_wn = math.log(weight_normalizer)
