@@ -33,8 +33,9 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
         ref_logprobs: reference log-probs for the ``ref_beta * k3`` penalty.
         loss_mask: bool, False drops a token from the loss and the metrics.
         is_weights: per-token importance weight multiplying every token's loss (before the k3 penalty).
-        normalizer: the token count ``D`` of ``reduction="mean"`` (default: valid tokens here).
-        weight_normalizer: mean of ``exp(-entropy_beta * H_T)`` to divide by (default: over valid SDPO tokens here).
+        normalizer: the token count ``D`` of ``reduction="mean"`` (default: valid tokens here); only with "mean".
+        weight_normalizer: mean of ``exp(-entropy_beta * H_T)`` to divide by, in ``[V^-entropy_beta, 1]`` (default:
+            over valid SDPO tokens here).
         reduction: "mean" (sum / D), "sum", or "none" (per-token losses, 0 where masked).
         backend: "auto" | "cpu" | "torch" | "triton". chunk_size: rows per chunk (default from V).
         vocab_parallel_group: a process group over which the lm_head is sharded by vocabulary (tensor
