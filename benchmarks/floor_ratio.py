@@ -1,11 +1,12 @@
 """Fused forward+backward vs the GEMM floor, side by side in one run (CPU): a quick check while tuning.
 
 ``python -m benchmarks.floor_ratio --shape small --routing half [--dtype bf16] [--chunk-sizes 128,256,512]
-[--rounds 5] [--released-workspace]``
+[--rounds 5] [--released-workspace] [--no-grad]``
 
 Variants run interleaved, round after round, and each reports its median over the rounds as a ratio to the
 floor's (the matmuls alone for the same shapes, routing and dtype, see benchmarks/variants.py), and to the floor
 with its outputs kept between calls ("/ kept": the same GEMMs without the page faults of fresh [N, V] outputs).
+``--no-grad`` adds the fused call under ``torch.no_grad()`` (forward only, as an evaluation runs it).
 ``--chunk-sizes`` adds the fused cpu backend at each given chunk size; that is how the default in
 ``chunk_loop.default_chunk_size`` was chosen. ``--released-workspace`` adds it with the buffers that
 ``srpo_kernels/workspace.py`` keeps between calls freed before each call. The full table with peers and memory is
@@ -29,6 +30,9 @@ def main():
     p.add_argument("--reference", action="store_true", help="also time the materialising reference")
     p.add_argument("--released-workspace", action="store_true",
                    help="also time the fused cpu backend with its kept chunk buffers freed before each call")
+    p.add_argument("--no-grad", action="store_true",
+                   help="also time the fused cpu call under torch.no_grad() (evaluation: leaves that require grad, "
+                        "no backward)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
@@ -46,6 +50,11 @@ def main():
         variants["fused cpu, ws released"] = released
     hidden, weight, ids, adv, route, teacher = inputs
     opts = peer_matched_options(route)  # the same loss as the "fused cpu" variant
+    if a.no_grad:
+        def no_grad():
+            with torch.no_grad():
+                sk.fused_srpo_loss(hidden, weight, ids, adv, route, teacher, backend="cpu", **opts)
+        variants["fused cpu, no_grad"] = no_grad
     for size in filter(None, a.chunk_sizes.split(",")):
         def run(size=int(size)):
             sk.fused_srpo_loss(hidden, weight, ids, adv, route, teacher, backend="cpu", chunk_size=size,
