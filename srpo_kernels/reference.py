@@ -134,14 +134,16 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
         return loss, clipped
 
     # The loss takes a masked token at ratio 1: exp(logp - old) overflows fp32 for old < -88, and masking after it
-    # would back-propagate 0 * inf = NaN into every gradient. The clipped diagnostic keeps every position's own ratio.
-    log_ratio = logp - torch.where(x.valid, old, logp.detach())
-    # Likewise where the clip or the dual clip holds the loss, or A = 0: no gradient flows there, and an overflowed
-    # ratio gave 0 * inf = NaN in the backward (-0 * inf in the loss). There the ratio is capped at twice both clip
-    # points, which leaves the loss as it is.
+    # would back-propagate 0 * inf = NaN into every gradient; so would logp - stopgrad(logp) = -inf - -inf at a masked
+    # token whose target a -inf bias masks. The clipped diagnostic keeps every position's own ratio.
+    log_ratio = torch.where(x.valid, logp - old, torch.zeros_like(logp))
+    # Likewise where the clip or the dual clip holds the loss, where A = 0, and at SDPO tokens (which do not take the
+    # surrogate): no gradient flows there, and an overflowed ratio gave 0 * inf = NaN in the backward (-0 * inf in the
+    # loss). There the ratio is capped at twice both clip points, which leaves the loss as it is.
     _, held = surrogate(torch.exp(log_ratio.detach()))
     cap = math.log(2 * max(1 + eps_high, dual_clip or 0.0))
-    loss_g, _ = surrogate(torch.exp(torch.where(held | (adv == 0), log_ratio.clamp(max=cap), log_ratio)))
+    no_flow = held | (adv == 0) | x.route
+    loss_g, _ = surrogate(torch.exp(torch.where(no_flow, log_ratio.clamp(max=cap), log_ratio)))
     _, clipped = surrogate(torch.exp(logp.detach() - old))
 
     # SDPO branch, teacher only on the routed rows.
@@ -166,7 +168,7 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
         # and may overflow (exp(300 * 0.8)), and masking the product after it would back-propagate 0 * inf = NaN;
         # their ratio likewise at 1 (as the GRPO branch's).
         w_sd = torch.where(valid_sd, torch.exp(log_w - log_mu), torch.zeros_like(log_w))
-        ratio_sd = torch.exp(logp[sd] - torch.where(x.valid, old, logp.detach())[sd]).detach()
+        ratio_sd = torch.exp(log_ratio[sd]).detach()
         is_sd = ratio_sd if is_clip is None else ratio_sd.clamp(max=is_clip)
         loss_sd = zeros.index_put((sd.nonzero().squeeze(1),), w_sd * is_sd * d)
         t_ent = zeros.index_put((sd.nonzero().squeeze(1),), h_t)

@@ -251,18 +251,37 @@ def test_masked_token_with_a_vanishing_old_logprob(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("old", [False, True])
+def test_masked_token_sampled_at_a_masked_vocabulary_entry(backend, old):
+    """A token left out by loss_mask may sample an entry that a -inf bias masks (a padding id, say): its log-prob is
+    -inf, and the reference's logp - stopgrad(logp) = -inf - -inf made every gradient NaN. It contributes nothing."""
+    case = make_case(seed=9, n=20, v=41, old=old)
+    case["bias"][::4] = -math.inf
+    case["token_ids"] = case["token_ids"] // 4 * 4 + 1  # live targets...
+    case["token_ids"][case["loss_mask"].logical_not()] = 0  # ...except at the masked tokens
+    assert bool(case["loss_mask"].logical_not().any()) and bool(case["route"].any())
+    keys = ("loss", "entropy", "teacher_entropy", "divergence", "distill_weight", "grad_hidden", "grad_weight",
+            "grad_bias")  # every output but the log-probs, -inf at the masked tokens
+    ours = assert_fp32_no_worse_than_naive(fused(backend, chunk_size=8), case, keys=keys)
+    assert torch.isneginf(ours["logprobs"][~case["loss_mask"]]).all()
+    assert torch.isfinite(ours["logprobs"][case["loss_mask"]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("old", [-100.0, -1e4])
 @pytest.mark.parametrize("dual_clip", [3.0, None])
 def test_ratio_that_overflows_where_no_gradient_flows(backend, old, dual_clip):
     """Old log-probs far below the current ones: exp(logp - old) overflows fp32 (fp64 too at -1e4). Where A = 0
     (-0 * inf made the fused loss NaN and the token count as clipped) and where the clip or the dual clip holds the
-    loss (the reference's backward gave 0 * inf = NaN), the loss and every gradient are finite and equal fp64's.
-    (A < 0 with no dual clip is a loss of -A * rho: infinite in fp32 for any implementation.)"""
+    loss, and at SDPO tokens, which do not take the surrogate (the reference's backward gave 0 * inf = NaN), the loss
+    and every gradient are finite and equal fp64's. (A GRPO token with A < 0 and no dual clip has a loss of -A * rho:
+    infinite in fp32 for any implementation.)"""
     case = make_case(seed=8, n=24, v=61, mask_frac=0.1)
     case["old_logprobs"][:] = old
     case["advantages"][::3] = 0.0
+    assert bool(((case["advantages"] < 0) & case["route"] & case["loss_mask"]).any())
     if dual_clip is None:
-        case["advantages"] = case["advantages"].abs()
+        case["advantages"] = torch.where(case["route"], case["advantages"], case["advantages"].abs())
     ours = assert_fp32_no_worse_than_naive(fused(backend, chunk_size=8), case, dual_clip=dual_clip)
     truth = run(ref_loss, case, dual_clip=dual_clip)
     assert torch.equal(ours["clipped"], truth["clipped"])
