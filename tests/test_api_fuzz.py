@@ -33,8 +33,11 @@ options = st.fixed_dictionaries(dict(
     topk_tail=st.booleans(), temperature=st.sampled_from([0.5, 1.0, 1.7]),
     reduction=st.sampled_from(["mean", "sum", "none"]), entropy_beta=st.sampled_from([0.0, 1.0, 30.0, 300.0])))
 edges = st.fixed_dictionaries(dict(
-    masked_vocab=st.booleans(),  # every third bias entry -inf (targets kept on live tokens)
+    masked_vocab=st.booleans(),  # every third bias entry -inf (targets of tokens in the loss kept on live entries,
+    #                              those of tokens out of it moved onto masked ones: log-prob -inf)
     twins=st.booleans(),  # the second half of the vocabulary duplicates the first: tied logits
+    far_old=st.booleans(),  # old log-probs 100 below: exp(logp - old) overflows fp32 (the clips hold the loss)
+    zero_adv=st.booleans(),  # A = 0 at every third token (with far_old: -0 * inf)
 ))
 
 
@@ -48,6 +51,11 @@ def _apply_edges(case, problem, edge):
     if edge["masked_vocab"] and case.get("bias") is not None and v >= 3:
         case["bias"][2::3] = -math.inf
         case["token_ids"] = case["token_ids"] - (case["token_ids"] % 3 == 2).long()
+        case["token_ids"][~case["loss_mask"]] = 2
+    if edge["far_old"] and case.get("old_logprobs") is not None:
+        case["old_logprobs"] = case["old_logprobs"] - 100.0
+    if edge["zero_adv"]:
+        case["advantages"][::3] = 0.0
     return case
 
 
@@ -62,8 +70,13 @@ def _check_valid(backend, problem, opts, edge):
     # keeps no relative digits to compare; such losses are no training regime.
     assume(bool(torch.isfinite(truth["loss"]).all()) and float(truth["loss"].abs().max()) < 1e6)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, to_device=lambda c: _to(c, device),
-                                    floor=max(1e-5, _logit_rounding(case, opts)), **opts)
+    keys = [k for k, t in truth.items() if isinstance(t, torch.Tensor) and t.dtype == torch.float64]
+    if not bool(torch.isfinite(truth["logprobs"]).all()):  # -inf at tokens out of the loss (masked_vocab)
+        keys.remove("logprobs")
+    ours = assert_fp32_no_worse_than_naive(fused(backend, chunk_size=7), case, keys=keys,
+                                           to_device=lambda c: _to(c, device),
+                                           floor=max(1e-5, _logit_rounding(case, opts)), **opts)
+    assert torch.equal(torch.isneginf(ours["logprobs"]), torch.isneginf(truth["logprobs"]))
 
 
 def _logit_rounding(case, opts):
@@ -91,6 +104,8 @@ def _corruptions(case):
     nan_h[0, 0] = math.nan
     inf_w = case["weight"].clone()
     inf_w[-1, -1] = math.inf
+    masked_target_bias = torch.zeros(v, dtype=torch.float64)
+    masked_target_bias[case["token_ids"][0]] = -math.inf  # a token in the loss samples a masked entry
     return {
         "hidden_nan": (dict(hidden=nan_h), "hidden"),
         "weight_inf": (dict(weight=inf_w), "weight"),
@@ -105,6 +120,9 @@ def _corruptions(case):
         "mask_values": (dict(loss_mask=torch.full((n,), 3)), "loss_mask"),
         "old_inf": (dict(old_logprobs=torch.full((n,), -math.inf, dtype=torch.float64)), "old_logprobs"),
         "weight_normalizer": (dict(weight_normalizer=1e-300, entropy_beta=1.0), "weight_normalizer"),
+        "weight_normalizer_high": (dict(weight_normalizer=2.0), "weight_normalizer"),
+        "normalizer_with_sum": (dict(normalizer=5.0, reduction="sum"), "normalizer"),
+        "masked_target": (dict(bias=masked_target_bias, loss_mask=torch.ones(n, dtype=torch.bool)), "token_ids"),
         "alpha": (dict(alpha=-0.1), "alpha"),
         "topk": (dict(topk=0), "topk"),
         "temperature": (dict(temperature=math.nan), "temperature"),
