@@ -4,7 +4,8 @@
   accumulation inside the GEMM; fp32 stays fp32 (no TF32) and fp64 stays exact.
 - Except on a CPU without bf16/fp16 arithmetic (e.g. AVX2-only x86: torch's bf16 GEMM there ran 4.5x slower than
   fp32 at 256 x 256 x 32 000 on an AVX2 EPYC): there the operands are widened to fp32 once per call (a V x H copy of
-  the weight), which is what the hardware computes anyway.
+  the weight), which is what the hardware computes anyway. And for fp16 on the CPU wherever its fp16 logits could
+  pass 65 504 (``fp16_logits_may_overflow``): bf16 has fp32's range, fp16 does not.
 - The row passes always see fp32 logits (fp64 for fp64 inputs). On CUDA a bf16/fp16 GEMM writes them in fp32
   directly (``out_dtype``, torch >= 2.8). The CPU build of torch has no such op: there the GEMM writes its
   input-dtype result into a scratch buffer, exactly as rounded as the naive bf16 logits, and the C++ backend widens
@@ -30,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -47,6 +48,7 @@ DW_BLOCK_ELEMENTS = 1 << 21
 # (3 ms more at 32 000 x 256).
 NARROW_BLOCK_BYTES = 4 << 20
 DISCARD_MIN_BYTES = 32 << 20
+NORM_BLOCK_ROWS = 4096  # max_row_norm's blocks of rows (8 MiB of fp32 at H = 512)
 _out_dtype_ok = {}  # device type -> whether torch.mm/addmm take out_dtype there (probed once)
 # CPU feature flags (/proc/cpuinfo) of native bf16/fp16 dot products: AVX-512/AMX on x86, bf16/fp16 on Arm.
 _CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}
@@ -106,6 +108,28 @@ def _supports_out_dtype(device: torch.device) -> bool:
     return _out_dtype_ok[device.type]
 
 
+def max_row_norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """The largest 2-norm of a row of `t`, computed in `dtype`, a block of rows at a time (no copy of all of `t` in
+    `dtype`; vector_norm's own `dtype` argument made none either, but ran 4x slower on fp16)."""
+    t = t.detach().reshape(-1, t.shape[-1])
+    return max((float(torch.linalg.vector_norm(t[i:i + NORM_BLOCK_ROWS].to(dtype), dim=1).max())
+                for i in range(0, t.shape[0], NORM_BLOCK_ROWS)), default=0.0)
+
+
+def fp16_logits_may_overflow(weight: torch.Tensor, rows: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether an fp16 GEMM of `rows` by `weight` could write an inf where it cannot write fp32 (the CPU): the GEMM
+    accumulates in fp32, but its fp16 output overflows past 65 504 (h W^T gave inf logits, then NaN log-probs beside
+    a finite loss, where the fp32 accumulation held the exact value). By Cauchy-Schwarz |h . w| <= |h| |w|; where
+    that bound reaches fp16's range the GEMMs widen instead (fp32 logits, and a V x H fp32 copy of the weight for
+    this call). One pass over the operands: 46 ms for a 151 936 x 1024 fp16 weight on 2 EPYC cores."""
+    if weight.dtype != torch.float16 or _supports_out_dtype(weight.device):
+        return False
+    rows = [r for r in rows if r is not None and r.numel()]
+    if not rows or not weight.numel():
+        return False
+    return max_row_norm(weight) * max(max_row_norm(r) for r in rows) >= torch.finfo(torch.float16).max
+
+
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of logits, row passes and accumulators: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -114,9 +138,12 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 class Gemms:
     """The three GEMMs of a chunk (logits, dh, dW) for one weight, following the policy above."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
+                 rows: Sequence[Optional[torch.Tensor]] = ()):
+        """`rows`: every tensor of rows the logits GEMM will multiply by ``weight`` (hidden, teacher_hidden)."""
         w = weight.detach()
-        if w.dtype in LOW_PRECISION and not native_low_precision(w.dtype, w.device):
+        if w.dtype in LOW_PRECISION and (not native_low_precision(w.dtype, w.device)
+                                         or fp16_logits_may_overflow(w, rows)):
             w = w.float()
         self.weight = w
         self.operand = w.dtype

@@ -106,3 +106,32 @@ def test_discard_pages_touches_only_whole_pages_inside():
         assert inside.any()
         assert (t[inside] == 0).all()
     assert torch.equal(t[~inside], kept[~inside])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fp16_logits_beyond_fp16_range_are_computed_in_fp32(backend, monkeypatch):
+    """The CPU's fp16 GEMM accumulates in fp32 but writes fp16: logits past 65 504 came out inf, then NaN log-probs
+    and NaN or inf gradients beside a finite loss. Where |h| |w| can reach fp16's range the GEMMs widen instead."""
+    import srpo_kernels as sk
+
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)  # the fp16-GEMM path, whatever this CPU has
+    g = torch.Generator().manual_seed(0)
+    hidden = (100 * torch.randn(6, 16, generator=g)).half()
+    weight = (100 * torch.randn(50, 16, generator=g)).half()
+    ids = torch.randint(0, 50, (6,), generator=g)
+    assert (hidden.double() @ weight.double().T).abs().max() > torch.finfo(torch.float16).max
+    assert gemm.fp16_logits_may_overflow(weight, [hidden])
+    assert not gemm.fp16_logits_may_overflow(weight / 100, [hidden / 100])  # the usual case keeps fp16 GEMMs
+    assert not gemm.fp16_logits_may_overflow(weight.bfloat16(), [hidden.bfloat16()])  # bf16 has fp32's range
+    grads = {}
+    outs = {}
+    for dtype in (torch.float16, torch.float32):  # the fp16 call must be the fp32 GEMMs' on the same values
+        h, w = (t.to(dtype, copy=True).requires_grad_() for t in (hidden, weight))
+        outs[dtype] = sk.fused_srpo_loss(h, w, ids, torch.linspace(-1, 1, 6), old_logprobs=torch.zeros(6),
+                                         backend=backend)
+        outs[dtype].loss.backward()
+        grads[dtype] = h.grad, w.grad
+    assert torch.isfinite(outs[torch.float16].logprobs).all()
+    assert torch.equal(outs[torch.float16].logprobs, outs[torch.float32].logprobs)
+    for ours, wide in zip(grads[torch.float16], grads[torch.float32]):
+        assert torch.isfinite(ours).all() and torch.equal(ours, wide.half())
