@@ -85,8 +85,9 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
-    flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias,
-                                               None if shard_ops is None else shard_ops.vocab_shard.vocab)
+    flat_h, flat_ids, shape, _ = check_projection(hidden, weight, token_ids, bias,
+                                                  None if shard_ops is None else shard_ops.vocab_shard.vocab,
+                                                  temperature)
     n = flat_ids.numel()
     dtype = math_dtype(flat_h.dtype)
     device = flat_h.device

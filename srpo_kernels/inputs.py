@@ -15,7 +15,7 @@ import torch
 
 from .config import SRPOLossConfig
 from .distributed import all_reduce_sums, world_size
-from .gemm import math_dtype
+from .gemm import math_dtype, max_row_norm
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -97,25 +97,47 @@ def _positive_scalar(name: str, value) -> Optional[float]:
     return float(value)
 
 
-def _require_finite(**named) -> None:
-    """NaN or inf in any of the named tensors is an error naming it (bias may hold -inf: masked vocabulary).
+def _require_finite(**named) -> dict:
+    """NaN or inf in any of the named tensors is an error naming it (bias may hold -inf: masked vocabulary). Returns
+    each tensor's largest |entry| (bias: its largest entry, the upper end) as a float, from the same scan.
 
     One device sync for all of them (a sync per tensor would stall a GPU once per argument). aminmax reads each
     tensor once with no temporary and propagates NaN (isfinite(t).all() was 30x slower on the CPU: 0.76 s for a
     151 936 x 1024 fp32 weight); the loss itself reads W three times per chunk."""
     named = {k: t for k, t in named.items() if t is not None and t.numel()}
     if not named:
-        return
-    flags = []
+        return {}
+    flags, extremes = [], []
     for name, t in named.items():
         low, high = torch.aminmax(t.detach())
         ok = high < math.inf if name == "bias" else (low > -math.inf) & (high < math.inf)  # False for NaN
         flags.append(~ok)
-    bad = torch.stack(flags).tolist()
-    for name, is_bad in zip(named, bad):
+        extremes.append(high if name == "bias" else torch.maximum(-low, high))
+    values = torch.stack([f.double() for f in flags] + [e.double() for e in extremes]).tolist()
+    for name, is_bad in zip(named, values):
         if is_bad:
             allowed = " (-inf, masking a vocabulary entry, is allowed)" if name == "bias" else ""
             raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf")
+    return dict(zip(named, values[len(named):]))
+
+
+def check_logit_range(rows_name: str, rows: torch.Tensor, weight: torch.Tensor, temperature: float,
+                      extremes: dict) -> None:
+    """Finite inputs can still make logits ``(h W^T + b) / T`` beyond the math dtype's range (entries near 1e19, or
+    a temperature near 1e-38): some backends then gave NaN, others a finite but wrong loss (on-policy GRPO's value
+    does not depend on log p), the reference NaN. Refused by a bound that is free where it clears: H max|h| max|w|
+    from the finiteness scan's `extremes`; only where it does not, the sharper max |h|_2 |w|_2 (Cauchy-Schwarz, which
+    also bounds the GEMM's partial sums; one more pass over the operands, in fp64). Half the dtype's largest value
+    leaves room for the GEMM's rounding."""
+    limit = torch.finfo(math_dtype(rows.dtype)).max / 2
+    shift = max(extremes.get("bias", 0.0), 0.0)  # only an upper end: -inf (or finfo.min) entries mask, legally
+    if (rows.shape[-1] * extremes.get(rows_name, 0.0) * extremes.get("weight", 0.0) + shift) / temperature < limit:
+        return
+    bound = (max_row_norm(rows, torch.float64) * max_row_norm(weight, torch.float64) + shift) / temperature
+    if bound >= limit:
+        raise ValueError(f"{rows_name}, weight, bias and temperature give logits (h W^T + b) / T that can reach "
+                         f"{bound:.3g}, beyond {math_dtype(rows.dtype)}'s range (the loss is computed in it, and "
+                         f"needs them below {limit:.3g}): scale the inputs down or raise the temperature")
 
 
 def _refuse_dtensor(weight):
@@ -143,9 +165,10 @@ def follow_autocast(*operands):
                  else t for t in operands)
 
 
-def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = None):
-    """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape).
-    `vocab`: the whole vocabulary when `weight` is one rank's block of it (token ids are global)."""
+def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = None, temperature: float = 1.0):
+    """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape,
+    extremes) with `extremes` those of _require_finite, for check_logit_range. `vocab`: the whole vocabulary when
+    `weight` is one rank's block of it (token ids are global)."""
     hidden = _tensor("hidden", hidden)
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"hidden must be a floating-point tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
@@ -180,8 +203,9 @@ def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = Non
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
         raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in "
                          f"[{int(token_ids.min())}, {int(token_ids.max())}]")
-    _require_finite(hidden=hidden, weight=weight, bias=bias)
-    return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape
+    extremes = _require_finite(hidden=hidden, weight=weight, bias=bias)
+    check_logit_range("hidden", hidden, weight, temperature, extremes)
+    return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape, extremes
 
 
 def _refuse_masked_targets(bias, token_ids, valid, shape, shard=None) -> None:
@@ -213,8 +237,9 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                    shard=None) -> Tuple[torch.Tensor, FlatInputs]:
     """(hidden as [N, H], the rest checked and flattened). `shard`: the vocab_parallel VocabShard, whose `weight`
     and `bias` are this rank's block of a vocabulary of `shard.vocab` (token ids are global)."""
-    flat_hidden, flat_ids, shape = check_projection(hidden, weight, token_ids, bias,
-                                                    None if shard is None else shard.vocab)
+    flat_hidden, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias,
+                                                              None if shard is None else shard.vocab,
+                                                              cfg.temperature)
     vocab = weight.shape[0] if shard is None else shard.vocab
     device = flat_hidden.device
     dtype = math_dtype(flat_hidden.dtype)
@@ -240,7 +265,8 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
         # The teacher's rows take the student's GEMM, so its dtype (no gradient flows back: a cast loses nothing
         # the loss would use). Every backend and the reference then see the same operands.
         teacher_hidden = teacher_hidden.detach().to(flat_hidden.dtype)
-        _require_finite(teacher_hidden=teacher_hidden)
+        extremes.update(_require_finite(teacher_hidden=teacher_hidden))
+        check_logit_range("teacher_hidden", teacher_hidden, weight, cfg.temperature, extremes)
     _refuse_masked_targets(bias, flat_ids, valid, shape, shard)
     old = None if old_logprobs is None else _per_token("old_logprobs", old_logprobs, shape, device, dtype)
     if cfg.ref_beta > 0 and ref_logprobs is None:

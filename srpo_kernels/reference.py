@@ -40,7 +40,7 @@ def logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy
     """Per-token log-probs (and entropies) from materialised logits; differentiable."""
     temperature = SRPOLossConfig(temperature=temperature).temperature
     hidden, weight, bias = follow_autocast(hidden, weight, bias)
-    flat_h, flat_ids, shape = check_projection(hidden, weight, token_ids, bias)
+    flat_h, flat_ids, shape, _ = check_projection(hidden, weight, token_ids, bias, temperature=temperature)
     dtype = math_dtype(flat_h.dtype)
     log_p = _logits(flat_h, weight, bias, temperature, dtype).log_softmax(-1)
     lp = log_p.gather(-1, flat_ids[:, None]).squeeze(-1).reshape(shape)

@@ -126,6 +126,9 @@ def _corruptions(case):
         "alpha": (dict(alpha=-0.1), "alpha"),
         "topk": (dict(topk=0), "topk"),
         "temperature": (dict(temperature=math.nan), "temperature"),
+        # Finite, but (h W^T) / T beyond fp32 (entries of 1e25; a temperature of 1e-45): NaN or a wrong finite loss.
+        "logits_overflow": (dict(hidden=case["hidden"] * 1e25, weight=case["weight"] * 1e25), "beyond"),
+        "temperature_overflows_logits": (dict(temperature=1e-45), "temperature"),
         "chunk_size": (dict(chunk_size=-3), "chunk_size"),
     }
 

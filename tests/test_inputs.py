@@ -1,4 +1,5 @@
 """Bad input is rejected with an error that names the argument."""
+import functools
 import math
 
 import pytest
@@ -195,6 +196,53 @@ def test_non_finite_inputs_are_refused_by_every_entry_point_and_minus_inf_bias_i
     bias[::5] = -math.inf
     ids = torch.full((12,), 1)
     assert torch.isfinite(_call(bias=bias, token_ids=ids).loss)
+
+
+OVERFLOWING_LOGITS = {  # finite inputs whose logits (h W^T + b) / T pass fp32's range
+    "hidden_and_weight": (dict(hidden=_args()["hidden"] * 1e20, weight=_args()["weight"] * 1e20), "hidden, weight"),
+    "temperature": (dict(temperature=1e-40), "bias and temperature"),
+    "bias": (dict(bias=torch.full((31,), 3e38)), "hidden, weight, bias"),
+    "teacher_hidden": (dict(teacher_hidden=_args()["teacher_hidden"] * 1e36, weight=_args()["weight"] * 1e3),
+                       "teacher_hidden, weight"),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERFLOWING_LOGITS))
+@pytest.mark.parametrize("impl", ["reference", "cpu", "torch"])
+def test_logits_beyond_fp32_are_refused_by_every_entry_point(name, impl):
+    """Such logits gave NaN in some backends and a finite, wrong loss in others (on-policy GRPO's value does not
+    depend on log p): loss 0.0 with NaN log-probs from both kernels at entries of 1e19, NaN from the reference."""
+    over, words = OVERFLOWING_LOGITS[name]
+    a = _args(**over)
+    loss = sk.reference.srpo_loss if impl == "reference" else fused(impl)
+    with pytest.raises(ValueError, match=f"{words}.*beyond torch.float32's range"):
+        loss(a.pop("hidden"), a.pop("weight"), a.pop("token_ids"), a.pop("advantages"), a.pop("route"),
+             a.pop("teacher_hidden"), **a)
+    if name != "teacher_hidden":
+        logprobs = sk.reference.logprobs if impl == "reference" else functools.partial(sk.fused_logprobs,
+                                                                                       backend=impl)
+        a = _args(**over)
+        with pytest.raises(ValueError, match="beyond torch.float32's range"):
+            logprobs(a["hidden"], a["weight"], a["token_ids"], bias=a.get("bias"),
+                     temperature=a.get("temperature", 1.0))
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_large_logits_within_fp32_still_work(impl):
+    """Entries of 1e15 (logits near 1e30, far past the cheap bound's clearance) pass the sharper bound."""
+    a = _args(hidden=_args()["hidden"] * 1e15, weight=_args()["weight"] * 1e15)
+    a.update(old_logprobs=torch.zeros(12))
+    truth = sk.reference.srpo_loss(*(t.double() if t.is_floating_point() else t for t in
+                                     (a["hidden"], a["weight"], a["token_ids"], a["advantages"])), a["route"],
+                                   a["teacher_hidden"].double(), old_logprobs=a["old_logprobs"].double())
+    naive = sk.reference.srpo_loss(a["hidden"], a["weight"], a["token_ids"], a["advantages"], a["route"],
+                                   a["teacher_hidden"], old_logprobs=a["old_logprobs"])
+    ours = fused(impl)(a["hidden"], a["weight"], a["token_ids"], a["advantages"], a["route"], a["teacher_hidden"],
+                       old_logprobs=a["old_logprobs"])
+    assert torch.isfinite(ours.logprobs).all()
+    naive_err = float((naive.logprobs.double() - truth.logprobs).abs().max())
+    assert float((ours.logprobs.double() - truth.logprobs).abs().max()) <= 5 * naive_err + 1e-5 * float(
+        truth.logprobs.abs().max())
 
 
 def test_smallest_and_largest_possible_weight_normalizers_are_accepted():
