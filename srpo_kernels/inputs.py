@@ -66,9 +66,13 @@ def _expand_to(name: str, t: torch.Tensor, shape: torch.Size, broadcast: bool) -
 
 def _per_token(name: str, value, shape: torch.Size, device, dtype, *, broadcast=False) -> torch.Tensor:
     """A per-token float tensor of `shape` (or, with `broadcast`, one that expands to it), flat, finite."""
-    t = _expand_to(name, _float_tensor(name, value, device), shape, broadcast).reshape(-1).to(dtype)
+    given = _expand_to(name, _float_tensor(name, value, device), shape, broadcast).reshape(-1)
+    t = given.to(dtype)
     if not torch.isfinite(t).all():
-        raise ValueError(f"{name} must be finite everywhere")
+        # fp64 values past fp32's range are finite as given, inf in the loss's fp32: say which.
+        beyond = f" in {dtype} (the loss's dtype; fp64 values past +-3.4e38 round to inf)" \
+            if torch.isfinite(given).all() else ""
+        raise ValueError(f"{name} must be finite everywhere{beyond}")
     return t
 
 

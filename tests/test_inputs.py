@@ -43,6 +43,9 @@ BAD = {
     "mask_shape": (dict(loss_mask=torch.ones(3, dtype=torch.bool)), ValueError, "loss_mask"),
     "old_shape": (dict(old_logprobs=torch.zeros(3)), ValueError, "old_logprobs"),
     "old_inf": (dict(old_logprobs=torch.full((12,), -math.inf)), ValueError, "old_logprobs"),
+    # Finite as given in fp64, inf in the loss's fp32: the error says which.
+    "old_fp64_beyond_fp32": (dict(old_logprobs=torch.full((12,), -1e300, dtype=torch.float64)), ValueError,
+                             "old_logprobs must be finite everywhere in torch.float32"),
     "ref_missing": (dict(ref_beta=0.1), ValueError, "ref_logprobs"),
     "is_negative": (dict(is_weights=-torch.ones(12)), ValueError, "is_weights"),
     "bias_shape": (dict(bias=torch.zeros(30)), ValueError, "bias"),
