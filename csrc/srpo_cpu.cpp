@@ -623,19 +623,22 @@ void check_chunk(const at::Tensor& z, const char* name) {
               name, " must be a contiguous fp32 CPU matrix");
 }
 
-// bf16/fp16 chunks: the GEMM's output (before bias and temperature) read by the stats passes, and dL/dz written by
-// the gradient passes for the backward GEMMs. Converting a row right before (or after) the passes that use it, while
-// it is in cache, spares the separate widening and narrowing sweeps over the whole [C, V] chunk.
+// bf16 chunks: the GEMM's output (before bias and temperature) read by the stats passes, and dL/dz written by the
+// gradient passes for the backward GEMMs. Converting a row right before (or after) the passes that use it, while it
+// is in cache, spares the separate widening and narrowing sweeps over the whole [C, V] chunk. Not fp16: its dL/dz
+// takes a power-of-two scale from the whole chunk before it is narrowed (gemm.Gemms.fp16_grad_scale), so the chunk
+// loop narrows it; fp16 comes here only as a dW share for accumulate() (`half_ok`).
 struct LowRows {
   at::ScalarType dtype = at::kBFloat16;
   char* data = nullptr;  // null: no such chunk
   int64_t rows = 0, cols = 0, row_bytes = 0;
   LowRows() = default;
-  LowRows(const c10::optional<at::Tensor>& t, const char* name) {
+  LowRows(const c10::optional<at::Tensor>& t, const char* name, bool half_ok = false) {
     if (!t.has_value()) return;
-    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf) &&
+    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kBFloat16 ||
+                                         (half_ok && t->scalar_type() == at::kHalf)) &&
                     t->is_contiguous() && t->dim() == 2,
-                name, " must be a contiguous bf16/fp16 CPU matrix");
+                name, half_ok ? " must be a contiguous bf16/fp16 CPU matrix" : " must be a contiguous bf16 CPU matrix");
     dtype = t->scalar_type();
     data = static_cast<char*>(t->data_ptr());
     rows = t->size(0);
@@ -698,19 +701,11 @@ void narrow_row(const float* __restrict src, typename T::raw* __restrict dst, in
 }
 
 void widen(const LowRows& low, int64_t i, float* dst, int64_t n, const float* bias, float temperature) {
-  if (!low.present()) return;
-  if (low.dtype == at::kBFloat16)
-    widen_row<Bf16>(static_cast<const Bf16::raw*>(low.row(i)), dst, n, bias, temperature);
-  else
-    widen_row<F16>(static_cast<const F16::raw*>(low.row(i)), dst, n, bias, temperature);
+  if (low.present()) widen_row<Bf16>(static_cast<const Bf16::raw*>(low.row(i)), dst, n, bias, temperature);
 }
 
 void narrow(const LowRows& low, int64_t i, const float* src, int64_t n) {
-  if (!low.present()) return;
-  if (low.dtype == at::kBFloat16)
-    narrow_row<Bf16>(src, static_cast<Bf16::raw*>(low.row(i)), n);
-  else
-    narrow_row<F16>(src, static_cast<F16::raw*>(low.row(i)), n);
+  if (low.present()) narrow_row<Bf16>(src, static_cast<Bf16::raw*>(low.row(i)), n);
 }
 
 const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t V) {
@@ -722,7 +717,7 @@ const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t V) {
 }
 
 
-// The student's chunk as the passes see it: an fp32 [C, V] matrix worked on in place, or (bf16/fp16 GEMMs) the
+// The student's chunk as the passes see it: an fp32 [C, V] matrix worked on in place, or (bf16 GEMMs) the
 // GEMM's low-precision output, each row widened into per-thread scratch ((x + b) / T) as a pass needs it and,
 // in the gradient pass, overwritten with dL/dz. The low-precision chunk then needs no fp32 [C, V] copy at all, and a
 // row's fp32 form never leaves the cache.
@@ -826,7 +821,7 @@ at::Tensor student_stats(const c10::optional<at::Tensor>& z, const at::Tensor& t
   return out;
 }
 
-// The student chunk <- c_logp (onehot(y) - p) - c_ent p (log p + H), in place (bf16/fp16 for low_z).
+// The student chunk <- c_logp (onehot(y) - p) - c_ent p (log p + H), in place (bf16 for low_z).
 void student_grad(const c10::optional<at::Tensor>& z, const at::Tensor& targets, const at::Tensor& stats,
                   const at::Tensor& c_logp, const c10::optional<at::Tensor>& c_ent,
                   const c10::optional<at::Tensor>& low_z, const c10::optional<at::Tensor>& bias, double temperature) {
@@ -882,7 +877,7 @@ std::tuple<at::Tensor, at::Tensor> distill_stats(const c10::optional<at::Tensor>
   return {stats, ids};
 }
 
-// The student chunk <- c_logp (onehot(y) - p) + c_div dD/dz, in place (bf16/fp16 for low_z).
+// The student chunk <- c_logp (onehot(y) - p) + c_div dD/dz, in place (bf16 for low_z).
 void distill_grad(const c10::optional<at::Tensor>& z, const at::Tensor& u, const at::Tensor& targets,
                   const at::Tensor& stats, const c10::optional<at::Tensor>& topk_ids, const at::Tensor& c_logp,
                   const at::Tensor& c_div, double alpha, bool tail, const c10::optional<at::Tensor>& low_z,
@@ -910,35 +905,37 @@ void distill_grad(const c10::optional<at::Tensor>& z, const at::Tensor& u, const
   });
 }
 
-// acc <- beta acc + part for a block of the fp32 dW accumulator and a bf16/fp16 GEMM result of its shape, in one
-// pass: torch's mixed-dtype add first widens `part` into a fresh temporary (measured 2x the time of this pass).
-// beta = 0 overwrites: the accumulator is not written yet and may hold anything, NaN included.
+// acc <- beta acc + alpha part for a block of the fp32 dW accumulator and a bf16/fp16 GEMM result of its shape, in
+// one pass: torch's mixed-dtype add first widens `part` into a fresh temporary (measured 2x the time of this pass).
+// beta = 0 overwrites: the accumulator is not written yet and may hold anything, NaN included. alpha undoes the
+// power-of-two scale of an fp16 dL/dz (gemm.py), exactly.
 template <typename T>
-void accumulate_rows(float* __restrict acc, const typename T::raw* __restrict part, int64_t n, float beta) {
+void accumulate_rows(float* __restrict acc, const typename T::raw* __restrict part, int64_t n, float beta,
+                     float alpha) {
   if (beta == 0.f) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] = T::load(part[j]);
+    for (int64_t j = 0; j < n; ++j) acc[j] = alpha * T::load(part[j]);
   } else if (beta == 1.f) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += T::load(part[j]);
+    for (int64_t j = 0; j < n; ++j) acc[j] = std::fma(alpha, T::load(part[j]), acc[j]);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] = std::fma(beta, acc[j], T::load(part[j]));
+    for (int64_t j = 0; j < n; ++j) acc[j] = std::fma(beta, acc[j], alpha * T::load(part[j]));
   }
 }
 
-void accumulate(at::Tensor acc, const at::Tensor& part, double beta) {
+void accumulate(at::Tensor acc, const at::Tensor& part, double beta, double alpha) {
   check_chunk(acc, "acc");
-  const LowRows low(part, "part");
+  const LowRows low(part, "part", true);
   TORCH_CHECK(low.rows == acc.size(0) && low.cols == acc.size(1), "part must have acc's shape");
   const int64_t R = acc.size(0), H = acc.size(1);
   float* ap = acc.data_ptr<float>();
-  const float b = static_cast<float>(beta);
+  const float b = static_cast<float>(beta), a = static_cast<float>(alpha);
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
     if (low.dtype == at::kBFloat16)
-      accumulate_rows<Bf16>(ap + r0 * H, static_cast<const Bf16::raw*>(low.row(r0)), (r1 - r0) * H, b);
+      accumulate_rows<Bf16>(ap + r0 * H, static_cast<const Bf16::raw*>(low.row(r0)), (r1 - r0) * H, b, a);
     else
-      accumulate_rows<F16>(ap + r0 * H, static_cast<const F16::raw*>(low.row(r0)), (r1 - r0) * H, b);
+      accumulate_rows<F16>(ap + r0 * H, static_cast<const F16::raw*>(low.row(r0)), (r1 - r0) * H, b, a);
   });
 }
 
@@ -957,11 +954,11 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 bool grad_weight_available() { return cblas_gemm_bf16bf16f32 != nullptr && cblas_gemm_f16f16f32 != nullptr; }
 
-// acc (fp32 [V, H]) <- beta acc + dz^T h for bf16/fp16 dz [C, V] and h [C, H], accumulated in fp32 by the GEMM
+// acc (fp32 [V, H]) <- beta acc + alpha dz^T h for bf16/fp16 dz [C, V] and h [C, H], accumulated in fp32 by the GEMM
 // itself: no per-block share rounded to bf16/fp16, no second pass over acc. On 2 Sapphire Rapids cores it ran within
 // noise of the blocks' speed in bf16 (blocks / this 0.76-1.09 over three runs) and 1.06-1.46x faster in fp16
 // (benchmarks/dw_gemm.py). beta = 0 overwrites (BLAS: C is not read), NaN included.
-void grad_weight(at::Tensor acc, const at::Tensor& dz, const at::Tensor& h, double beta) {
+void grad_weight(at::Tensor acc, const at::Tensor& dz, const at::Tensor& h, double beta, double alpha) {
   TORCH_CHECK(grad_weight_available(), "grad_weight: torch's CPU build has no MKL bf16/fp16 GEMM here");
   TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.dim() == 2 && acc.stride(1) == 1, "acc must be fp32 [V, H] with "
               "unit column stride");
@@ -979,7 +976,7 @@ void grad_weight(at::Tensor acc, const at::Tensor& dz, const at::Tensor& h, doub
   const auto* a = static_cast<const uint16_t*>(dz.data_ptr());
   const auto* b = static_cast<const uint16_t*>(h.data_ptr());
   auto gemm = dz.scalar_type() == at::kBFloat16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
-  gemm(kRowMajor, kTrans, kNoTrans, V, H, C, 1.f, a, static_cast<int>(dz.stride(0)), b,
+  gemm(kRowMajor, kTrans, kNoTrans, V, H, C, static_cast<float>(alpha), a, static_cast<int>(dz.stride(0)), b,
        static_cast<int>(h.stride(0)), static_cast<float>(beta), acc.data_ptr<float>(),
        static_cast<int>(acc.stride(0)));
 }
@@ -1002,7 +999,7 @@ void discard_pages(const at::Tensor& t) {
 }  // namespace
 
 TORCH_LIBRARY(srpo_kernels, m) {
-  // The student chunk is z (fp32, in place) or low_z (the bf16/fp16 GEMM output before bias and 1/T; the gradient
+  // The student chunk is z (fp32, in place) or low_z (the bf16 GEMM output before bias and 1/T; the gradient
   // passes overwrite it with dL/dz): exactly one of the two.
   m.def("student_stats(Tensor? z, Tensor targets, Tensor? low_z, Tensor? bias, float temperature) -> Tensor");
   m.def("student_grad(Tensor(a!)? z, Tensor targets, Tensor stats, Tensor c_logp, Tensor? c_ent, "
@@ -1012,9 +1009,9 @@ TORCH_LIBRARY(srpo_kernels, m) {
         "Tensor? low_u, Tensor? bias, float temperature) -> (Tensor, Tensor)");
   m.def("distill_grad(Tensor(a!)? z, Tensor u, Tensor targets, Tensor stats, Tensor? topk_ids, Tensor c_logp, "
         "Tensor c_div, float alpha, bool tail, Tensor(b!)? low_z, Tensor? bias, float temperature) -> ()");
-  m.def("accumulate(Tensor(a!) acc, Tensor part, float beta) -> ()");
+  m.def("accumulate(Tensor(a!) acc, Tensor part, float beta, float alpha=1.) -> ()");
   m.def("grad_weight_available() -> bool", &grad_weight_available);
-  m.def("grad_weight(Tensor(a!) acc, Tensor dz, Tensor h, float beta) -> ()");
+  m.def("grad_weight(Tensor(a!) acc, Tensor dz, Tensor h, float beta, float alpha=1.) -> ()");
   m.def("discard_pages(Tensor(a!) t) -> ()");
 }
 

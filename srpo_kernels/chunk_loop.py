@@ -114,8 +114,10 @@ class ChunkRunner:
         self.g_rows = g_rows[torch.argsort((~valid[g_rows]).to(torch.int8), stable=True)]
         self._workspace = self._scratch = None
         self._taken = []  # the pool's flat buffers behind them
-        # bf16/fp16 on the CPU: the backend widens the GEMM's output and narrows dL/dz row by row (row_ops.Widen).
-        self.fused_casts = self.gemms.low and not self.gemms.fp32_out and ops.fuses_casts
+        # bf16 on the CPU: the backend widens the GEMM's output and narrows dL/dz row by row (row_ops.Widen). Not fp16:
+        # its dL/dz takes a scale from the whole chunk before it is narrowed (gemm.Gemms.fp16_grad_scale).
+        self.fused_casts = (self.gemms.low and not self.gemms.fp32_out and ops.fuses_casts
+                            and self.gemms.operand != torch.float16)
 
     def _buffers(self, low_rows: int, fp32_rows: int):
         """``[fp32_rows, V]`` logits (math dtype) and, for bf16/fp16 operands, a ``[low_rows, V]`` scratch in the
@@ -145,7 +147,7 @@ class ChunkRunner:
         """A chunk's logits as the backend takes them: (z, u, casts, scratch), `casts` the keyword arguments of
         every pass. With `teacher_rows`, the last rows of `h` are the teacher's (u), else u is None. Without fused
         casts z and u are fp32 (the GEMM and the widening done here) and `casts` is empty: such a backend never
-        sees a ``widen``. With them z is None, ``casts["widen"]`` holds the GEMM's bf16/fp16 output (in `scratch`)
+        sees a ``widen``. With them z is None, ``casts["widen"]`` holds the GEMM's bf16 output (in `scratch`)
         and u the fp32 rows the backend widens the teacher's into."""
         c = h.shape[0] - teacher_rows
         if not self.fused_casts:
@@ -160,14 +162,16 @@ class ChunkRunner:
     def _backprop(self, dz, scratch, rows, rows_hidden, grads: Grads):
         """The backward GEMMs of a chunk from dL/dz: `dz` (fp32; None where the backend has written it into
         `scratch` in the input dtype already, fused casts)."""
-        dz_op = scratch if dz is None else self.gemms.narrow(dz, scratch)
+        # unscale: what the GEMMs' results take to undo the power of two an fp16 dL/dz is scaled by (gemm.py)
+        dz_op, unscale = (scratch, 1.0) if dz is None else self.gemms.narrow(dz, scratch, rows_hidden)
         if grads.hidden is not None:
-            grads.hidden.index_copy_(0, rows, self.gemms.grad_hidden(dz_op).to(grads.hidden.dtype))
+            dh = self.gemms.grad_hidden(dz_op).to(grads.hidden.dtype)
+            grads.hidden.index_copy_(0, rows, dh if unscale == 1.0 else dh.mul_(unscale))
         if grads.weight is not None:
-            self.gemms.add_grad_weight(grads.weight, dz_op, rows_hidden, grads.weight_scale)
+            self.gemms.add_grad_weight(grads.weight, dz_op, rows_hidden, grads.weight_scale, unscale)
             grads.weight_scale = 1.0
         if grads.bias is not None:  # from the GEMMs' operand, as autograd sums the naive loss's dL/dz
-            grads.bias.add_(dz_op.sum(0, dtype=grads.bias.dtype))
+            grads.bias.add_(dz_op.sum(0, dtype=grads.bias.dtype), alpha=unscale)
 
     def new_grads(self, need_hidden, need_weight, need_bias) -> Grads:
         acc, device = self.dtype, self.hidden.device

@@ -11,7 +11,8 @@
   input-dtype result into a scratch buffer, exactly as rounded as the naive bf16 logits, and the C++ backend widens
   each row as its stats pass reads it (``low_logits``, row_ops.Widen); other backends get one widening pass.
 - Backward: ``dL/dz`` is narrowed to the input dtype for the ``dh`` and ``dW`` GEMMs (as autograd does for the
-  naive loss). ``dW`` and ``db`` accumulate in fp32 across chunks. On CUDA the ``dW`` GEMM adds into the fp32
+  naive loss); fp16's times a power of two per chunk first, undone in fp32 (``fp16_grad_scale``: fp16 has no
+  range for a mean's 1/N). ``dW`` and ``db`` accumulate in fp32 across chunks. On CUDA the ``dW`` GEMM adds into the fp32
   accumulator itself (``addmm(out_dtype=...)``). The CPU's bf16 GEMM cannot, so there it runs per block of
   vocabulary rows, each block's ``[rows, H]`` result (a chunk's share of ``dW``, rounded once to the input dtype, as
   the naive loss rounds its whole ``dW``) added into the accumulator while it is in cache: never a ``V x H``
@@ -31,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -49,6 +50,9 @@ DW_BLOCK_ELEMENTS = 1 << 21
 NARROW_BLOCK_BYTES = 4 << 20
 DISCARD_MIN_BYTES = 32 << 20
 NORM_BLOCK_ROWS = 4096  # max_row_norm's blocks of rows (8 MiB of fp32 at H = 512)
+# fp16's dL/dz is scaled by a power of two before it is narrowed, so that its largest entry (and on the CPU the largest
+# fp16 output of the GEMMs it feeds) lands just below this: 4x under fp16's largest value, far above its subnormals.
+FP16_GRAD_CEILING = 2.0 ** 14
 _out_dtype_ok = {}  # device type -> whether torch.mm/addmm take out_dtype there (probed once)
 # CPU feature flags (/proc/cpuinfo) of native bf16/fp16 dot products: AVX-512/AMX on x86, bf16/fp16 on Arm.
 _CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}
@@ -116,6 +120,11 @@ def max_row_norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
                 for i in range(0, t.shape[0], NORM_BLOCK_ROWS)), default=0.0)
 
 
+def _absmax(t: torch.Tensor) -> float:
+    lo, hi = torch.aminmax(t)  # one pass, no temporary (vector_norm's inf-norm ran 20x slower on fp16)
+    return float(torch.maximum(-lo, hi))
+
+
 def fp16_logits_may_overflow(weight: torch.Tensor, rows: Sequence[Optional[torch.Tensor]]) -> bool:
     """Whether an fp16 GEMM of `rows` by `weight` could write an inf where it cannot write fp32 (the CPU): the GEMM
     accumulates in fp32, but its fp16 output overflows past 65 504 (h W^T gave inf logits, then NaN log-probs beside
@@ -153,6 +162,8 @@ class Gemms:
         # Decided once a call, before any GEMM: a bad SRPO_KERNELS_CPU_DW fails here, not in the chunk loop.
         self.mkl_dw = self.low and not self.fp32_out and w.device.type == "cpu" and mkl_dw_gemm_preferred()
         self.bias = None if bias is None else bias.detach().to(self.math)
+        # max |W|, for fp16_grad_scale's bound on the CPU's fp16 dh outputs (one scan of W, fp16 on the CPU only)
+        self.weight_absmax = _absmax(w) if self.operand == torch.float16 and not self.fp32_out else None
         self.temperature, self.inv_t = temperature, 1.0 / temperature
         # Logits are divided by T, as the naive loss divides them, unless 1/T is exact (T a power of two): z * fl(1/T)
         # scales a whole row by the one rounding error of 1/T, which a row's entropy then sums coherently, and beta
@@ -189,9 +200,38 @@ class Gemms:
         (bias and 1/T applied there, see row_ops.Widen)."""
         return torch.mm(h, self.weight.T, out=scratch)
 
-    def narrow(self, dz: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Tensor:
-        """dL/dz as the backward GEMMs' operand: itself in fp32/fp64, else a copy in the input dtype."""
-        return dz if not self.low else scratch.copy_(dz)
+    def narrow(self, dz: torch.Tensor, scratch: Optional[torch.Tensor],
+               h: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """dL/dz as the backward GEMMs' operand, and the factor their results take to undo its scale: (dz, 1) in
+        fp32/fp64; in bf16 (fp32's range) a copy and 1; in fp16 a copy times a power of two (`fp16_grad_scale`; `h`:
+        the chunk's rows of hidden) and its inverse. `dz` is the caller's scratch: the fp16 scale is applied in place."""
+        if not self.low:
+            return dz, 1.0
+        if self.operand != torch.float16:
+            return scratch.copy_(dz), 1.0
+        scale = self.fp16_grad_scale(dz, h)
+        return scratch.copy_(dz.mul_(scale) if scale != 1.0 else dz), 1.0 / scale  # a power of two: exact
+
+    def fp16_grad_scale(self, dz: torch.Tensor, h: torch.Tensor) -> float:
+        """The power of two that lifts a chunk's dL/dz off fp16's subnormals before it is narrowed (below 6e-5 fp16
+        keeps fewer bits, below 6e-8 none). A mean over N tokens makes dL/dz about 1/N; and under torch.amp's
+        GradScaler the naive loss's dL/dz carries the scaler's factor where ours, computed in the forward, did not
+        (fp16 dh 5.0e-3 from fp64 against the naive loss's 6.2e-4 at N = 8192, V = 4000). The largest scaled entry
+        lands below FP16_GRAD_CEILING; on the CPU, whose fp16 GEMMs write fp16, so do the dh and dW outputs' bounds
+        (V entries of a row times max |W|, C of a column times max |h|: loose, but exact row and column sums of |dz|
+        cost as much as the GEMMs)."""
+        lo, hi = torch.aminmax(dz)
+        extremes = [hi, -lo]
+        if not self.fp32_out:
+            h_lo, h_hi = torch.aminmax(h)
+            extremes += [h_hi.float(), -h_lo.float()]
+        values = torch.stack(extremes).tolist()  # one sync
+        top = max(values[:2])
+        if not self.fp32_out:
+            top *= max(1.0, dz.shape[1] * self.weight_absmax, dz.shape[0] * max(values[2:]))
+        if not 0.0 < top < math.inf:
+            return 1.0
+        return math.ldexp(1.0, max(-60, min(60, math.floor(math.log2(FP16_GRAD_CEILING / top)))))
 
     def grad_hidden(self, dz_op: torch.Tensor) -> torch.Tensor:
         """dL/dh rows (math dtype, or the input dtype on the CPU's low-precision path: index_copy_ widens them)."""
@@ -199,16 +239,17 @@ class Gemms:
             return torch.mm(dz_op, self.weight, out_dtype=self.math)
         return dz_op @ self.weight
 
-    def add_grad_weight(self, acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float) -> None:
-        """acc (fp32/fp64, V x H) <- beta * acc + dz_op^T h, with no V x H temporary."""
+    def add_grad_weight(self, acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float,
+                        alpha: float = 1.0) -> None:
+        """acc (fp32/fp64, V x H) <- beta * acc + alpha * dz_op^T h, with no V x H temporary."""
         if self.fp32_out:
-            torch.addmm(acc, dz_op.T, h, beta=beta, out_dtype=self.math, out=acc)
+            torch.addmm(acc, dz_op.T, h, beta=beta, alpha=alpha, out_dtype=self.math, out=acc)
         elif self.mkl_dw and _fp32_acc_gemm(acc):
-            torch.ops.srpo_kernels.grad_weight(acc, dz_op, h, beta)
+            torch.ops.srpo_kernels.grad_weight(acc, dz_op, h, beta, alpha)
         elif self.low:  # CPU: see the module's docstring
-            add_grad_weight_blocks(acc, dz_op, h, beta)
+            add_grad_weight_blocks(acc, dz_op, h, beta, alpha)
         else:
-            torch.addmm(acc, dz_op.T, h, beta=beta, out=acc)
+            torch.addmm(acc, dz_op.T, h, beta=beta, alpha=alpha, out=acc)
 
 
 def _fp32_acc_gemm(acc: torch.Tensor) -> bool:
@@ -218,24 +259,25 @@ def _fp32_acc_gemm(acc: torch.Tensor) -> bool:
             and cpu_kernel.load_error() is None and torch.ops.srpo_kernels.grad_weight_available())
 
 
-def add_grad_weight_blocks(acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float) -> None:
-    """acc (fp32) <- beta * acc + dz_op^T h (bf16/fp16 operands) where there is no fp32-C GEMM: the GEMM per block
-    of vocabulary rows, each block's share added while it is in cache (see the module's docstring)."""
+def add_grad_weight_blocks(acc: torch.Tensor, dz_op: torch.Tensor, h: torch.Tensor, beta: float,
+                           alpha: float = 1.0) -> None:
+    """acc (fp32) <- beta * acc + alpha * dz_op^T h (bf16/fp16 operands) where there is no fp32-C GEMM: the GEMM per
+    block of vocabulary rows, each block's share added while it is in cache (see the module's docstring)."""
     rows = max(64, DW_BLOCK_ELEMENTS // max(1, h.shape[1]))
     for v0 in range(0, acc.shape[0], rows):
-        _accumulate(acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h), beta)
+        _accumulate(acc[v0:v0 + rows], torch.mm(dz_op[:, v0:v0 + rows].T, h), beta, alpha)
 
 
-def _accumulate(block: torch.Tensor, part: torch.Tensor, beta: float) -> None:
-    """block (fp32) <- beta * block + part (bf16/fp16): one pass in the C++ kernel where it is built (torch's
+def _accumulate(block: torch.Tensor, part: torch.Tensor, beta: float, alpha: float = 1.0) -> None:
+    """block (fp32) <- beta * block + alpha * part (bf16/fp16): one pass in the C++ kernel where it is built (torch's
     mixed-dtype add widens `part` into a fresh temporary first). beta = 0 overwrites: the accumulator is not
     written yet and may hold anything, NaN included."""
     if block.dtype == torch.float32 and cpu_kernel.load_error() is None:
-        torch.ops.srpo_kernels.accumulate(block, part, beta)
+        torch.ops.srpo_kernels.accumulate(block, part, beta, alpha)
     elif beta == 0.0:
-        block.copy_(part)
+        torch.mul(part, alpha, out=block)
     else:
-        torch.add(part, block, alpha=beta, out=block)
+        block.mul_(beta).add_(part, alpha=alpha)
 
 
 def returned_grad(acc: Optional[torch.Tensor], dtype: torch.dtype, scale: Optional[torch.Tensor] = None):

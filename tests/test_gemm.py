@@ -1,15 +1,19 @@
 """gemm.py: the GEMM precision policy's dW accumulation, on the CPU's low-precision path (forced here whatever
 this CPU has: the result does not depend on the hardware, only the speed does)."""
+import functools
+
 import pytest
 import torch
 
+from cases import max_rel_err
 from srpo_kernels import gemm
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.37])
+@pytest.mark.parametrize("alpha", [1.0, 2.0 ** -9])  # alpha: what undoes an fp16 dL/dz's scale
 @pytest.mark.parametrize("add", ["fp32_acc_gemm", "c++ blocks", "torch blocks"])
-def test_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkeypatch):
+def test_low_precision_dw_accumulates_in_fp32(dtype, beta, alpha, add, monkeypatch):
     monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)
     if add == "torch blocks":  # the fallback where the C++ kernel is not built
         monkeypatch.setattr(gemm.cpu_kernel, "load_error", lambda: "disabled")
@@ -28,20 +32,20 @@ def test_low_precision_dw_accumulates_in_fp32(dtype, beta, add, monkeypatch):
     gemms = gemm.Gemms(weight, None, 1.0)
     assert gemms.low and not gemms.fp32_out  # the CPU path
     dz = torch.randn(c, v, generator=g)
-    dz_op = gemms.narrow(dz, torch.empty(c, v, dtype=dtype))
     h = torch.randn(c, h_dim, generator=g).to(dtype)
+    dz_op, _ = gemms.narrow(dz, torch.empty(c, v, dtype=dtype), h)
     before = torch.randn(v, h_dim, generator=g)
     acc = before.clone() if beta else torch.full((v, h_dim), float("nan"))  # beta 0: unwritten, NaN ignored
-    gemms.add_grad_weight(acc, dz_op, h, beta)
+    gemms.add_grad_weight(acc, dz_op, h, beta, alpha)
 
-    part = dz_op.double().T @ h.double()
+    part = alpha * (dz_op.double().T @ h.double())
     expected = beta * before.double() + part
     # Each block's share is rounded once to the input dtype, as the naive loss rounds its dW (then fp32 adds).
     eps = torch.finfo(dtype).eps
     bound = eps * part.abs() + 4 * torch.finfo(torch.float32).eps * (expected.abs() + part.abs())
     assert torch.isfinite(acc).all()
     if add == "fp32_acc_gemm":  # no share rounded to bf16/fp16: fp32 sums of exact products
-        magnitude = beta * before.double().abs() + dz_op.double().abs().T @ h.double().abs()
+        magnitude = beta * before.double().abs() + alpha * (dz_op.double().abs().T @ h.double().abs())
         bound = 4 * c * torch.finfo(torch.float32).eps * magnitude
     assert ((acc.double() - expected).abs() <= bound).all()
 
@@ -135,3 +139,56 @@ def test_fp16_logits_beyond_fp16_range_are_computed_in_fp32(backend, monkeypatch
     assert torch.equal(outs[torch.float16].logprobs, outs[torch.float32].logprobs)
     for ours, wide in zip(grads[torch.float16], grads[torch.float32]):
         assert torch.isfinite(ours).all() and torch.equal(ours, wide.half())
+
+
+def _fp16_grads(loss_fn, hidden, weight, dtype, upstream, **inputs):
+    h, w = (t.to(dtype, copy=True).requires_grad_() for t in (hidden, weight))
+    (loss_fn(h, w, **inputs).loss * upstream).backward()
+    return h.grad.double() / upstream, w.grad.double() / upstream
+
+
+@pytest.mark.parametrize("dw", ["mkl", "blocks"])
+def test_fp16_grad_under_a_grad_scaler_is_as_precise_as_the_naive_loss(dw, monkeypatch):
+    """A mean over N tokens makes dL/dz ~1/N: in fp16 mostly subnormal. torch.amp's GradScaler lifts the naive
+    loss's dL/dz by its factor; ours is computed in the forward, without it, and lost its digits (dh 2x, dW 4x the
+    naive error at N = 4096, growing with N). Now each chunk's fp16 dL/dz is scaled by a power of two first."""
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)  # the fp16-GEMM path, whatever this CPU has
+    if dw == "mkl" and (gemm.cpu_kernel.load_error() is not None
+                        or not torch.ops.srpo_kernels.grad_weight_available()):
+        pytest.skip("torch's CPU build has no MKL fp16 GEMM with an fp32 C here")
+    monkeypatch.setenv("SRPO_KERNELS_CPU_DW", dw)
+    import srpo_kernels as sk
+
+    g = torch.Generator().manual_seed(0)
+    n, h_dim, v = 4096, 32, 1000
+    hidden = torch.randn(n, h_dim, generator=g).half()
+    weight = (0.3 * torch.randn(v, h_dim, generator=g)).half()
+    route = torch.rand(n, generator=g) < 0.5
+    inputs = dict(token_ids=torch.randint(0, v, (n,), generator=g), advantages=torch.randn(n, generator=g),
+                  route=route, teacher_hidden=torch.randn(int(route.sum()), h_dim, generator=g).half())
+    truth = _fp16_grads(sk.reference.srpo_loss, hidden, weight, torch.float64, 1.0, **inputs)
+    naive = _fp16_grads(sk.reference.srpo_loss, hidden, weight, torch.float16, 65536.0, **inputs)
+    ours = _fp16_grads(functools.partial(sk.fused_srpo_loss, backend="cpu"), hidden, weight, torch.float16, 65536.0,
+                       **inputs)
+    for name, o, n_, t in zip(("dh", "dW"), ours, naive, truth):
+        err, naive_err = max_rel_err(o, t), max_rel_err(n_, t)
+        # dW by blocks rounds each chunk's share to fp16 (the design), the fp32-C GEMM does not
+        assert err <= (1.5 if name == "dW" and dw == "blocks" else 1.1) * naive_err, (name, err, naive_err)
+
+
+def test_fp16_grad_beyond_fp16_is_scaled_down_not_inf(monkeypatch):
+    """dL/dz past 65 504 (A = 3e4 at T = 0.1, summed) overflowed fp16 when it was narrowed: inf and NaN gradients,
+    though dh and dW themselves are well inside fp16 (small hidden and weight). The scale is below 1 there."""
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)
+    import srpo_kernels as sk
+
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = (1e-3 * torch.randn(6, 8, generator=g)).half(), (1e-3 * torch.randn(20, 8, generator=g)).half()
+    inputs = dict(token_ids=torch.randint(0, 20, (6,), generator=g), advantages=torch.full((6,), 3e4),
+                  temperature=0.1, reduction="sum")
+    truth = _fp16_grads(sk.reference.srpo_loss, hidden, weight, torch.float64, 1.0, **inputs)
+    for backend in ("cpu", "torch"):
+        ours = _fp16_grads(functools.partial(sk.fused_srpo_loss, backend=backend), hidden, weight, torch.float16, 1.0,
+                           **inputs)
+        for o, t in zip(ours, truth):
+            assert torch.isfinite(o).all() and max_rel_err(o, t) < 1e-2, backend

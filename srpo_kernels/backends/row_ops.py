@@ -74,7 +74,7 @@ class VocabPasses(Protocol):
 
 @dataclass
 class Widen:
-    """A chunk's logits as a bf16/fp16 GEMM wrote them, before bias and temperature, for a backend that reads them
+    """A chunk's logits as a bf16 GEMM wrote them, before bias and temperature, for a backend that reads them
     itself (``RowOps.fuses_casts``): ``z = (student + bias) / T``, ``u`` likewise from ``teacher``."""
 
     student: torch.Tensor
@@ -85,10 +85,11 @@ class Widen:
 
 class RowOps(Protocol):
     name: str
-    # True: with bf16/fp16 GEMMs every pass takes ``widen=Widen(...)`` and ``z=None``: the student's rows are read
+    # True: with bf16 GEMMs every pass takes ``widen=Widen(...)`` and ``z=None``: the student's rows are read
     # from ``widen.student`` (each widened while it is in cache, no fp32 [C, V] copy) and the gradient passes
     # overwrite them there with dL/dz in that dtype; the teacher's rows are widened into the fp32 chunk ``u``.
-    # False: the chunk loop widens and narrows in separate passes (and never passes ``widen``).
+    # False: the chunk loop widens and narrows in separate passes (and never passes ``widen``), as it does for fp16
+    # GEMMs with every backend (their dL/dz takes a chunk-wide scale before it is narrowed, gemm.py).
     fuses_casts: bool
     # How many [C, V] fp32 temporaries the passes allocate beside the logits buffer at their peak: the chunk loop
     # divides its chunk budget by (1 + this), so a backend of tensor ops keeps the O(C V) contract too.
