@@ -187,6 +187,13 @@ class Trainer:
         self.verifier_errors = 0
         if cfg.resume:
             self._restore()
+        if not self.history:
+            # A fresh start: an earlier run's records in output_dir would otherwise stay at the head of metrics.jsonl,
+            # this run's appended after them (two step 0s in one file).
+            if (self.out / "metrics.jsonl").is_file() and (self.out / "metrics.jsonl").stat().st_size:
+                print(f"[srpo] starting over in {self.out}: its earlier metrics.jsonl is replaced (--resume continues "
+                      f"a run from its checkpoint)")
+            self._write_metrics()
 
     # ------------------------------------------------------------------ checkpoints
     def _restore(self):

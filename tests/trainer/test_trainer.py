@@ -202,6 +202,16 @@ def test_resume_refuses_changed_options_and_says_when_there_is_nothing(tmp_path,
     assert Trainer(tiny_config(tmp_path, resume=True, **dict(opts, steps=3), micro_batch=2)).step == 1
 
 
+def test_a_fresh_run_in_an_earlier_runs_directory_starts_its_metrics_anew(tmp_path, coin_dataset, capsys):
+    """Without --resume the second run's records were appended to the first's: metrics.jsonl held two step 0s."""
+    opts = dict(task=coin_dataset, verifier="coin_verifier:coin", steps=1)
+    Trainer(tiny_config(tmp_path, **opts)).train()
+    capsys.readouterr()
+    records = Trainer(tiny_config(tmp_path, **opts)).train()
+    assert "starting over" in capsys.readouterr().out
+    assert _records(tmp_path) == records and [r["step"] for r in records] == [0, 1]
+
+
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="model must be smollm2, tiny, .*got '/no/such/model'"):
         Trainer(tiny_config(tmp_path, model="/no/such/model"))
