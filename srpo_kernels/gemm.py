@@ -12,8 +12,8 @@
   each row as its stats pass reads it (``low_logits``, row_ops.Widen); other backends get one widening pass.
 - Backward: ``dL/dz`` is narrowed to the input dtype for the ``dh`` and ``dW`` GEMMs (as autograd does for the
   naive loss); fp16's times a power of two per chunk first, undone in fp32 (``fp16_grad_scale``: fp16 has no
-  range for a mean's 1/N). ``dW`` and ``db`` accumulate in fp32 across chunks. On CUDA the ``dW`` GEMM adds into the fp32
-  accumulator itself (``addmm(out_dtype=...)``). The CPU's bf16 GEMM cannot, so there it runs per block of
+  range for a mean's 1/N). ``dW`` and ``db`` accumulate in fp32 across chunks. On CUDA the ``dW`` GEMM adds into
+  the fp32 accumulator itself (``addmm(out_dtype=...)``). The CPU's bf16 GEMM cannot, so there it runs per block of
   vocabulary rows, each block's ``[rows, H]`` result (a chunk's share of ``dW``, rounded once to the input dtype, as
   the naive loss rounds its whole ``dW``) added into the accumulator while it is in cache: never a ``V x H``
   temporary, and 2.3-2.8x faster than an fp32 GEMM on widened operands on a Sapphire Rapids CPU (AMX) at
@@ -204,7 +204,7 @@ class Gemms:
                h: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """dL/dz as the backward GEMMs' operand, and the factor their results take to undo its scale: (dz, 1) in
         fp32/fp64; in bf16 (fp32's range) a copy and 1; in fp16 a copy times a power of two (`fp16_grad_scale`; `h`:
-        the chunk's rows of hidden) and its inverse. `dz` is the caller's scratch: the fp16 scale is applied in place."""
+        the chunk's rows of hidden) and its inverse. `dz` is the caller's scratch: fp16's scale is applied in place."""
         if not self.low:
             return dz, 1.0
         if self.operand != torch.float16:
