@@ -85,9 +85,9 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
-    flat_h, flat_ids, shape, _ = check_projection(hidden, weight, token_ids, bias,
-                                                  None if shard_ops is None else shard_ops.vocab_shard.vocab,
-                                                  temperature)
+    flat_h, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias,
+                                                         None if shard_ops is None else shard_ops.vocab_shard.vocab,
+                                                         temperature)
     n = flat_ids.numel()
     dtype = math_dtype(flat_h.dtype)
     device = flat_h.device
@@ -95,7 +95,8 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
                    advantages=torch.zeros(n, dtype=dtype, device=device),
                    route=torch.zeros(n, dtype=torch.bool, device=device),
                    valid=torch.ones(n, dtype=torch.bool, device=device), teacher_hidden=None, old_logprobs=None,
-                   ref_logprobs=None, is_weights=None, normalizer=None, weight_normalizer=None, token_shape=shape)
+                   ref_logprobs=None, is_weights=None, normalizer=None, weight_normalizer=None, token_shape=shape,
+                   absmax=extremes)
     ops = shard_ops or get_row_ops(backend, device, flat_h.dtype, weight.shape[0])
     params = LogprobParams(inputs=x, temperature=temperature, ops=ops, chunk_size=chunk_size)
     logp, ent = LogprobsFunction.apply(flat_h, weight, bias, params)

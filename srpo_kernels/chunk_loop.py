@@ -95,7 +95,7 @@ class ChunkRunner:
     def __init__(self, hidden, weight, bias, x: FlatInputs, cfg: SRPOLossConfig, ops: RowOps,
                  chunk_size: Optional[int]):
         self.x, self.cfg, self.ops = x, cfg, ops
-        self.gemms = Gemms(weight, bias, cfg.temperature, rows=(hidden, x.teacher_hidden))
+        self.gemms = Gemms(weight, bias, cfg.temperature, rows=(hidden, x.teacher_hidden), absmax=x.absmax)
         self.dtype = self.gemms.math
         self.hidden = hidden.detach()  # GEMM operand: stays in the input dtype
         self.weight_shape = weight.shape

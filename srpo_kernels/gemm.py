@@ -125,18 +125,21 @@ def _absmax(t: torch.Tensor) -> float:
     return float(torch.maximum(-lo, hi))
 
 
-def fp16_logits_may_overflow(weight: torch.Tensor, rows: Sequence[Optional[torch.Tensor]]) -> bool:
+def fp16_logits_may_overflow(weight: torch.Tensor, rows: Sequence[torch.Tensor], weight_absmax: float,
+                             rows_absmax: float) -> bool:
     """Whether an fp16 GEMM of `rows` by `weight` could write an inf where it cannot write fp32 (the CPU): the GEMM
     accumulates in fp32, but its fp16 output overflows past 65 504 (h W^T gave inf logits, then NaN log-probs beside
-    a finite loss, where the fp32 accumulation held the exact value). By Cauchy-Schwarz |h . w| <= |h| |w|; where
-    that bound reaches fp16's range the GEMMs widen instead (fp32 logits, and a V x H fp32 copy of the weight for
-    this call). One pass over the operands: 46 ms for a 151 936 x 1024 fp16 weight on 2 EPYC cores."""
-    if weight.dtype != torch.float16 or _supports_out_dtype(weight.device):
+    a finite loss, where the fp32 accumulation held the exact value). First the free bound |h . w| <= H max|h| max|w|
+    (the maxima `weight_absmax` and `rows_absmax` come from the finiteness scan); where that does not clear, the
+    sharper |h|_2 |w|_2 (Cauchy-Schwarz; one pass over the operands: 46 ms for a 151 936 x 1024 fp16 weight on 2
+    EPYC cores). Where it reaches fp16's range the GEMMs widen (fp32 logits, and a V x H fp32 copy of the weight for
+    this call)."""
+    if weight.dtype != torch.float16 or _supports_out_dtype(weight.device) or not rows:
         return False
-    rows = [r for r in rows if r is not None and r.numel()]
-    if not rows or not weight.numel():
+    fp16_max = torch.finfo(torch.float16).max
+    if weight.shape[1] * weight_absmax * rows_absmax < fp16_max:
         return False
-    return max_row_norm(weight) * max(max_row_norm(r) for r in rows) >= torch.finfo(torch.float16).max
+    return max_row_norm(weight) * max(max_row_norm(r) for r in rows) >= fp16_max
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,12 +151,27 @@ class Gemms:
     """The three GEMMs of a chunk (logits, dh, dW) for one weight, following the policy above."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
-                 rows: Sequence[Optional[torch.Tensor]] = ()):
-        """`rows`: every tensor of rows the logits GEMM will multiply by ``weight`` (hidden, teacher_hidden)."""
+                 rows: Sequence[Optional[torch.Tensor]] = (), absmax: Optional[dict] = None):
+        """`rows`: the tensors of rows the logits GEMM multiplies by ``weight``, (hidden, teacher_hidden); `absmax`:
+        their and the weight's largest |entry| by those names, as inputs.FlatInputs carries them from the finiteness
+        scan (read here only where not given)."""
         w = weight.detach()
-        if w.dtype in LOW_PRECISION and (not native_low_precision(w.dtype, w.device)
-                                         or fp16_logits_may_overflow(w, rows)):
+        absmax = absmax or {}
+
+        def largest(name, t):
+            return absmax[name] if name in absmax else _absmax(t)
+
+        widen = w.dtype in LOW_PRECISION and not native_low_precision(w.dtype, w.device)
+        # max |W| where the CPU's fp16 GEMMs write fp16: fp16_logits_may_overflow's and fp16_grad_scale's bounds
+        self.weight_absmax = None
+        if not widen and w.dtype == torch.float16 and not _supports_out_dtype(w.device):
+            named = [(n, r) for n, r in zip(("hidden", "teacher_hidden"), rows) if r is not None and r.numel()]
+            self.weight_absmax = largest("weight", w)
+            widen = fp16_logits_may_overflow(w, [r for _, r in named], self.weight_absmax,
+                                             max((largest(n, r) for n, r in named), default=0.0))
+        if widen:
             w = w.float()
+            self.weight_absmax = None
         self.weight = w
         self.operand = w.dtype
         self.math = math_dtype(self.operand)
@@ -162,8 +180,6 @@ class Gemms:
         # Decided once a call, before any GEMM: a bad SRPO_KERNELS_CPU_DW fails here, not in the chunk loop.
         self.mkl_dw = self.low and not self.fp32_out and w.device.type == "cpu" and mkl_dw_gemm_preferred()
         self.bias = None if bias is None else bias.detach().to(self.math)
-        # max |W|, for fp16_grad_scale's bound on the CPU's fp16 dh outputs (one scan of W, fp16 on the CPU only)
-        self.weight_absmax = _absmax(w) if self.operand == torch.float16 and not self.fp32_out else None
         self.temperature, self.inv_t = temperature, 1.0 / temperature
         # Logits are divided by T, as the naive loss divides them, unless 1/T is exact (T a power of two): z * fl(1/T)
         # scales a whole row by the one rounding error of 1/T, which a row's entropy then sums coherently, and beta

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -37,6 +37,9 @@ class FlatInputs:
     weight_normalizer: Optional[float]
     token_shape: torch.Size
     distributed: bool = False  # normalisers not supplied are reduced over the data-parallel ranks
+    # The finiteness scan's largest |entry| of hidden, weight, teacher_hidden (bias: its largest entry): gemm.Gemms
+    # bounds its fp16 outputs with them instead of reading W again.
+    absmax: dict = field(default_factory=dict)
 
 
 def _tensor(name: str, value) -> torch.Tensor:
@@ -303,4 +306,4 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
     return flat_hidden, FlatInputs(
         token_ids=flat_ids, advantages=adv, route=route_flat, valid=valid, teacher_hidden=teacher_hidden,
         old_logprobs=old, ref_logprobs=ref, is_weights=isw, normalizer=normalizer,
-        weight_normalizer=weight_normalizer, token_shape=shape, distributed=distributed)
+        weight_normalizer=weight_normalizer, token_shape=shape, distributed=distributed, absmax=extremes)

@@ -124,9 +124,14 @@ def test_fp16_logits_beyond_fp16_range_are_computed_in_fp32(backend, monkeypatch
     weight = (100 * torch.randn(50, 16, generator=g)).half()
     ids = torch.randint(0, 50, (6,), generator=g)
     assert (hidden.double() @ weight.double().T).abs().max() > torch.finfo(torch.float16).max
-    assert gemm.fp16_logits_may_overflow(weight, [hidden])
-    assert not gemm.fp16_logits_may_overflow(weight / 100, [hidden / 100])  # the usual case keeps fp16 GEMMs
-    assert not gemm.fp16_logits_may_overflow(weight.bfloat16(), [hidden.bfloat16()])  # bf16 has fp32's range
+
+    def may_overflow(w, h, absmax=None):  # absmax: the maxima the finiteness scan hands over (default: the true ones)
+        return gemm.fp16_logits_may_overflow(w, [h], *(absmax or (float(w.abs().max()), float(h.abs().max()))))
+
+    assert may_overflow(weight, hidden)
+    assert not may_overflow(weight / 100, hidden / 100)  # the usual case keeps fp16 GEMMs (the free bound clears)
+    assert not may_overflow(weight / 100, hidden / 100, absmax=(1e3, 1e3))  # where it does not, |h|_2 |w|_2 can
+    assert not may_overflow(weight.bfloat16(), hidden.bfloat16())  # bf16 has fp32's range
     grads = {}
     outs = {}
     for dtype in (torch.float16, torch.float32):  # the fp16 call must be the fp32 GEMMs' on the same values
@@ -192,3 +197,21 @@ def test_fp16_grad_beyond_fp16_is_scaled_down_not_inf(monkeypatch):
                            **inputs)
         for o, t in zip(ours, truth):
             assert torch.isfinite(o).all() and max_rel_err(o, t) < 1e-2, backend
+
+
+def test_fp16_gemms_take_the_maxima_of_the_finiteness_scan(monkeypatch):
+    """The bounds of the CPU's fp16 GEMM outputs use max |W| and max |h| from the input checks' scan: W is not read
+    again for them (it was, once per call and per recompute)."""
+    import srpo_kernels as sk
+
+    monkeypatch.setattr(gemm, "native_low_precision", lambda *_: True)  # the fp16-GEMM path, whatever this CPU has
+    monkeypatch.setattr(gemm, "_absmax", lambda t: pytest.fail("a maximum was computed again"))
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(6, 8, generator=g).half().requires_grad_()
+    weight = torch.randn(20, 8, generator=g).half().requires_grad_()
+    ids, route = torch.randint(0, 20, (6,), generator=g), torch.tensor([True, False] * 3)
+    for backend in ("cpu", "torch"):
+        out = sk.fused_srpo_loss(hidden, weight, ids, 1.0, route, torch.randn(3, 8, generator=g).half(),
+                                 reduction="none", backend=backend)
+        out.loss.sum().backward()  # "none" recomputes the chunks in backward: a second Gemms
+        sk.fused_logprobs(hidden, weight, ids, backend=backend).sum().backward()
