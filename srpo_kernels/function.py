@@ -199,6 +199,7 @@ class SRPOLossFunction(torch.autograd.Function):
         # graph needs it (the first one hands over the gradients computed here).
         ctx.save_for_backward(hidden, weight, bias)
         ctx.params, ctx.log_mu, ctx.grads = params, log_mu, grads
+        ctx.versions = x.versions()
         ctx.mu_upfront, ctx.denom = mu_upfront, denom
         ctx.reduction = cfg.reduction
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -219,6 +220,7 @@ class SRPOLossFunction(torch.autograd.Function):
         hidden, weight, bias = ctx.saved_tensors
         params = ctx.params
         x = params.inputs
+        x.check_unchanged(ctx.versions)
         runner = ChunkRunner(hidden, weight, bias, x, params.config, params.ops, params.chunk_size)
         grads = runner.new_grads(*ctx.needs_input_grad[:3])
         if ctx.reduction == "none":
@@ -250,7 +252,7 @@ class LogprobsFunction(torch.autograd.Function):
         stats = runner.empty_stats()
         runner.student_stream(stats, None, None)
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.params = params
+        ctx.params, ctx.versions = params, params.inputs.versions()
         return stats.logp, stats.entropy
 
     @staticmethod
@@ -258,6 +260,7 @@ class LogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         _refuse_double_backward()
         hidden, weight, bias = ctx.saved_tensors
+        ctx.params.inputs.check_unchanged(ctx.versions)
         runner = _logprob_runner(hidden, weight, bias, ctx.params)
         grads = runner.new_grads(*ctx.needs_input_grad[:3])
         inv_t = 1.0 / ctx.params.temperature

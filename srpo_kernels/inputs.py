@@ -41,6 +41,27 @@ class FlatInputs:
     # bounds its fp16 outputs with them instead of reading W again.
     absmax: dict = field(default_factory=dict)
 
+    # The argument each tensor field came from: they may be views of the caller's tensors.
+    _ARGUMENTS = {"token_ids": "token_ids", "advantages": "advantages", "route": "route", "valid": "loss_mask",
+                  "teacher_hidden": "teacher_hidden", "old_logprobs": "old_logprobs",
+                  "ref_logprobs": "ref_logprobs", "is_weights": "is_weights"}
+
+    def versions(self) -> dict:
+        """The in-place version of each tensor a backward recompute reads (a view shares its base's counter;
+        tensors made under inference_mode have none and cannot be changed outside it)."""
+        return {f: t._version for f in self._ARGUMENTS
+                if (t := getattr(self, f)) is not None and not t.is_inference()}
+
+    def check_unchanged(self, versions: dict) -> None:
+        """Refuse a recompute from tensors the caller changed in place since the forward (as autograd refuses its
+        own saved tensors): it would give the gradient of a loss that was never computed."""
+        for f, version in versions.items():
+            if getattr(self, f)._version != version:
+                name = self._ARGUMENTS[f]
+                raise RuntimeError(f"srpo_kernels: {name} was modified in place after the forward pass, and backward "
+                                   f"recomputes the loss from it (reduction='none', fused_logprobs, or a second "
+                                   f"backward): pass a copy ({name}.clone()) or change it after backward")
+
 
 def _tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):

@@ -139,3 +139,75 @@ def test_autocast_casts_the_operands_and_stays_out_of_the_gemms(backend, call, n
     for a, b, c in zip(want, got, mixed):
         assert torch.equal(a.float(), b) and torch.equal(b, c.float())
     assert all(g.dtype == torch.float32 for g in got[1:])
+
+
+_PER_TOKEN = ["token_ids", "advantages", "route", "loss_mask", "teacher_hidden", "old_logprobs", "ref_logprobs",
+              "is_weights"]
+
+
+def _fp32_case(seed=6):
+    case = make_case(seed=seed, n=9, h=6, v=29, sd_frac=0.4, ref=True)
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+
+
+def _loss_of(c, h, reduction, **extra):
+    return sk.fused_srpo_loss(h, c["weight"], c["token_ids"], c["advantages"], c["route"], c["teacher_hidden"],
+                              old_logprobs=c["old_logprobs"], ref_logprobs=c["ref_logprobs"], ref_beta=0.1,
+                              loss_mask=c["loss_mask"], is_weights=c["is_weights"], bias=c["bias"],
+                              reduction=reduction, **extra).loss
+
+
+@pytest.mark.parametrize("name", _PER_TOKEN)
+@pytest.mark.parametrize("path", ["none", "retained-mean"])
+def test_backward_refuses_inputs_changed_in_place(name, path):
+    """A backward that recomputes reads the per-token tensors again (views of the caller's, no copies): one changed
+    in place after the forward (a reused buffer) gave the gradient of a loss that was never computed, silently.
+    Now it is refused by name, as autograd refuses its own saved tensors."""
+    c = _fp32_case()
+    h = c["hidden"].clone().requires_grad_()
+    loss = _loss_of(c, h, "none" if path == "none" else "mean").sum()
+    if path == "retained-mean":
+        loss.backward(retain_graph=True)
+    c[name].copy_(c[name].roll(1, 0))
+    with pytest.raises(RuntimeError, match=f"{name} was modified in place"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", _PER_TOKEN)
+def test_gradients_computed_in_forward_ignore_later_changes(name):
+    """A "mean" loss's first backward hands over the gradients the forward computed: a later in-place change is
+    harmless there, and not refused."""
+    c = _fp32_case()
+    expected = []
+    for change in (False, True):
+        h = c["hidden"].clone().requires_grad_()
+        loss = _loss_of(c, h, "mean")
+        if change:
+            saved = c[name].clone()
+            c[name].copy_(c[name].roll(1, 0))
+        loss.backward()
+        expected.append(h.grad)
+        if change:
+            c[name].copy_(saved)
+    assert torch.equal(*expected)
+
+
+def test_fused_logprobs_refuses_token_ids_changed_in_place():
+    c = _fp32_case()
+    h = c["hidden"].clone().requires_grad_()
+    logp = sk.fused_logprobs(h, c["weight"], c["token_ids"])
+    c["token_ids"].add_(1).remainder_(c["weight"].shape[0])
+    with pytest.raises(RuntimeError, match="token_ids was modified in place"):
+        logp.sum().backward()
+
+
+def test_inputs_made_under_inference_mode_are_accepted():
+    """Rollout tensors are often made under inference_mode: they carry no version counter, and need none."""
+    c = _fp32_case()
+    with torch.inference_mode():
+        made = {k: c[k].clone() for k in _PER_TOKEN}
+    h = c["hidden"].clone().requires_grad_()
+    _loss_of({**c, **made}, h, "none").sum().backward()
+    reference = c["hidden"].clone().requires_grad_()
+    _loss_of(c, reference, "none").sum().backward()
+    assert torch.equal(h.grad, reference.grad)
