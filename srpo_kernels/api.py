@@ -33,6 +33,8 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
         ref_logprobs: reference log-probs for the ``ref_beta * k3`` penalty.
         loss_mask: bool, False drops a token from the loss and the metrics.
         is_weights: per-token importance weight multiplying every token's loss (before the k3 penalty).
+            advantages, old_logprobs, ref_logprobs and is_weights are constants of the loss: one that requires grad
+            is refused (detach it), as no gradient would reach it.
         normalizer: the token count ``D`` of ``reduction="mean"`` (default: valid tokens here); only with "mean".
         weight_normalizer: mean of ``exp(-entropy_beta * H_T)`` to divide by, in ``[V^-entropy_beta, 1]`` (default:
             over valid SDPO tokens here).

@@ -89,8 +89,13 @@ def _expand_to(name: str, t: torch.Tensor, shape: torch.Size, broadcast: bool) -
 
 
 def _per_token(name: str, value, shape: torch.Size, device, dtype, *, broadcast=False) -> torch.Tensor:
-    """A per-token float tensor of `shape` (or, with `broadcast`, one that expands to it), flat, finite."""
+    """A per-token float tensor of `shape` (or, with `broadcast`, one that expands to it), flat, finite, constant."""
     given = _expand_to(name, _float_tensor(name, value, device), shape, broadcast).reshape(-1)
+    if given.requires_grad and torch.is_grad_enabled():
+        # The kernels differentiate through hidden, weight and bias only: a gradient asked of this would be None
+        # where plain autograd gives one (e.g. into a value head that made the advantages).
+        raise ValueError(f"{name} requires grad, but the loss takes it as a constant and no gradient flows to it: "
+                         f"pass {name}.detach()")
     t = given.to(dtype)
     if not torch.isfinite(t).all():
         # fp64 values past fp32's range are finite as given, inf in the loss's fp32: say which.

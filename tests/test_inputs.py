@@ -47,6 +47,14 @@ BAD = {
     "old_fp64_beyond_fp32": (dict(old_logprobs=torch.full((12,), -1e300, dtype=torch.float64)), ValueError,
                              "old_logprobs must be finite everywhere in torch.float32"),
     "ref_missing": (dict(ref_beta=0.1), ValueError, "ref_logprobs"),
+    # Constants of the loss: a gradient asked of them was None where plain autograd (the reference) gave one.
+    "adv_requires_grad": (dict(advantages=torch.zeros(12, requires_grad=True)), ValueError,
+                          "advantages requires grad, but the loss takes it as a constant"),
+    "old_requires_grad": (dict(old_logprobs=torch.zeros(12, requires_grad=True)), ValueError,
+                          "old_logprobs requires grad"),
+    "ref_requires_grad": (dict(ref_logprobs=torch.zeros(12, requires_grad=True), ref_beta=0.1), ValueError,
+                          "ref_logprobs requires grad"),
+    "is_requires_grad": (dict(is_weights=torch.ones(12, requires_grad=True)), ValueError, "is_weights requires grad"),
     "is_negative": (dict(is_weights=-torch.ones(12)), ValueError, "is_weights"),
     "bias_shape": (dict(bias=torch.zeros(30)), ValueError, "bias"),
     "normalizer_zero": (dict(normalizer=0), ValueError, "normalizer"),
@@ -320,3 +328,10 @@ def test_dtensor_weight_is_refused_with_the_way_out():
                 sk.fused_logprobs(torch.randn(3, 4), weight, torch.zeros(3, dtype=torch.long))
         finally:
             dist.destroy_process_group()
+
+
+def test_constants_that_require_grad_are_taken_under_no_grad():
+    """Evaluation under no_grad asks no gradient of anything: a grad-requiring advantage is fine there."""
+    with torch.no_grad():
+        out = _call(advantages=torch.zeros(12, requires_grad=True))
+    assert torch.isfinite(out.loss)
