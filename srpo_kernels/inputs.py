@@ -150,7 +150,10 @@ def _require_finite(**named) -> dict:
     for name, is_bad in zip(named, values):
         if is_bad:
             allowed = " (-inf, masking a vocabulary entry, is allowed)" if name == "bias" else ""
-            raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf")
+            # Rows of padding can come out of attention as NaN; masked rows still enter the GEMMs (dW = dz^T h).
+            padding = (" (if only padding rows are, zero them first, e.g. "
+                       f"{name}.masked_fill(~mask[..., None], 0))") if name in ("hidden", "teacher_hidden") else ""
+            raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf{padding}")
     return dict(zip(named, values[len(named):]))
 
 

@@ -95,6 +95,9 @@ for _name in ("hidden", "weight", "teacher_hidden"):
     for _label, _value in (("nan", math.nan), ("inf", math.inf), ("neg_inf", -math.inf)):
         BAD[f"{_name}_{_label}"] = (dict(**{_name: _poisoned(_name, _value)}), ValueError,
                                     f"{_name} must be finite everywhere")
+# NaN rows of padding (attention over an all-masked row) are the common cause: the error says how to zero them.
+BAD["hidden_nan_says_how_to_zero_padding"] = (dict(hidden=_poisoned("hidden", math.nan)), ValueError,
+                                             "zero them first, e.g. hidden.masked_fill")
 for _label, _value in (("nan", math.nan), ("inf", math.inf)):
     _bias = torch.zeros(31)
     _bias[4] = _value
