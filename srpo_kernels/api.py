@@ -88,7 +88,7 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
     flat_h, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias,
-                                                         None if shard_ops is None else shard_ops.vocab_shard.vocab,
+                                                         None if shard_ops is None else shard_ops.vocab_shard,
                                                          temperature)
     n = flat_ids.numel()
     dtype = math_dtype(flat_h.dtype)

@@ -130,46 +130,66 @@ def _positive_scalar(name: str, value) -> Optional[float]:
     return float(value)
 
 
-def _require_finite(**named) -> dict:
+def _require_finite(shard=None, **named) -> dict:
     """NaN or inf in any of the named tensors is an error naming it (bias may hold -inf: masked vocabulary). Returns
     each tensor's largest |entry| (bias: its largest entry, the upper end) as a float, from the same scan.
 
     One device sync for all of them (a sync per tensor would stall a GPU once per argument). aminmax reads each
     tensor once with no temporary and propagates NaN (isfinite(t).all() was 30x slower on the CPU: 0.76 s for a
-    151 936 x 1024 fp32 weight); the loss itself reads W three times per chunk."""
-    named = {k: t for k, t in named.items() if t is not None and t.numel()}
-    if not named:
+    151 936 x 1024 fp32 weight); the loss itself reads W three times per chunk. Under a vocabulary `shard` the
+    findings of every rank are gathered first (one small collective): a NaN in one rank's block of W is an error on
+    every rank, where that rank alone raising left the others waiting in the chunk loop's collectives."""
+    present = {k: t for k, t in named.items() if t is not None and t.numel()}
+    keys = list(named) if shard is not None else list(present)  # under a shard: the same list on every rank
+    if not keys:
         return {}
+    device = next(t.device for t in named.values() if t is not None)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
     flags, extremes = [], []
-    for name, t in named.items():
-        low, high = torch.aminmax(t.detach())
+    for name in keys:
+        if name not in present:
+            flags.append(zero)
+            extremes.append(zero)
+            continue
+        low, high = torch.aminmax(present[name].detach())
         ok = high < math.inf if name == "bias" else (low > -math.inf) & (high < math.inf)  # False for NaN
         flags.append(~ok)
         extremes.append(high if name == "bias" else torch.maximum(-low, high))
-    values = torch.stack([f.double() for f in flags] + [e.double() for e in extremes]).tolist()
-    for name, is_bad in zip(named, values):
+    found = torch.stack([f.double() for f in flags] + [e.double() for e in extremes])
+    by_rank = None
+    if shard is not None:
+        by_rank = shard.gather(found)  # [world, 2 * len(keys)]
+        found = by_rank.amax(0)
+    values = found.tolist()
+    for i, (name, is_bad) in enumerate(zip(keys, values)):
         if is_bad:
             allowed = " (-inf, masking a vocabulary entry, is allowed)" if name == "bias" else ""
+            where = "" if by_rank is None else \
+                f" (rank(s) {[r for r in range(len(by_rank)) if by_rank[r, i]]} of vocab_parallel_group)"
             # Rows of padding can come out of attention as NaN; masked rows still enter the GEMMs (dW = dz^T h).
             padding = (" (if only padding rows are, zero them first, e.g. "
                        f"{name}.masked_fill(~mask[..., None], 0))") if name in ("hidden", "teacher_hidden") else ""
-            raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf{padding}")
-    return dict(zip(named, values[len(named):]))
+            raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf{where}{padding}")
+    return dict(zip(keys, values[len(keys):]))
 
 
 def check_logit_range(rows_name: str, rows: torch.Tensor, weight: torch.Tensor, temperature: float,
-                      extremes: dict) -> None:
+                      extremes: dict, shard=None) -> None:
     """Finite inputs can still make logits ``(h W^T + b) / T`` beyond the math dtype's range (entries near 1e19, or
     a temperature near 1e-38): some backends then gave NaN, others a finite but wrong loss (on-policy GRPO's value
     does not depend on log p), the reference NaN. Refused by a bound that is free where it clears: H max|h| max|w|
     from the finiteness scan's `extremes`; only where it does not, the sharper max |h|_2 |w|_2 (Cauchy-Schwarz, which
     also bounds the GEMM's partial sums; one more pass over the operands, in fp64). Half the dtype's largest value
-    leaves room for the GEMM's rounding."""
+    leaves room for the GEMM's rounding. Under a vocabulary `shard`, `extremes` are the whole group's (so every rank
+    takes the same branch) and so is the largest row norm of W."""
     limit = torch.finfo(math_dtype(rows.dtype)).max / 2
     shift = max(extremes.get("bias", 0.0), 0.0)  # only an upper end: -inf (or finfo.min) entries mask, legally
     if (rows.shape[-1] * extremes.get(rows_name, 0.0) * extremes.get("weight", 0.0) + shift) / temperature < limit:
         return
-    bound = (max_row_norm(rows, torch.float64) * max_row_norm(weight, torch.float64) + shift) / temperature
+    w_norm = max_row_norm(weight, torch.float64)
+    if shard is not None:
+        w_norm = float(shard.gather(torch.tensor(w_norm, dtype=torch.float64, device=weight.device)).max())
+    bound = (max_row_norm(rows, torch.float64) * w_norm + shift) / temperature
     if bound >= limit:
         raise ValueError(f"{rows_name}, weight, bias and temperature give logits (h W^T + b) / T that can reach "
                          f"{bound:.3g}, beyond {math_dtype(rows.dtype)}'s range (the loss is computed in it, and "
@@ -201,10 +221,10 @@ def follow_autocast(*operands):
                  else t for t in operands)
 
 
-def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = None, temperature: float = 1.0):
+def check_projection(hidden, weight, token_ids, bias, shard=None, temperature: float = 1.0):
     """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape,
-    extremes) with `extremes` those of _require_finite, for check_logit_range. `vocab`: the whole vocabulary when
-    `weight` is one rank's block of it (token ids are global)."""
+    extremes) with `extremes` those of _require_finite, for check_logit_range. `shard`: the vocab_parallel
+    VocabShard when `weight` is one rank's block of a vocabulary of `shard.vocab` (token ids are global)."""
     hidden = _tensor("hidden", hidden)
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"hidden must be a floating-point tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
@@ -227,7 +247,7 @@ def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = Non
         bias = _float_tensor("bias", bias, hidden.device)
         if bias.shape != (rows,):
             raise ValueError(f"bias must have shape [V] = ({rows},) like weight's rows, got {tuple(bias.shape)}")
-    vocab = rows if vocab is None else vocab
+    vocab = rows if shard is None else shard.vocab
     token_ids = _tensor("token_ids", token_ids)
     if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
@@ -239,8 +259,8 @@ def check_projection(hidden, weight, token_ids, bias, vocab: Optional[int] = Non
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
         raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in "
                          f"[{int(token_ids.min())}, {int(token_ids.max())}]")
-    extremes = _require_finite(hidden=hidden, weight=weight, bias=bias)
-    check_logit_range("hidden", hidden, weight, temperature, extremes)
+    extremes = _require_finite(shard, hidden=hidden, weight=weight, bias=bias)
+    check_logit_range("hidden", hidden, weight, temperature, extremes, shard)
     return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape, extremes
 
 
@@ -273,8 +293,7 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                    shard=None) -> Tuple[torch.Tensor, FlatInputs]:
     """(hidden as [N, H], the rest checked and flattened). `shard`: the vocab_parallel VocabShard, whose `weight`
     and `bias` are this rank's block of a vocabulary of `shard.vocab` (token ids are global)."""
-    flat_hidden, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias,
-                                                              None if shard is None else shard.vocab,
+    flat_hidden, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias, shard,
                                                               cfg.temperature)
     vocab = weight.shape[0] if shard is None else shard.vocab
     device = flat_hidden.device
@@ -301,8 +320,8 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
         # The teacher's rows take the student's GEMM, so its dtype (no gradient flows back: a cast loses nothing
         # the loss would use). Every backend and the reference then see the same operands.
         teacher_hidden = teacher_hidden.detach().to(flat_hidden.dtype)
-        extremes.update(_require_finite(teacher_hidden=teacher_hidden))
-        check_logit_range("teacher_hidden", teacher_hidden, weight, cfg.temperature, extremes)
+        extremes.update(_require_finite(shard, teacher_hidden=teacher_hidden))
+        check_logit_range("teacher_hidden", teacher_hidden, weight, cfg.temperature, extremes, shard)
     _refuse_masked_targets(bias, flat_ids, valid, shape, shard)
     old = None if old_logprobs is None else _per_token("old_logprobs", old_logprobs, shape, device, dtype)
     if cfg.ref_beta > 0 and ref_logprobs is None:

@@ -3,6 +3,7 @@ lm_head's rows, against the unsharded call in one process (fp32, to 1e-5): loss,
 rank's block of dW/db, over every option."""
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -99,9 +100,30 @@ def _worker(rank, world, sizes, init_file, out_dir):
         _call(case, rows, {}, group)
     except ValueError as e:
         results["masked_target"] = str(e)
+    # Data only the last rank holds makes an error there: every rank must raise it, not leave the others waiting in
+    # the chunk loop's collectives (a hang).
+    for name, poison in (("nan_block", torch.nan), ("huge_block", 1e38)):
+        case = _case("mixed", sizes)
+        case["weight"][sum(sizes) - 1, 0] = poison
+        try:
+            _call(case, rows, {}, group)
+        except ValueError as e:
+            results[name] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # leave together: gloo torn down under a rank still writing can abort it
     dist.destroy_process_group()
+
+
+def _spawn_within(seconds, fn, args, nprocs):
+    """mp.spawn, failing instead of hanging when the ranks do (an error on one rank alone leaves the others in a
+    collective, which gloo's timeout does not always end)."""
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} ranks did not finish within {seconds} s: some rank waits for the others")
 
 
 def _close(actual, expected, what):
@@ -115,7 +137,7 @@ def _close(actual, expected, what):
 @pytest.mark.parametrize("world,sizes", LAYOUTS, ids=[f"{w}ranks" for w, _ in LAYOUTS])
 def test_sharded_call_equals_unsharded(world, sizes):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, sizes, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        _spawn_within(300, _worker, args=(world, sizes, os.path.join(tmp, "init"), tmp), nprocs=world)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
     full = slice(0, sum(sizes))
     for routing in ROUTINGS:
@@ -136,6 +158,8 @@ def test_sharded_call_equals_unsharded(world, sizes):
         assert "every rank must pass the same tokens" in got.get("mismatch", "")
         assert "1 token(s) in the loss sample a vocabulary entry that bias masks" in got.get("masked_target", "")
         assert ("token_ids[5] =" in got["masked_target"]) == (r == world - 1)
+        assert f"weight must be finite everywhere: it holds NaN or inf (rank(s) [{world - 1}]" in got["nan_block"]
+        assert "give logits (h W^T + b) / T that can reach" in got["huge_block"]
 
 
 def test_bad_arguments():
