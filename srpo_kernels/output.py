@@ -12,7 +12,8 @@ class SRPOLossOutput:
     """``loss`` is differentiable; the per-token tensors (shape of ``token_ids``) are detached diagnostics.
 
     ``teacher_entropy``, ``divergence`` and ``distill_weight`` are 0 on GRPO-routed tokens; ``clipped`` is False on
-    SDPO-routed tokens. Diagnostics are reported for every position, masked or not; ``loss_mask`` only decides what
+    SDPO-routed tokens. Diagnostics are reported for every position, masked or not, except ``distill_weight``, 0 where
+    masked (it is normalised over the valid SDPO tokens, which a masked one is not among); ``loss_mask`` decides what
     enters the loss and ``metrics``.
     """
 
