@@ -257,8 +257,11 @@ def check_projection(hidden, weight, token_ids, bias, shard=None, temperature: f
         raise ValueError(f"token_ids must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(token_ids.shape)}")
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
+        # Labels padded with an ignore index (-100) are the usual way here: the masked tokens' ids still index W.
+        hint = (" (padding with an ignore index such as -100? masked tokens need a valid id too, e.g. "
+                "token_ids.clamp_min(0), and loss_mask leaves them out)") if int(token_ids.min()) < 0 else ""
         raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in "
-                         f"[{int(token_ids.min())}, {int(token_ids.max())}]")
+                         f"[{int(token_ids.min())}, {int(token_ids.max())}]{hint}")
     extremes = _require_finite(shard, hidden=hidden, weight=weight, bias=bias)
     check_logit_range("hidden", hidden, weight, temperature, extremes, shard)
     return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape, extremes

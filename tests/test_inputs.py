@@ -35,6 +35,7 @@ BAD = {
     "ids_shape": (dict(token_ids=torch.zeros(11, dtype=torch.long)), ValueError, "token_ids"),
     "ids_negative": (dict(token_ids=torch.full((12,), -1)), ValueError, "token_ids"),
     "ids_too_big": (dict(token_ids=torch.full((12,), 31)), ValueError, "token_ids"),
+    "ids_ignore_index": (dict(token_ids=torch.full((12,), -100)), ValueError, "masked tokens need a valid id too"),
     "adv_shape": (dict(advantages=torch.zeros(5)), ValueError, "advantages"),
     "adv_nan": (dict(advantages=torch.full((12,), math.nan)), ValueError, "advantages"),
     "route_values": (dict(route=torch.full((12,), 2)), ValueError, "route"),
