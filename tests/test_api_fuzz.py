@@ -77,6 +77,10 @@ def _check_valid(backend, problem, opts, edge):
                                            to_device=lambda c: _to(c, device),
                                            floor=max(1e-5, _logit_rounding(case, opts)), **opts)
     assert torch.equal(torch.isneginf(ours["logprobs"]), torch.isneginf(truth["logprobs"]))
+    # Signs that a relative error of ~1e-16 values does not see (a cpu entropy once came out at -1.4e-5).
+    for key in ("entropy", "teacher_entropy", "divergence", "distill_weight"):
+        assert bool((ours[key] >= 0).all()), f"{key}: negative, {float(ours[key].min()):.3g}"
+    assert bool((ours["logprobs"] <= 0).all()), f"logprobs: positive, {float(ours['logprobs'].max()):.3g}"
 
 
 def _logit_rounding(case, opts):
