@@ -134,6 +134,11 @@ def _corruptions(case):
         "logits_overflow": (dict(hidden=case["hidden"] * 1e25, weight=case["weight"] * 1e25), "beyond"),
         "temperature_overflows_logits": (dict(temperature=1e-45), "temperature"),
         "chunk_size": (dict(chunk_size=-3), "chunk_size"),
+        # Constants of the loss that require grad: no gradient would reach them (the reference's would).
+        "adv_requires_grad": (dict(advantages=case["advantages"].clone().requires_grad_()), "advantages"),
+        "old_requires_grad": (dict(old_logprobs=torch.zeros(n, dtype=torch.float64, requires_grad=True)),
+                              "old_logprobs"),
+        "ids_ignore_index": (dict(token_ids=torch.full((n,), -100)), "token_ids"),
     }
 
 
