@@ -295,7 +295,39 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                    loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
                    shard=None) -> Tuple[torch.Tensor, FlatInputs]:
     """(hidden as [N, H], the rest checked and flattened). `shard`: the vocab_parallel VocabShard, whose `weight`
-    and `bias` are this rank's block of a vocabulary of `shard.vocab` (token ids are global)."""
+    and `bias` are this rank's block of a vocabulary of `shard.vocab` (token ids are global).
+
+    Data parallel (a normaliser left to the ranks): the checks' verdicts travel with the token count in one
+    collective, so bad input on one rank is an error on every rank, where that rank alone raising left the others
+    waiting in the collective."""
+    args = (hidden, weight, token_ids, advantages, route, teacher_hidden)
+    options = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights,
+                   bias=bias, normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg, shard=shard)
+    if not (world_size() > 1 and (normalizer is None or weight_normalizer is None)):
+        return _checked_inputs(*args, **options)
+    refused = None
+    try:
+        flat_hidden, x = _checked_inputs(*args, **options)
+        count = float(x.valid.sum())
+    except (ValueError, TypeError) as exc:
+        refused, count = exc, 0.0
+    device = hidden.device if isinstance(hidden, torch.Tensor) and hidden.device.type != "cpu" else None
+    count, refusals = all_reduce_sums(count, float(refused is not None), device=device)
+    if refused is not None:
+        raise refused
+    if refusals:
+        raise ValueError(f"{int(refusals)} other data-parallel rank(s) refused their inputs to the loss (their error "
+                         f"says why); every rank raises, so that none waits for the others in a collective")
+    x.distributed = True
+    if x.normalizer is None:  # D_global / world: DDP's averaging then gives the full-batch gradient
+        x.normalizer = max(count, 1.0) / world_size()
+    return flat_hidden, x
+
+
+def _checked_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
+                    loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
+                    shard=None) -> Tuple[torch.Tensor, FlatInputs]:
+    """flatten_inputs on this rank alone."""
     flat_hidden, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias, shard,
                                                               cfg.temperature)
     vocab = weight.shape[0] if shard is None else shard.vocab
@@ -350,11 +382,7 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
             raise ValueError(f"weight_normalizer must be a mean of exp(-entropy_beta * H_T), in "
                              f"[V^-entropy_beta, 1] = [exp({floor:.4g}), 1] for V = {vocab} and entropy_beta = "
                              f"{cfg.entropy_beta}, got {weight_normalizer:.4g}")
-    distributed = world_size() > 1 and (normalizer is None or weight_normalizer is None)
-    if distributed and normalizer is None:  # D_global / world: DDP's averaging then gives the full-batch gradient
-        (count,) = all_reduce_sums(float(valid.sum()), device=device if device.type != "cpu" else None)
-        normalizer = max(count, 1.0) / world_size()
     return flat_hidden, FlatInputs(
         token_ids=flat_ids, advantages=adv, route=route_flat, valid=valid, teacher_hidden=teacher_hidden,
         old_logprobs=old, ref_logprobs=ref, is_weights=isw, normalizer=normalizer,
-        weight_normalizer=weight_normalizer, token_shape=shape, distributed=distributed, absmax=extremes)
+        weight_normalizer=weight_normalizer, token_shape=shape, absmax=extremes)

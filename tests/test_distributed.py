@@ -5,10 +5,10 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import srpo_kernels as sk
 from cases import make_case
+from processes import spawn_within
 
 OPTIONS = [dict(), dict(topk=6, alpha=1.0), dict(ref_beta=0.1, alpha=0.0), dict(reduction="sum")]
 
@@ -39,6 +39,16 @@ def _worker(rank, world, init_file, result_file):
         full_h[rows] = gh
         dist.all_reduce(full_h)
         out[i] = (full_h * scale, gw * scale)
+    # Bad input on one rank only (NaN hidden states on rank 1): every rank raises, none waits in the collective.
+    try:
+        case = make_case(seed=31, n=48, v=211, ref=True)
+        if rank == 1:
+            case["hidden"][rows[0], 0] = float("nan")
+        _loss_and_grads(case, rows)
+    except ValueError as e:
+        out["refused"] = str(e)
+    if rank == 1:
+        torch.save(out["refused"], result_file + ".rank1")
     if rank == 0:
         torch.save(out, result_file)
     dist.barrier()  # leave together: gloo torn down under a rank still writing can abort it
@@ -48,11 +58,14 @@ def _worker(rank, world, init_file, result_file):
 def test_data_parallel_gradient_equals_full_batch():
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(2, init_file, result_file), nprocs=2, join=True)
+        spawn_within(300, _worker, args=(2, init_file, result_file), nprocs=2)
         results = torch.load(result_file)
+        refused_on_1 = torch.load(result_file + ".rank1")
     case = make_case(seed=31, n=48, v=211, ref=True)
     for i, options in enumerate(OPTIONS):
         full_h, full_w = _loss_and_grads(case, torch.arange(48), **options)
         dp_h, dp_w = results[i]
         assert torch.allclose(dp_h, full_h, rtol=1e-5, atol=1e-7), options
         assert torch.allclose(dp_w, full_w, rtol=1e-5, atol=1e-7), options
+    assert "1 other data-parallel rank(s) refused their inputs" in results["refused"]
+    assert "hidden must be finite everywhere" in refused_on_1

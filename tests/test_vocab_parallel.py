@@ -3,15 +3,14 @@ lm_head's rows, against the unsharded call in one process (fp32, to 1e-5): loss,
 rank's block of dW/db, over every option."""
 import os
 import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import srpo_kernels as sk
 from cases import make_case
+from processes import spawn_within
 
 N = 48
 ROUTINGS = {"sdpo": 1.0, "grpo": 0.0, "mixed": 0.5, "tied": 1.0}
@@ -114,18 +113,6 @@ def _worker(rank, world, sizes, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def _spawn_within(seconds, fn, args, nprocs):
-    """mp.spawn, failing instead of hanging when the ranks do (an error on one rank alone leaves the others in a
-    collective, which gloo's timeout does not always end)."""
-    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + seconds
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {nprocs} ranks did not finish within {seconds} s: some rank waits for the others")
-
-
 def _close(actual, expected, what):
     """To 1e-5 of the tensor's scale: a sum split across ranks rounds in another order. (With ref_beta, dh reaches
     5e5 through the k3 penalty of tokens deep in the tail; the unsharded fp32 call is itself 4e-5 off fp64, relative,
@@ -137,7 +124,7 @@ def _close(actual, expected, what):
 @pytest.mark.parametrize("world,sizes", LAYOUTS, ids=[f"{w}ranks" for w, _ in LAYOUTS])
 def test_sharded_call_equals_unsharded(world, sizes):
     with tempfile.TemporaryDirectory() as tmp:
-        _spawn_within(300, _worker, args=(world, sizes, os.path.join(tmp, "init"), tmp), nprocs=world)
+        spawn_within(300, _worker, args=(world, sizes, os.path.join(tmp, "init"), tmp), nprocs=world)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
     full = slice(0, sum(sizes))
     for routing in ROUTINGS:
