@@ -1,5 +1,6 @@
 """Data parallel: with torch.distributed initialised, normalisers are global, so the DDP-averaged gradient of two
-ranks (each holding half the tokens) equals the single-process full-batch gradient. Two gloo processes on CPU."""
+ranks (each holding half the tokens) equals the single-process full-batch gradient, and bad input on one rank is an
+error on both. Two gloo processes on CPU."""
 import os
 import tempfile
 
