@@ -1,6 +1,6 @@
 """Data parallel: with torch.distributed initialised, normalisers are global, so the DDP-averaged gradient of two
 ranks (each holding half the tokens) equals the single-process full-batch gradient, and bad input on one rank is an
-error on both. Two gloo processes on CPU."""
+error on both; one rank alone may call it with both normalisers given. Two gloo processes on CPU."""
 import os
 import tempfile
 
@@ -48,6 +48,8 @@ def _worker(rank, world, init_file, result_file):
         _loss_and_grads(case, rows)
     except ValueError as e:
         out["refused"] = str(e)
+    if rank == 0:  # one rank alone (an evaluation on the main process) with both normalisers: no collective
+        _loss_and_grads(make_case(seed=31, n=48, v=211, ref=True), rows, normalizer=24.0, weight_normalizer=0.5)
     if rank == 1:
         torch.save(out["refused"], result_file + ".rank1")
     if rank == 0:
