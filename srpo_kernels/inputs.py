@@ -143,11 +143,11 @@ def _require_finite(shard=None, **named) -> dict:
     keys = list(named) if shard is not None else list(present)  # under a shard: the same list on every rank
     if not keys:
         return {}
-    device = next(t.device for t in named.values() if t is not None)
-    zero = torch.zeros((), dtype=torch.float64, device=device)
     flags, extremes = [], []
     for name in keys:
-        if name not in present:
+        if name not in present:  # only under a shard: no finding, extreme 0
+            device = next(t.device for t in named.values() if t is not None)
+            zero = torch.zeros((), dtype=torch.float64, device=device)
             flags.append(zero)
             extremes.append(zero)
             continue
@@ -291,19 +291,14 @@ def _refuse_masked_targets(bias, token_ids, valid, shape, shard=None) -> None:
                          f"leave it out with loss_mask")
 
 
-def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
-                   loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
-                   shard=None) -> Tuple[torch.Tensor, FlatInputs]:
-    """(hidden as [N, H], the rest checked and flattened). `shard`: the vocab_parallel VocabShard, whose `weight`
-    and `bias` are this rank's block of a vocabulary of `shard.vocab` (token ids are global).
+def flatten_inputs(*args, **options) -> Tuple[torch.Tensor, FlatInputs]:
+    """(hidden as [N, H], the rest checked and flattened): the arguments of _checked_inputs, which does it on this
+    rank alone.
 
     Data parallel (a normaliser left to the ranks): the checks' verdicts travel with the token count in one
     collective, so bad input on one rank is an error on every rank, where that rank alone raising left the others
     waiting in the collective."""
-    args = (hidden, weight, token_ids, advantages, route, teacher_hidden)
-    options = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask, is_weights=is_weights,
-                   bias=bias, normalizer=normalizer, weight_normalizer=weight_normalizer, cfg=cfg, shard=shard)
-    if not (world_size() > 1 and (normalizer is None or weight_normalizer is None)):
+    if not (world_size() > 1 and (options["normalizer"] is None or options["weight_normalizer"] is None)):
         return _checked_inputs(*args, **options)
     refused = None
     try:
@@ -311,6 +306,7 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
         count = float(x.valid.sum())
     except (ValueError, TypeError) as exc:
         refused, count = exc, 0.0
+    hidden = args[0]
     device = hidden.device if isinstance(hidden, torch.Tensor) and hidden.device.type != "cpu" else None
     count, refusals = all_reduce_sums(count, float(refused is not None), device=device)
     if refused is not None:
@@ -327,7 +323,8 @@ def flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
 def _checked_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
                     loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
                     shard=None) -> Tuple[torch.Tensor, FlatInputs]:
-    """flatten_inputs on this rank alone."""
+    """flatten_inputs on this rank alone. `shard`: the vocab_parallel VocabShard, whose `weight` and `bias` are this
+    rank's block of a vocabulary of `shard.vocab` (token ids are global)."""
     flat_hidden, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias, shard,
                                                               cfg.temperature)
     vocab = weight.shape[0] if shard is None else shard.vocab
