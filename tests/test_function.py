@@ -82,13 +82,17 @@ def test_frozen_weight_skips_its_gradient():
     assert w.grad is None and h.grad is not None and torch.isfinite(h.grad).all()
 
 
+def _in_fp32(case):
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("retain", [False, True])
 def test_upstream_gradient_scales_the_handed_over_gradients(reduction, retain):
     """d(c * loss) = c * d(loss), bit for bit (the accumulators are scaled in place), the first backward (gradients
     computed in forward) and a second one through a retained graph (recomputed) alike."""
     case = make_case(seed=5, n=9, h=6, v=29, sd_frac=0.4)
-    c = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+    c = _in_fp32(case)
 
     def grads(scale):
         h, w, b = (c[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
@@ -146,8 +150,7 @@ _PER_TOKEN = ["token_ids", "advantages", "route", "loss_mask", "teacher_hidden",
 
 
 def _fp32_case(seed=6):
-    case = make_case(seed=seed, n=9, h=6, v=29, sd_frac=0.4, ref=True)
-    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+    return _in_fp32(make_case(seed=seed, n=9, h=6, v=29, sd_frac=0.4, ref=True))
 
 
 def _loss_of(c, h, reduction, **extra):
