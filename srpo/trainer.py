@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 import srpo_kernels
+from srpo_kernels.backends import BACKENDS
 from . import checkpoint, models
 from .peak_memory import PeakMemory
 from .routing import check_algo, route_rollouts
@@ -95,9 +96,23 @@ class TrainConfig:
         if self.max_grad_norm is not None and not (0 < self.max_grad_norm < math.inf):
             # a clip to 0 zeroes every gradient: a run that silently learns nothing
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {self.max_grad_norm}")
-        for name, allowed in (("loss", LOSSES), ("device", ("auto", "cpu", "cuda")), ("dtype", ("fp32", "bf16"))):
+        for name, allowed in (("loss", LOSSES), ("device", ("auto", "cpu", "cuda")), ("dtype", ("fp32", "bf16")),
+                              ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 < self.lr < math.inf:  # inf or NaN turns every weight NaN at the first update
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        # The loss options are checked now, not at the first loss call: that waits for a mini-batch with rows that
+        # change the gradient, which a random or weak model may take many steps to sample.
+        srpo_kernels.SRPOLossConfig(**self.loss_options())
+
+    def loss_options(self) -> dict:
+        """The options of srpo_kernels' loss that this run sets (the rest keep their defaults)."""
+        return dict(temperature=self.temperature, eps_low=self.eps_low, eps_high=self.eps_high,
+                    dual_clip=self.dual_clip, alpha=self.alpha, topk=self.topk, topk_tail=self.topk_tail,
+                    is_clip=self.is_clip, entropy_beta=self.entropy_beta)
 
     @property
     def updates_per_step(self) -> int:
@@ -408,10 +423,7 @@ class Trainer:
         if len(micro) > 1 and sd_rows and cfg.entropy_beta > 0:
             # One entropy-weight normaliser for the mini-batch, not one per micro-batch (with top-K each had its own).
             weight_normalizer = self.weight_normalizer(teacher, sd_rows, responses, batch.roll.prompts)
-        options = dict(temperature=cfg.temperature, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                       dual_clip=cfg.dual_clip, alpha=cfg.alpha, topk=cfg.topk, topk_tail=cfg.topk_tail,
-                       is_clip=cfg.is_clip, entropy_beta=cfg.entropy_beta, normalizer=n_tokens,
-                       weight_normalizer=weight_normalizer)
+        options = dict(cfg.loss_options(), normalizer=n_tokens, weight_normalizer=weight_normalizer)
         loss_inputs = {}
         weight, bias = self._lm_head()
         for mb in micro:

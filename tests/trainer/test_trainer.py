@@ -179,7 +179,13 @@ def test_bf16_step_runs_and_cuda_is_refused_without_a_gpu(tmp_path, coin_dataset
 
 
 @pytest.mark.parametrize("field,value", [("warmup_steps", -1), ("micro_batch", -2), ("eval_every", -1),
-                                         ("max_grad_norm", 0.0), ("max_grad_norm", float("inf"))])
+                                         ("max_grad_norm", 0.0), ("max_grad_norm", float("inf")),
+                                         ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0),
+                                         ("weight_decay", -1.0), ("backend", "trition"),
+                                         # the loss's options: refused at construction, not at the first loss call
+                                         # (which waits for rows that change the gradient: maybe many steps)
+                                         ("alpha", 2.0), ("topk", 0), ("temperature", float("nan")),
+                                         ("entropy_beta", -1.0), ("is_clip", 0.0), ("eps_low", 1.5)])
 def test_config_refuses_values_with_no_meaning(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         tiny_config(tmp_path, **{field: value})
