@@ -62,16 +62,24 @@ class _Coefficients:
     def _isw(self, rows):
         return 1.0 if self.x.is_weights is None else self.x.is_weights[rows]
 
-    def _scaled(self, rows, coefficient):
-        """row_scale * coefficient, exactly 0 on masked rows: a masked token contributes nothing, even where its
-        own terms overflow (a k3 penalty exp(ref - logp) of a token deep in the tail is inf in fp32)."""
+    def _scaled(self, rows, coefficient, constant=None):
+        """row_scale * coefficient, exactly 0 on masked rows and on `constant` ones (whose loss does not depend on
+        the logits): such a token contributes nothing, even where its own terms overflow (a k3 penalty
+        exp(ref - logp) of a token deep in the tail is inf in fp32) or its upstream gradient is NaN/inf."""
         scale = self.scale[rows]
-        return torch.where(scale != 0, scale * coefficient, torch.zeros_like(scale))
+        live = scale != 0 if constant is None else (scale != 0) & ~constant
+        return torch.where(live, scale * coefficient, torch.zeros_like(scale))
 
     def grpo(self, rows, st):
         logp = st[:, S.LOGP]
-        terms = token_math.grpo_surrogate(logp, _opt(self.x.old_logprobs, rows), self.x.advantages[rows], self.cfg)
-        return self._scaled(rows, self._isw(rows) * terms.dloss_dlogp + self._ref_term(logp, rows)), None
+        adv = self.x.advantages[rows]
+        terms = token_math.grpo_surrogate(logp, _opt(self.x.old_logprobs, rows), adv, self.cfg)
+        # Where the clip or the dual clip holds the loss, or A = 0, the surrogate is constant in the logits: the token
+        # contributes nothing, a NaN upstream gradient included (the reference detaches its ratio there). The k3
+        # penalty, when on, still depends on logp; is_weights = 0 passes a NaN on, as a product does.
+        constant = (terms.clipped | (adv == 0)) if self.cfg.ref_beta == 0 else None
+        coefficient = self._isw(rows) * terms.dloss_dlogp + self._ref_term(logp, rows)
+        return self._scaled(rows, coefficient, constant), None
 
     def distill(self, rows, st):
         logp = st[:, S.LOGP]

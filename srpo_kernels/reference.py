@@ -153,11 +153,12 @@ def srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_hidden=
     log_ratio = torch.where(x.valid, logp - old, torch.zeros_like(logp))
     # Likewise where the clip or the dual clip holds the loss, where A = 0, and at SDPO tokens (which do not take the
     # surrogate): no gradient flows there, and an overflowed ratio gave 0 * inf = NaN in the backward (-0 * inf in the
-    # loss). There the ratio is capped at twice both clip points, which leaves the loss as it is.
+    # loss). There the ratio is capped at twice both clip points, which leaves the loss as it is, and detached: such
+    # a token contributes nothing, whatever its upstream gradient (a NaN passed 0 * NaN on only below the cap).
     _, held = surrogate(torch.exp(log_ratio.detach()))
     cap = math.log(2 * max(1 + eps_high, dual_clip or 0.0))
     no_flow = held | (adv == 0) | x.route
-    loss_g, _ = surrogate(torch.exp(torch.where(no_flow, log_ratio.clamp(max=cap), log_ratio)))
+    loss_g, _ = surrogate(torch.exp(torch.where(no_flow, log_ratio.detach().clamp(max=cap), log_ratio)))
     _, clipped = surrogate(torch.exp(logp.detach() - old))
 
     # SDPO branch, teacher only on the routed rows.

@@ -142,6 +142,38 @@ def test_nan_upstream_gradient_at_masked_tokens_is_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_upstream_gradient_at_tokens_whose_surrogate_is_constant_is_ignored(backend, bad):
+    """Where the clip (tokens 0, 1), the dual clip (2) or A = 0 (3, 4) holds the GRPO surrogate it is constant in the
+    logits: such a token contributes nothing, as autograd's clamp and max give it nothing, so a NaN/inf upstream
+    gradient there stays out of dh and dW. The fused losses multiplied it by their zero coefficient (NaN in every dW
+    entry), and the reference passed it on at A = 0 only while its ratio was below the overflow cap."""
+    case = make_case(seed=4, n=16, h=8, v=64, sd_frac=0.0, mask_frac=0.0, isw=False)
+    logp = ref_loss(**{k: case[k] for k in ("hidden", "weight", "token_ids", "advantages", "bias")}).logprobs
+    case["advantages"][:5] = torch.tensor([1.0, -1.0, -1.0, 0.0, 0.0], dtype=torch.float64)
+    # log-ratios: clipped high with A > 0, clipped low with A < 0, past the dual clip, far out and in range at A = 0
+    case["old_logprobs"] = logp - torch.tensor([5.0, -5.0, 5.0, 5.0, 0.1] + [0.0] * 11, dtype=torch.float64)
+    constant = torch.zeros(16, dtype=torch.bool)
+    constant[:5] = True
+    grads = {}
+    for name, fn in (("fused", fused(backend, chunk_size=8)), ("reference", ref_loss)):
+        for upstream_there in (bad, 0.0):
+            h = case["hidden"].float().requires_grad_()
+            w = case["weight"].float().requires_grad_()
+            out = fn(h, w, case["token_ids"], case["advantages"].float(), bias=case["bias"].float(),
+                     old_logprobs=case["old_logprobs"].float(), reduction="none")
+            assert torch.equal(out.clipped, torch.arange(16) < 3)
+            upstream = torch.linspace(0.5, 2.0, 16)
+            upstream[constant] = upstream_there
+            grads[name, upstream_there] = torch.autograd.grad(out.loss, (h, w), upstream)
+    for name in ("fused", "reference"):
+        for with_bad, without in zip(grads[name, bad], grads[name, 0.0]):
+            assert torch.equal(with_bad, without), name
+    for ours, ref in zip(grads["fused", bad], grads["reference", bad]):
+        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("scale", [0.05, 1.0], ids=["flat", "moderate"])
 def test_fp32_gradients_of_flat_distributions(backend, alpha, scale):
