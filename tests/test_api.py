@@ -101,10 +101,12 @@ def test_chunk_size_does_not_change_results(chunk_size):
 
 
 def test_torch_backend_is_exact_in_float64():
+    """To fp64's rounding: the divergences' series (support.phi_terms) once stopped at fp32's needs, 4e-11 off an
+    exact (mpmath) JSD that the reference met to 2e-16."""
     case = make_case(seed=6, ref=True)
-    for options in (dict(ref_beta=0.1), dict(topk=6, alpha=1.0), dict(reduction="none", alpha=0.0)):
-        assert_agree(run(fused("torch", chunk_size=8), case, **options), run(ref_loss, case, **options), rtol=1e-10,
-                     atol=1e-14)
+    for options in (dict(ref_beta=0.1), dict(topk=6, alpha=1.0), dict(reduction="none", alpha=0.0), dict(alpha=0.3)):
+        assert_agree(run(fused("torch", chunk_size=8), case, **options), run(ref_loss, case, **options), rtol=1e-13,
+                     atol=1e-15)
 
 
 def test_module_form_matches_functional():

@@ -74,10 +74,12 @@ def jsd_terms(delta, alpha):
     return d, e
 
 
-# |g| below this takes phi(g) = g + exp(-g) - 1 from its series (terms to g^7: 1e-8 relative at the edge); above it
-# p g + (q - p) cancels by at most ~16x (phi(0.25) = 0.029 from terms of ~0.25), ~1e-6 relative.
+# |g| below this takes phi(g) = g + exp(-g) - 1 from its series; above it p g + (q - p) cancels by at most ~16x
+# (phi(0.25) = 0.029 from terms of ~0.25), ~1e-6 relative in fp32. Terms to g^7 leave 1e-8 relative at the edge, below
+# fp32's rounding; fp64 takes them to g^13 (1e-18), or its divergences kept only ~1e-11.
 PHI_SERIES = 0.25
-_PHI_COEFFS = [(-1) ** k / math.factorial(k) for k in range(2, 8)]
+_PHI_COEFFS = {torch.float32: [(-1) ** k / math.factorial(k) for k in range(2, 8)],
+               torch.float64: [(-1) ** k / math.factorial(k) for k in range(2, 14)]}
 
 
 def phi_terms(p, g, q):
@@ -92,8 +94,9 @@ def phi_terms(p, g, q):
     error times those entries' p, a relative error of the rounding's size there."""
     small = g.abs() < PHI_SERIES
     gs = torch.where(small, g, torch.zeros_like(g))
-    poly = torch.full_like(gs, _PHI_COEFFS[-1])
-    for c in reversed(_PHI_COEFFS[:-1]):
+    coeffs = _PHI_COEFFS[torch.float64 if g.dtype == torch.float64 else torch.float32]
+    poly = torch.full_like(gs, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
         poly = poly * gs + c
     return torch.where(p > 0, torch.where(small, p * gs * gs * poly, p * g + (q - p)), q)
 
