@@ -263,6 +263,10 @@ def check_projection(hidden, weight, token_ids, bias, shard=None, temperature: f
         raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in "
                          f"[{int(token_ids.min())}, {int(token_ids.max())}]{hint}")
     extremes = _require_finite(shard, hidden=hidden, weight=weight, bias=bias)
+    if extremes.get("bias") == -math.inf:  # the scan's largest entry (over the group, under a shard)
+        # softmax over nothing: the backends gave NaN or 0 entropies, the reference NaN gradients
+        raise ValueError("bias masks every vocabulary entry with -inf: no token has a probability, so there is "
+                         "no softmax to take")
     check_logit_range("hidden", hidden, weight, temperature, extremes, shard)
     return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape, extremes
 

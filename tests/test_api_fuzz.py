@@ -115,6 +115,8 @@ def _corruptions(case):
         "weight_inf": (dict(weight=inf_w), "weight"),
         "bias_nan": (dict(bias=torch.full((v,), math.nan, dtype=torch.float64)), "bias"),
         "bias_shape": (dict(bias=torch.zeros(v + 1, dtype=torch.float64)), "bias"),
+        "bias_masks_all": (dict(bias=torch.full((v,), -math.inf, dtype=torch.float64),
+                                loss_mask=torch.zeros(n, dtype=torch.bool)), "bias masks every"),
         "ids_high": (dict(token_ids=torch.full((n,), v)), "token_ids"),
         "ids_float": (dict(token_ids=case["token_ids"].double()), "token_ids"),
         "adv_nan": (dict(advantages=torch.full((n,), math.nan, dtype=torch.float64)), "advantages"),

@@ -213,6 +213,20 @@ def test_non_finite_inputs_are_refused_by_every_entry_point_and_minus_inf_bias_i
     assert torch.isfinite(_call(bias=bias, token_ids=ids).loss)
 
 
+def test_a_bias_that_masks_every_entry_is_refused_by_every_entry_point():
+    """A softmax over nothing, even with every token out of the loss: the backends gave NaN entropies (cpu) or 0
+    (torch), the reference NaN gradients."""
+    a = _args()
+    bias = torch.full((31,), -math.inf)
+    off = torch.zeros(12, dtype=torch.bool)
+    for fn in (sk.fused_srpo_loss, sk.reference.srpo_loss):
+        with pytest.raises(ValueError, match="bias masks every vocabulary entry"):
+            fn(**a, bias=bias, loss_mask=off)
+    for fn in (sk.fused_logprobs, sk.reference.logprobs):
+        with pytest.raises(ValueError, match="bias masks every vocabulary entry"):
+            fn(a["hidden"], a["weight"], a["token_ids"], bias=bias)
+
+
 OVERFLOWING_LOGITS = {  # finite inputs whose logits (h W^T + b) / T pass fp32's range
     "hidden_and_weight": (dict(hidden=_args()["hidden"] * 1e20, weight=_args()["weight"] * 1e20), "hidden, weight"),
     "temperature": (dict(temperature=1e-40), "bias and temperature"),
