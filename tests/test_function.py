@@ -50,19 +50,19 @@ def test_fused_logprobs_matches_reference_with_entropy_grads(backend, with_bias)
     bias = torch.randn(157, generator=g) if with_bias else None
     ids = torch.randint(0, 157, (3, 13), generator=g)
     up_lp, up_ent = torch.randn(3, 13, generator=g), torch.randn(3, 13, generator=g)
-    results = []
-    for fn, dtype in ((sk.reference.logprobs, torch.float64),
+    results = []  # fp64 truth, the naive fp32 reference (its error is this CPU's yardstick), ours
+    for fn, dtype in ((sk.reference.logprobs, torch.float64), (sk.reference.logprobs, torch.float32),
                       (lambda *a, **k: sk.fused_logprobs(*a, **k, backend=backend, chunk_size=5), torch.float32)):
         leaves = [t.to(dtype).requires_grad_() for t in (hidden, weight)] + \
                  ([bias.to(dtype).requires_grad_()] if with_bias else [])
         lp, ent = fn(leaves[0], leaves[1], ids, bias=leaves[2] if with_bias else None, temperature=0.9,
                      with_entropy=True)
         grads = torch.autograd.grad((lp * up_lp.to(dtype)).sum() + (ent * up_ent.to(dtype)).sum(), leaves)
-        results.append([lp, ent, *grads])
-    for expected, actual in zip(*results):
+        results.append([t.detach() for t in (lp, ent, *grads)])
+    for expected, naive, actual in zip(*results):
         assert actual.shape == expected.shape
-        err = (actual.double() - expected.double()).abs().max() / expected.abs().max()
-        assert err < 1e-5, err
+        err, naive_err = (float((t.double() - expected).abs().max() / expected.abs().max()) for t in (actual, naive))
+        assert err <= max(1e-5, 5 * naive_err), (err, naive_err)
 
 
 def test_fused_logprobs_without_entropy_returns_a_tensor():
