@@ -100,8 +100,8 @@ class TrainConfig:
                               ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 0 < self.lr < math.inf:  # inf or NaN turns every weight NaN at the first update
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.lr < math.inf:  # inf or NaN turns every weight NaN at the first update (0 freezes them)
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         # The loss options are checked now, not at the first loss call: that waits for a mini-batch with rows that

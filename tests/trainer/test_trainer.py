@@ -180,7 +180,7 @@ def test_bf16_step_runs_and_cuda_is_refused_without_a_gpu(tmp_path, coin_dataset
 
 @pytest.mark.parametrize("field,value", [("warmup_steps", -1), ("micro_batch", -2), ("eval_every", -1),
                                          ("max_grad_norm", 0.0), ("max_grad_norm", float("inf")),
-                                         ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0),
+                                         ("lr", float("inf")), ("lr", float("nan")), ("lr", -1e-3),
                                          ("weight_decay", -1.0), ("backend", "trition"),
                                          # the loss's options: refused at construction, not at the first loss call
                                          # (which waits for rows that change the gradient: maybe many steps)
