@@ -39,9 +39,10 @@ def make_case(seed=0, n=37, h=16, v=203, sd_frac=0.5, mask_frac=0.2, bias=True, 
     return case
 
 
-def run(fn, case, dtype=torch.float64, upstream_seed=123, **options):
+def run(fn, case, dtype=torch.float64, upstream_seed=123, upstream=None, **options):
     """Call `fn` (fused_srpo_loss or reference.srpo_loss) on `case` cast to `dtype`; returns a dict with the loss,
-    per-token outputs, metrics and the gradients of hidden, weight, bias (fp64 for comparison)."""
+    per-token outputs, metrics and the gradients of hidden, weight, bias (fp64 for comparison). A per-token loss
+    takes `upstream` as its upstream gradient, or a random one drawn from `upstream_seed`."""
     c = {k: v for k, v in case.items() if not k.startswith("_")}
     leaves = {}
     for k in ("hidden", "weight", "bias"):
@@ -59,8 +60,10 @@ def run(fn, case, dtype=torch.float64, upstream_seed=123, **options):
     out = fn(*args, **c, **options)
     loss = out.loss
     if loss.dim():
-        g = torch.Generator().manual_seed(upstream_seed)
-        upstream = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype)
+        if upstream is None:
+            upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(upstream_seed),
+                                   dtype=torch.float64)
+        upstream = upstream.to(loss.device, loss.dtype)
     else:
         upstream = torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
     wrt = [t for t in leaves.values() if t.requires_grad]
