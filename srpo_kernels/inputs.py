@@ -166,11 +166,17 @@ def _require_finite(shard=None, **named) -> dict:
             allowed = " (-inf, masking a vocabulary entry, is allowed)" if name == "bias" else ""
             where = "" if by_rank is None else \
                 f" (rank(s) {[r for r in range(len(by_rank)) if by_rank[r, i]]} of vocab_parallel_group)"
-            # Rows of padding can come out of attention as NaN; masked rows still enter the GEMMs (dW = dz^T h).
-            padding = (" (if only padding rows are, zero them first, e.g. "
-                       f"{name}.masked_fill(~mask[..., None], 0))") if name in ("hidden", "teacher_hidden") else ""
-            raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf{where}{padding}")
+            raise ValueError(f"{name} must be finite everywhere{allowed}: it holds NaN or inf{where}"
+                             f"{_padding_hint(name, 'non-finite')}")
     return dict(zip(keys, values[len(keys):]))
+
+
+def _padding_hint(name: str, what: str) -> str:
+    # Rows of padding can come out of attention as NaN, or hold whatever torch.empty left there; masked rows still
+    # enter the GEMMs (dW = dz^T h), so they must be harmless numbers.
+    if name not in ("hidden", "teacher_hidden"):
+        return ""
+    return f" (if only padding rows are {what}, zero them first, e.g. {name}.masked_fill(~mask[..., None], 0))"
 
 
 def check_logit_range(rows_name: str, rows: torch.Tensor, weight: torch.Tensor, temperature: float,
@@ -193,7 +199,8 @@ def check_logit_range(rows_name: str, rows: torch.Tensor, weight: torch.Tensor, 
     if bound >= limit:
         raise ValueError(f"{rows_name}, weight, bias and temperature give logits (h W^T + b) / T that can reach "
                          f"{bound:.3g}, beyond {math_dtype(rows.dtype)}'s range (the loss is computed in it, and "
-                         f"needs them below {limit:.3g}): scale the inputs down or raise the temperature")
+                         f"needs them below {limit:.3g}): scale the inputs down or raise the temperature"
+                         f"{_padding_hint(rows_name, 'that large')}")
 
 
 def _refuse_dtensor(weight):

@@ -99,6 +99,9 @@ for _name in ("hidden", "weight", "teacher_hidden"):
 # NaN rows of padding (attention over an all-masked row) are the common cause: the error says how to zero them.
 BAD["hidden_nan_says_how_to_zero_padding"] = (dict(hidden=_poisoned("hidden", math.nan)), ValueError,
                                              "zero them first, e.g. hidden.masked_fill")
+# Uninitialised padding (torch.empty) can hold finite values whose logits pass fp32's range: the same advice.
+BAD["hidden_huge_says_how_to_zero_padding"] = (dict(hidden=_poisoned("hidden", 1e38)), ValueError,
+                                              "beyond torch.float32's range .* e.g. hidden.masked_fill")
 for _label, _value in (("nan", math.nan), ("inf", math.inf)):
     _bias = torch.zeros(31)
     _bias[4] = _value
