@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import platform
 
+from benchmarks.arguments import positive_int
 from benchmarks.peak_memory import measure
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1024, help="response tokens (default 1024)")
-    p.add_argument("--h", type=int, default=512, help="hidden size (default 512)")
-    p.add_argument("--v", type=int, default=151_936, help="vocabulary (default 151936, Qwen3's)")
+    p.add_argument("--n", type=positive_int, default=1024, help="response tokens (default 1024)")
+    p.add_argument("--h", type=positive_int, default=512, help="hidden size (default 512)")
+    p.add_argument("--v", type=positive_int, default=151_936, help="vocabulary (default 151936, Qwen3's)")
     p.add_argument("--sd-frac", type=float, default=0.5, help="fraction of tokens routed to SDPO (default 0.5)")
     a = p.parse_args(argv)
     logits_gb = a.n * a.v * 4 / 1e9

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from benchmarks.arguments import positive_int
 from benchmarks.row_passes import best_us_per_row
 from srpo_kernels import gemm
 from srpo_kernels.backends import cpu
@@ -43,7 +44,7 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["256,256,32000", "256,576,49152", "512,576,49152"],
                    help="C,H,V of each case")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=positive_int, default=10)
     a = p.parse_args()
     print(f"{'C, H, V':<18} {'fp32_acc_gemm ms':>17} {'blocks ms':>10} {'blocks / gemm':>14}  ({a.dtype}, "
           f"{torch.get_num_threads()} threads)")

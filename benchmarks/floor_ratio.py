@@ -19,6 +19,7 @@ import time
 import torch
 
 import srpo_kernels as sk
+from benchmarks.arguments import positive_int
 from benchmarks.variants import DTYPES, ROUTINGS, SHAPES, make_inputs, peer_matched_options, steps
 
 
@@ -34,8 +35,8 @@ def main():
                    help="also time the fused cpu call under torch.no_grad() (evaluation: leaves that require grad, "
                         "no backward)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     inputs = make_inputs(*SHAPES[a.shape], ROUTINGS[a.routing], DTYPES[a.dtype])

@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+from benchmarks.arguments import positive_int
+
 
 def measure(variant: str, n: int, h: int, v: int, routing: str, dtype: str = "fp32") -> int:
     cmd = [sys.executable, "-m", "benchmarks.memory", "--variant", variant, "--n", str(n), "--h", str(h), "--v",
@@ -20,9 +22,9 @@ def measure(variant: str, n: int, h: int, v: int, routing: str, dtype: str = "fp
 def _main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--h", type=int, required=True)
-    p.add_argument("--v", type=int, required=True)
+    p.add_argument("--n", type=positive_int, required=True)
+    p.add_argument("--h", type=positive_int, required=True)
+    p.add_argument("--v", type=positive_int, required=True)
     p.add_argument("--routing", default="half")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args()

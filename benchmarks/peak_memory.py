@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.arguments import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,9 +76,9 @@ def measure(impl: str, n: int, h: int, v: int, sd_frac: float = 0.5, seed: int =
 def _main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=["fused", "reference"], required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--h", type=int, required=True)
-    p.add_argument("--v", type=int, required=True)
+    p.add_argument("--n", type=positive_int, required=True)
+    p.add_argument("--h", type=positive_int, required=True)
+    p.add_argument("--v", type=positive_int, required=True)
     p.add_argument("--sd-frac", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")

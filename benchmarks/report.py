@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from benchmarks.arguments import positive_int
 from benchmarks.memory import measure as peak_memory
 from benchmarks.variants import DTYPES, ROUTINGS, SHAPES, make_inputs, steps
 
@@ -136,7 +137,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["small", "smollm2"], choices=list(SHAPES))
     p.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=list(ROUTINGS))
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--backends", nargs="+", default=["cpu", "torch"], choices=["cpu", "torch"])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
                    help="input dtypes; each is compared with its own GEMM floor")

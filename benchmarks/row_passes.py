@@ -18,6 +18,7 @@ import torch
 
 from srpo_kernels.backends import cpu
 from srpo_kernels.backends.row_ops import Widen
+from benchmarks.arguments import positive_int
 
 
 def best_us_per_row(fn, rows: int, rounds: int) -> float:
@@ -67,10 +68,10 @@ def measure(vocab: int = 32000, rows: int = 16, alpha: float = 0.5, rounds: int 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--vocab", type=positive_int, default=32000)
+    p.add_argument("--rows", type=positive_int, default=16)
     p.add_argument("--alpha", type=float, default=0.5, help="divergence of the distill passes (0.5: JSD)")
-    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--rounds", type=positive_int, default=40)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the logits: larger is sharper")
     a = p.parse_args()
     torch.set_num_threads(1)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.arguments import positive_int
+
 TRAINERS = ("fused", "trl")
 
 
@@ -60,9 +62,9 @@ def _run_one(which: str, steps: int, rollouts: int, length: int, bf16: bool) -> 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--rollouts", type=int, default=16, help="rollouts per step (4 per prompt)")
-    p.add_argument("--length", type=int, default=48, help="max completion tokens")
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--rollouts", type=positive_int, default=16, help="rollouts per step (4 per prompt)")
+    p.add_argument("--length", type=positive_int, default=48, help="max completion tokens")
     p.add_argument("--bf16", action="store_true", help="TRL's default bf16 autocast (slow on a CPU without bf16 "
                                                        "units; off by default: fp32)")
     p.add_argument("--only", choices=TRAINERS, help="run one trainer in this process and print its JSON")
