@@ -117,6 +117,13 @@ def _completion_hidden(model, inputs, prompt_ids, prompt_mask, through_wrapper=T
     return hidden[:, width - 1:width - 1 + completion_ids.shape[1]]  # the positions that predict each token
 
 
+def _policy_tokens(inputs):
+    """The completion tokens the policy wrote: TRL's loss mask, which leaves out tool and environment results
+    (``tool_mask`` 0) as well as padding."""
+    mask = inputs["completion_mask"]
+    return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+
+
 class FusedGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose loss is computed from hidden states with ``srpo_kernels`` (same value as TRL's for
     loss_type in grpo | bnpo | dr_grpo | dapo), never materialising ``[B, T, V]`` logits."""
@@ -125,9 +132,7 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         _check_supported(self)
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
+        mask = _policy_tokens(inputs)
         hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
@@ -237,7 +242,7 @@ class SRPOTrainer(FusedGRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         cfg = self.args
-        mask = inputs["completion_mask"].bool() & inputs["srpo_in_loss"][:, None]
+        mask = _policy_tokens(inputs).bool() & inputs["srpo_in_loss"][:, None]
         hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
         route_rows = inputs["srpo_route"]
         teacher_hidden = None

@@ -93,6 +93,26 @@ def test_srpo_trainer_runs_two_steps(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.model.parameters()))  # EMA moved
 
 
+@pytest.mark.parametrize("cls", [FusedGRPOTrainer, SRPOTrainer])
+def test_tool_results_stay_out_of_the_loss(tmp_path, cls):
+    """TRL marks tool and environment results in a completion with tool_mask 0 and leaves them out of its loss;
+    SRPOTrainer used to train on them (only padding and routing masked its loss)."""
+    tok = tiny_tokenizer()
+    trainer = cls(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
+                  args=_args(SRPOConfig if cls is SRPOTrainer else GRPOConfig, tmp_path, loss_type="bnpo"))
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(list(_dataset()))
+    batch["num_items_in_batch"] = batch["completion_mask"].sum()
+    trainer.current_gradient_accumulation_steps = 1
+    tool = torch.ones_like(batch["completion_mask"])
+    tool[:, 1:3] = 0
+    trainer._compute_loss(trainer.model, dict(batch, tool_mask=tool))
+    in_loss = batch["srpo_in_loss"][:, None] if cls is SRPOTrainer else True
+    expected = batch["completion_mask"].bool() & tool.bool() & in_loss
+    assert expected.sum() < (batch["completion_mask"].bool() & in_loss).sum()  # the tool mask takes some out
+    assert trainer._metrics["train"]["fused/valid_tokens"][-1] == float(expected.sum())
+
+
 @pytest.mark.parametrize("option,value", [("algo", "ppo"), ("teacher", "frozen"), ("ema_rate", 0.0), ("alpha", 1.5),
                                           ("topk", 0), ("entropy_beta", -1.0), ("is_clip", 0.0), ("dual_clip", 0.5)])
 def test_srpo_config_refuses_bad_options_at_construction(tmp_path, option, value):
