@@ -78,7 +78,12 @@ def _check_supported(trainer):
                    "delta": args.delta is not None, "top_entropy_quantile": trainer.top_entropy_quantile < 1.0,
                    "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
                    "use_bias_correction_kl (with beta != 0)": trainer.beta != 0 and bool(getattr(args, "use_bias_correction_kl", False)),
-                   "use_vllm importance correction": trainer.use_vllm and trainer.vllm_importance_sampling_correction}
+                   "use_vllm importance correction": trainer.use_vllm and trainer.vllm_importance_sampling_correction,
+                   # TRL adds these to its loss; the fused one would leave them out without a word
+                   "entropy_coef / use_adaptive_entropy (the entropy bonus)":
+                       bool(getattr(trainer, "_entropy_bonus_enabled", False)),
+                   "router_aux_loss_coef != 0 (an MoE model's router loss)": bool(getattr(trainer, "aux_loss_enabled",
+                                                                                          False))}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"the fused loss does not implement these GRPOConfig options: {bad}")
@@ -195,7 +200,8 @@ def _prompt_text(prompt) -> str:
 
 class SRPOTrainer(FusedGRPOTrainer):
     """TRL's generation and reward functions; SRPO routing; the teacher (EMA or live policy) re-prompted with a
-    correct sibling's solution and run only for the distilled rows; ``fused_srpo_loss`` (bnpo-style aggregation)."""
+    correct sibling's solution and run only for the distilled rows; ``fused_srpo_loss``, reduced as TRL reduces
+    its loss for the config's loss_type (grpo | bnpo | dr_grpo | dapo)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -241,6 +247,7 @@ class SRPOTrainer(FusedGRPOTrainer):
         return out
 
     def _compute_loss(self, model, inputs):
+        _check_supported(self)
         cfg = self.args
         mask = _policy_tokens(inputs).bool() & inputs["srpo_in_loss"][:, None]
         hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
@@ -264,11 +271,10 @@ class SRPOTrainer(FusedGRPOTrainer):
                 ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0 else None, ref_beta=self.beta,
                 loss_mask=mask, bias=bias, temperature=self.temperature, eps_low=self.epsilon_low,
                 eps_high=self.epsilon_high, dual_clip=cfg.dual_clip, alpha=cfg.alpha, topk=cfg.topk,
-                topk_tail=cfg.topk_tail, is_clip=cfg.is_clip, entropy_beta=cfg.entropy_beta,
+                topk_tail=cfg.topk_tail, is_clip=cfg.is_clip, entropy_beta=cfg.entropy_beta, reduction="none",
                 backend=self.kernel_backend)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["srpo/sdpo_rollouts"].append(float(route_rows.sum()))
         self._metrics[mode]["srpo/teacher_rows"].append(float(route_rows.sum()))
         self._log_fused(out, mask)
-        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        return out.loss / accum
+        return aggregate(self, out.loss, mask.to(out.loss.dtype), inputs)

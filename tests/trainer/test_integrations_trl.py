@@ -113,6 +113,42 @@ def test_tool_results_stay_out_of_the_loss(tmp_path, cls):
     assert trainer._metrics["train"]["fused/valid_tokens"][-1] == float(expected.sum())
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_srpo_trainer_reduces_its_loss_as_trl_does_for_the_loss_type(tmp_path, monkeypatch, loss_type):
+    """SRPOTrainer took every batch's mean over its tokens (bnpo), whatever loss_type said (TRL defaults to dapo)."""
+    import srpo.integrations.trl as drop_in
+
+    tok = tiny_tokenizer()
+    trainer = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok,
+                          train_dataset=_dataset(), args=_args(SRPOConfig, tmp_path, loss_type=loss_type))
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(list(_dataset()))
+    batch["num_items_in_batch"] = 3 * batch["completion_mask"].sum()  # as if the generation batch were larger
+    trainer.current_gradient_accumulation_steps = 1
+    per_token = []
+    fused = drop_in.srpo_kernels.fused_srpo_loss
+    monkeypatch.setattr(drop_in.srpo_kernels, "fused_srpo_loss",
+                        lambda *a, **k: per_token.append(fused(*a, **k)) or per_token[-1])
+    loss = trainer._compute_loss(trainer.model, batch)
+    token_loss = per_token[-1].loss.detach()
+    mask = (batch["completion_mask"].bool() & batch["srpo_in_loss"][:, None]).float()
+    expected = drop_in.aggregate(trainer, token_loss, mask, batch)
+    bnpo = (token_loss * mask).sum() / mask.sum()
+    assert torch.allclose(loss, expected, rtol=1e-6) and not torch.allclose(expected, bnpo, rtol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [FusedGRPOTrainer, SRPOTrainer])
+@pytest.mark.parametrize("option,value", [("entropy_coef", 0.01), ("delta", 2.0)])
+def test_loss_options_the_fused_loss_lacks_are_refused_by_both_trainers(tmp_path, cls, option, value):
+    tok = tiny_tokenizer()
+    trainer = cls(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
+                  args=_args(SRPOConfig if cls is SRPOTrainer else GRPOConfig, tmp_path, **{option: value}))
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(list(_dataset()))
+    with pytest.raises(ValueError, match=option):
+        trainer._compute_loss(trainer.model, batch)
+
+
 @pytest.mark.parametrize("option,value", [("algo", "ppo"), ("teacher", "frozen"), ("ema_rate", 0.0), ("alpha", 1.5),
                                           ("topk", 0), ("entropy_beta", -1.0), ("is_clip", 0.0), ("dual_clip", 0.5)])
 def test_srpo_config_refuses_bad_options_at_construction(tmp_path, option, value):
