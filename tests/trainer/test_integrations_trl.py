@@ -138,11 +138,14 @@ def test_srpo_trainer_reduces_its_loss_as_trl_does_for_the_loss_type(tmp_path, m
 
 
 @pytest.mark.parametrize("cls", [FusedGRPOTrainer, SRPOTrainer])
-@pytest.mark.parametrize("option,value", [("entropy_coef", 0.01), ("delta", 2.0)])
+@pytest.mark.parametrize("option,value", [("entropy_coef", 0.01), ("delta", 2.0), ("router_aux_loss_coef", None)])
 def test_loss_options_the_fused_loss_lacks_are_refused_by_both_trainers(tmp_path, cls, option, value):
     tok = tiny_tokenizer()
+    config = {} if value is None else {option: value}
     trainer = cls(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
-                  args=_args(SRPOConfig if cls is SRPOTrainer else GRPOConfig, tmp_path, **{option: value}))
+                  args=_args(SRPOConfig if cls is SRPOTrainer else GRPOConfig, tmp_path, **config))
+    if option == "router_aux_loss_coef":
+        trainer.aux_loss_enabled = True  # what TRL sets for an MoE model (the tiny model has no router)
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(list(_dataset()))
     with pytest.raises(ValueError, match=option):
