@@ -474,6 +474,8 @@ class Trainer:
                     totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:  # SPEC §1: after each optimiser step, not once per step
+                        self.ema.update(self.model)
                 totals["updates"] += 1
         return totals, loss_inputs
 
@@ -497,9 +499,6 @@ class Trainer:
             with timer("old_logprobs"):
                 old = self.old_logprobs(batch, active)
         totals, loss_inputs = self.update(batch, rows, set(active), teacher, old, timer)
-        if self.ema is not None:
-            with timer("optim"):
-                self.ema.update(self.model)
 
         self.step += 1
         rewards, distill, in_loss = batch.rewards, batch.distill, batch.in_loss

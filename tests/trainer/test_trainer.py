@@ -127,6 +127,18 @@ def test_mini_batches_and_epochs_clip_against_old_logprobs(tmp_path, coin_datase
     assert all(r["time_old_logprobs"] > 0 for r in hist if r["student_rows"])
 
 
+def test_the_ema_teacher_follows_every_optimiser_step(tmp_path, coin_dataset):
+    """SPEC §1: theta' <- (1 - rate) theta' + rate theta after each optimiser step. With two mini-batches over two
+    epochs it moved once per step (and also at steps with no update at all)."""
+    trainer = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin", steps=3,
+                                  mini_batches=2, epochs=2))
+    calls = []
+    update = trainer.ema.update
+    trainer.ema.update = lambda model: calls.append(1) or update(model)
+    hist = _steps(trainer.train())
+    assert max(r["updates"] for r in hist) > 1 and len(calls) == sum(r["updates"] for r in hist)
+
+
 def test_weight_normalizer_uses_the_lm_head_bias(tmp_path, coin_dataset):
     trainer = Trainer(tiny_config(tmp_path, task=coin_dataset, verifier="coin_verifier:coin"))
     head = trainer.model.get_output_embeddings()
