@@ -65,15 +65,15 @@ def test_triton_logprobs_with_entropy_grads():
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(11, 8, generator=g), torch.randn(1100, 8, generator=g)
     ids = torch.randint(0, 1100, (11,), generator=g)
-    results = []
-    for fn, dev in ((sk.reference.logprobs, "cpu"),
-                    (lambda *a, **k: sk.fused_logprobs(*a, **k, backend="triton"), DEVICE)):
-        h, w = hidden.to(dev).requires_grad_(), weight.to(dev).requires_grad_()
+    results = []  # fp64 truth, the naive fp32 reference (this machine's yardstick), Triton
+    for fn, dev, dtype in ((sk.reference.logprobs, "cpu", torch.float64), (sk.reference.logprobs, "cpu", torch.float32),
+                           (lambda *a, **k: sk.fused_logprobs(*a, **k, backend="triton"), DEVICE, torch.float32)):
+        h, w = hidden.to(dev, dtype).requires_grad_(), weight.to(dev, dtype).requires_grad_()
         lp, ent = fn(h, w, ids.to(dev), with_entropy=True)
         grads = torch.autograd.grad(lp.sum() + 0.5 * ent.sum(), (h, w))
-        results.append([t.detach().cpu() for t in (lp, ent, *grads)])
-    for expected, actual in zip(*results):
-        assert max_rel_err(actual, expected) < 1e-5
+        results.append([t.detach().cpu().double() for t in (lp, ent, *grads)])
+    for expected, naive, actual in zip(*results):
+        assert max_rel_err(actual, expected) <= max(1e-5, 5 * max_rel_err(naive, expected))
 
 
 def test_package_imports_and_works_without_triton():
