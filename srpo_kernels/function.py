@@ -175,9 +175,19 @@ def _refuse_double_backward():
                            "come from the kernels, not from autograd); create_graph=True is not supported")
 
 
-def _returned(grads: Grads, dtypes, scale=None) -> tuple:
-    """backward's fixed tuple (dh, dW, db, None for the params) from our accumulators, in the inputs' dtypes."""
-    dh, dw, db = (returned_grad(g, d, scale) for g, d in zip((grads.hidden, grads.weight, grads.bias), dtypes))
+def _returned(grads: Grads, dtypes, grad_loss=None) -> tuple:
+    """backward's fixed tuple (dh, dW, db, None for the params) from our accumulators, in the inputs' dtypes, times
+    the scalar upstream gradient `grad_loss` of a "mean"/"sum" loss (None: a per-token one, already applied)."""
+    accs = (grads.hidden, grads.weight, grads.bias)
+    scale = None if grad_loss is None or bool(grad_loss == 1) else grad_loss
+    if scale is not None and not bool(torch.isfinite(scale)):
+        # NaN/inf reaches only what some token contributed to: a masked token, or one whose loss a clip holds,
+        # adds exactly 0 and gets nothing, as autograd's where and clamp pass it nothing (0 * NaN would).
+        for acc in accs:
+            if acc is not None:
+                acc.mul_(torch.where(acc != 0, scale, torch.ones_like(scale)))
+        scale = None
+    dh, dw, db = (returned_grad(g, d, scale) for g, d in zip(accs, dtypes))
     return dh, dw, db, None
 
 
@@ -224,7 +234,7 @@ class SRPOLossFunction(torch.autograd.Function):
             # Computed in forward. Dropping ctx's reference lets autograd adopt the tensors as .grad instead of
             # copying them (a copy of dW would add V x H x 4 bytes to the peak).
             g, ctx.grads = ctx.grads, None
-            return _returned(g, ctx.dtypes, None if bool(grad_loss == 1) else grad_loss)
+            return _returned(g, ctx.dtypes, grad_loss)
         hidden, weight, bias = ctx.saved_tensors
         params = ctx.params
         x = params.inputs
@@ -238,7 +248,7 @@ class SRPOLossFunction(torch.autograd.Function):
             return _returned(grads, ctx.dtypes)
         # A second backward through a retained graph: the forward's computation again, bit for bit.
         _run(runner, _scalar_row_scale(x, runner.dtype, ctx.reduction, ctx.denom), ctx.mu_upfront, grads)
-        return _returned(grads, ctx.dtypes, None if bool(grad_loss == 1) else grad_loss)
+        return _returned(grads, ctx.dtypes, grad_loss)
 
 
 @dataclass

@@ -174,6 +174,34 @@ def test_nonfinite_upstream_gradient_at_tokens_whose_surrogate_is_constant_is_ig
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_nonfinite_scalar_upstream_gradient_reaches_only_tokens_that_contribute(backend, reduction):
+    """A NaN upstream gradient of a "mean"/"sum" loss: the rows of dh of masked tokens, and of tokens whose
+    surrogate a clip holds, stay 0 as in autograd (the handed-over gradients times NaN were NaN everywhere)."""
+    case = make_case(seed=4, n=16, h=8, v=64, sd_frac=0.3, mask_frac=0.0, isw=False)
+    case["loss_mask"][5:8] = False
+    logp = ref_loss(**{k: case[k] for k in ("hidden", "weight", "token_ids", "advantages", "bias")}).logprobs
+    case["advantages"][:2] = 1.0
+    case["route"][:2] = False
+    case["old_logprobs"] = logp - 0.01
+    case["old_logprobs"][:2] -= 5.0  # ratio e^5: the clip holds the loss
+    case["teacher_hidden"] = case["teacher_hidden"][:int(case["route"].sum())]
+    finite_rows = {}
+    for name, fn in (("fused", fused(backend, chunk_size=8)), ("reference", ref_loss)):
+        h = case["hidden"].float().requires_grad_()
+        out = fn(h, case["weight"].float(), case["token_ids"], case["advantages"].float(), case["route"],
+                 case["teacher_hidden"].float(), bias=case["bias"].float(), loss_mask=case["loss_mask"],
+                 old_logprobs=case["old_logprobs"].float(), reduction=reduction)
+        assert bool(out.clipped[0]) and bool(out.clipped[1])
+        (dh,) = torch.autograd.grad(out.loss, (h,), torch.tensor(math.nan))
+        finite_rows[name] = torch.isfinite(dh).all(1)
+    expected = torch.zeros(16, dtype=torch.bool)
+    expected[[0, 1, 5, 6, 7]] = True
+    assert torch.equal(finite_rows["reference"], expected)
+    assert torch.equal(finite_rows["fused"], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("scale", [0.05, 1.0], ids=["flat", "moderate"])
 def test_fp32_gradients_of_flat_distributions(backend, alpha, scale):
