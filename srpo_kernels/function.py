@@ -175,20 +175,29 @@ def _refuse_double_backward():
                            "come from the kernels, not from autograd); create_graph=True is not supported")
 
 
-def _returned(grads: Grads, dtypes, grad_loss=None) -> tuple:
+def _returned(grads: Grads, dtypes, grad_loss=None, contributes=None) -> tuple:
     """backward's fixed tuple (dh, dW, db, None for the params) from our accumulators, in the inputs' dtypes, times
     the scalar upstream gradient `grad_loss` of a "mean"/"sum" loss (None: a per-token one, already applied)."""
-    accs = (grads.hidden, grads.weight, grads.bias)
     scale = None if grad_loss is None or bool(grad_loss == 1) else grad_loss
     if scale is not None and not bool(torch.isfinite(scale)):
-        # NaN/inf reaches only what some token contributed to: a masked token, or one whose loss a clip holds,
-        # adds exactly 0 and gets nothing, as autograd's where and clamp pass it nothing (0 * NaN would).
-        for acc in accs:
+        # NaN/inf reaches what autograd's dz^T h and dz W spread it to from the `contributes` tokens (see
+        # _contributing): their rows of dh, and all of dW and db; a masked token, or one a clip holds, gets nothing.
+        if grads.hidden is not None:
+            grads.hidden.copy_(torch.where(contributes[:, None], grads.hidden * scale, 0.0))
+        for acc in (grads.weight, grads.bias):
             if acc is not None:
-                acc.mul_(torch.where(acc != 0, scale, torch.ones_like(scale)))
+                acc.mul_(scale) if bool(contributes.any()) else acc.zero_()
         scale = None
-    dh, dw, db = (returned_grad(g, d, scale) for g, d in zip(accs, dtypes))
+    dh, dw, db = (returned_grad(g, d, scale) for g, d in zip((grads.hidden, grads.weight, grads.bias), dtypes))
     return dh, dw, db, None
+
+
+def _contributing(x: FlatInputs, cfg: SRPOLossConfig, clipped: torch.Tensor) -> torch.Tensor:
+    """Tokens whose loss depends on the logits: valid ones, less the GRPO tokens whose surrogate is constant (a clip
+    holds it, or A = 0; `clipped` is per_token_loss's) unless the k3 penalty is on (_Coefficients.grpo's rule)."""
+    if cfg.ref_beta > 0:
+        return x.valid
+    return x.valid & ~(clipped | (~x.route & (x.advantages == 0)))
 
 
 class SRPOLossFunction(torch.autograd.Function):
@@ -220,6 +229,7 @@ class SRPOLossFunction(torch.autograd.Function):
         ctx.versions = x.versions()
         ctx.mu_upfront, ctx.denom = mu_upfront, denom
         ctx.reduction = cfg.reduction
+        ctx.contributes = _contributing(x, cfg, clipped)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         outs = (stats.logp, stats.entropy, stats.teacher_entropy.to(stats.logp.dtype), stats.divergence, weight_tok,
                 clipped)
@@ -234,7 +244,7 @@ class SRPOLossFunction(torch.autograd.Function):
             # Computed in forward. Dropping ctx's reference lets autograd adopt the tensors as .grad instead of
             # copying them (a copy of dW would add V x H x 4 bytes to the peak).
             g, ctx.grads = ctx.grads, None
-            return _returned(g, ctx.dtypes, grad_loss)
+            return _returned(g, ctx.dtypes, grad_loss, ctx.contributes)
         hidden, weight, bias = ctx.saved_tensors
         params = ctx.params
         x = params.inputs
@@ -248,7 +258,7 @@ class SRPOLossFunction(torch.autograd.Function):
             return _returned(grads, ctx.dtypes)
         # A second backward through a retained graph: the forward's computation again, bit for bit.
         _run(runner, _scalar_row_scale(x, runner.dtype, ctx.reduction, ctx.denom), ctx.mu_upfront, grads)
-        return _returned(grads, ctx.dtypes, grad_loss)
+        return _returned(grads, ctx.dtypes, grad_loss, ctx.contributes)
 
 
 @dataclass

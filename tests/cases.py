@@ -41,8 +41,8 @@ def make_case(seed=0, n=37, h=16, v=203, sd_frac=0.5, mask_frac=0.2, bias=True, 
 
 def run(fn, case, dtype=torch.float64, upstream_seed=123, upstream=None, **options):
     """Call `fn` (fused_srpo_loss or reference.srpo_loss) on `case` cast to `dtype`; returns a dict with the loss,
-    per-token outputs, metrics and the gradients of hidden, weight, bias (fp64 for comparison). A per-token loss
-    takes `upstream` as its upstream gradient, or a random one drawn from `upstream_seed`."""
+    per-token outputs, metrics and the gradients of hidden, weight, bias (fp64 for comparison). The loss takes
+    `upstream` as its upstream gradient, or by default 1.7 (a scalar loss) or a random one from `upstream_seed`."""
     c = {k: v for k, v in case.items() if not k.startswith("_")}
     leaves = {}
     for k in ("hidden", "weight", "bias"):
@@ -59,13 +59,10 @@ def run(fn, case, dtype=torch.float64, upstream_seed=123, upstream=None, **optio
     args = [c.pop(k) for k in ("hidden", "weight", "token_ids", "advantages", "route", "teacher_hidden")]
     out = fn(*args, **c, **options)
     loss = out.loss
-    if loss.dim():
-        if upstream is None:
-            upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(upstream_seed),
-                                   dtype=torch.float64)
-        upstream = upstream.to(loss.device, loss.dtype)
-    else:
-        upstream = torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
+    if upstream is None:
+        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(upstream_seed),
+                               dtype=torch.float64) if loss.dim() else torch.tensor(1.7)
+    upstream = upstream.to(loss.device, loss.dtype)
     wrt = [t for t in leaves.values() if t.requires_grad]
     grads = torch.autograd.grad(loss, wrt, upstream, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
     res = {"loss": loss.detach().double(), "metrics": out.metrics, "clipped": out.clipped}

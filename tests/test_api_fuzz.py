@@ -179,17 +179,20 @@ def test_fuzz_cpu_backends(backend, bad, problem, opts, edge):
 @given(backend=st.sampled_from(["torch", "cpu"]), problem=problems, opts=options, edge=edges,
        bad=st.sampled_from([math.nan, math.inf, -math.inf]), picks=st.lists(st.integers(0, 23), min_size=1, max_size=4))
 def test_fuzz_nonfinite_upstream_gradient(backend, problem, opts, edge, bad, picks):
-    """reduction="none" with NaN/inf upstream at some tokens: it reaches the rows of dh, and dW and db, exactly
-    where it reaches the fp64 reference's (a masked token, or one whose surrogate a clip holds, contributes
-    nothing), and the finite gradients agree. (Within a dW it reaches, rows of masked vocabulary entries may differ:
-    0 * NaN in autograd's log-softmax, 0 in the kernels.)"""
+    """A NaN/inf upstream gradient (at some tokens of reduction="none", or of a "mean"/"sum" loss) reaches the rows
+    of dh, and dW and db, exactly where it reaches the fp64 reference's (a masked token, or one whose surrogate a
+    clip holds, contributes nothing), and the finite gradients agree. (Within a dW it reaches, rows of masked
+    vocabulary entries may differ: 0 * NaN in autograd's log-softmax, 0 in the kernels.)"""
     ref = problem.pop("ref")
     case = _apply_edges(make_case(**problem, ref=ref), problem, edge)
-    opts = dict(opts, reduction="none", ref_beta=0.05 if ref else 0.0)
+    opts = dict(opts, ref_beta=0.05 if ref else 0.0)
     assume(not near_topk_tie(case, opts))
     n = case["hidden"].shape[0]
-    upstream = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
-    upstream[[i % n for i in picks]] = bad
+    if opts["reduction"] == "none":
+        upstream = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+        upstream[[i % n for i in picks]] = bad
+    else:
+        upstream = torch.tensor(bad, dtype=torch.float64)
     truth = run(ref_loss, case, upstream=upstream, **opts)
     assume(bool(torch.isfinite(truth["loss"]).all()) and float(truth["loss"].abs().max()) < 1e6)  # as _check_valid
     ours = run(fused(backend, chunk_size=7), case, dtype=torch.float32, upstream=upstream, **opts)
