@@ -72,12 +72,9 @@ class _Coefficients:
 
     def grpo(self, rows, st):
         logp = st[:, S.LOGP]
-        adv = self.x.advantages[rows]
-        terms = token_math.grpo_surrogate(logp, _opt(self.x.old_logprobs, rows), adv, self.cfg)
-        # Where the clip or the dual clip holds the loss, or A = 0, the surrogate is constant in the logits: the token
-        # contributes nothing, a NaN upstream gradient included (the reference detaches its ratio there). The k3
-        # penalty, when on, still depends on logp; is_weights = 0 passes a NaN on, as a product does.
-        constant = (terms.clipped | (adv == 0)) if self.cfg.ref_beta == 0 else None
+        terms = token_math.grpo_surrogate(logp, _opt(self.x.old_logprobs, rows), self.x.advantages[rows], self.cfg)
+        # The k3 penalty, when on, depends on logp at every token; is_weights = 0 passes a NaN on, as a product does.
+        constant = terms.constant if self.cfg.ref_beta == 0 else None
         coefficient = self._isw(rows) * terms.dloss_dlogp + self._ref_term(logp, rows)
         return self._scaled(rows, coefficient, constant), None
 
@@ -146,7 +143,9 @@ def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], log_mu: Optiona
 
 
 def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, log_mu: float):
-    """Per-token loss (0 where masked), the normalised distillation weight, and the clipped flag."""
+    """Per-token loss (0 where masked), the normalised distillation weight, the clipped flag, and which tokens'
+    loss depends on the logits (valid ones, less GRPO tokens whose surrogate is constant unless the k3 penalty is
+    on: _Coefficients.grpo's rule; a NaN/inf scalar upstream gradient reaches only them, see _returned)."""
     route = x.route
     grpo = token_math.grpo_surrogate(stats.logp, x.old_logprobs, x.advantages, cfg)
     is_w = token_math.sdpo_is_weight(stats.logp, x.old_logprobs, cfg)
@@ -160,7 +159,8 @@ def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, log_mu: 
         loss = loss * x.is_weights
     if cfg.ref_beta > 0:
         loss = loss + cfg.ref_beta * token_math.k3_penalty(stats.logp, x.ref_logprobs)[0]
-    return torch.where(x.valid, loss, zero), weight, grpo.clipped & ~route
+    constant = grpo.constant & ~route if cfg.ref_beta == 0 else torch.zeros_like(route)
+    return torch.where(x.valid, loss, zero), weight, grpo.clipped & ~route, x.valid & ~constant
 
 
 def _scalar_row_scale(x: FlatInputs, dtype, reduction: str, denom: float) -> torch.Tensor:
@@ -181,7 +181,7 @@ def _returned(grads: Grads, dtypes, grad_loss=None, contributes=None) -> tuple:
     scale = None if grad_loss is None or bool(grad_loss == 1) else grad_loss
     if scale is not None and not bool(torch.isfinite(scale)):
         # NaN/inf reaches what autograd's dz^T h and dz W spread it to from the `contributes` tokens (see
-        # _contributing): their rows of dh, and all of dW and db; a masked token, or one a clip holds, gets nothing.
+        # per_token_loss): their rows of dh, and all of dW and db; a masked token, or one a clip holds, gets nothing.
         if grads.hidden is not None:
             grads.hidden.copy_(torch.where(contributes[:, None], grads.hidden * scale, 0.0))
         for acc in (grads.weight, grads.bias):
@@ -190,14 +190,6 @@ def _returned(grads: Grads, dtypes, grad_loss=None, contributes=None) -> tuple:
         scale = None
     dh, dw, db = (returned_grad(g, d, scale) for g, d in zip((grads.hidden, grads.weight, grads.bias), dtypes))
     return dh, dw, db, None
-
-
-def _contributing(x: FlatInputs, cfg: SRPOLossConfig, clipped: torch.Tensor) -> torch.Tensor:
-    """Tokens whose loss depends on the logits: valid ones, less the GRPO tokens whose surrogate is constant (a clip
-    holds it, or A = 0; `clipped` is per_token_loss's) unless the k3 penalty is on (_Coefficients.grpo's rule)."""
-    if cfg.ref_beta > 0:
-        return x.valid
-    return x.valid & ~(clipped | (~x.route & (x.advantages == 0)))
 
 
 class SRPOLossFunction(torch.autograd.Function):
@@ -220,7 +212,7 @@ class SRPOLossFunction(torch.autograd.Function):
             grads = runner.new_grads(*needs)
         mu_upfront = log_weight_normalizer(x, cfg, None) if normalizer_known_upfront(x, cfg) else None
         stats, log_mu = _run(runner, row_scale, mu_upfront, grads)
-        loss_tok, weight_tok, clipped = per_token_loss(x, cfg, stats, log_mu)
+        loss_tok, weight_tok, clipped, contributes = per_token_loss(x, cfg, stats, log_mu)
         loss = loss_tok if cfg.reduction == "none" else loss_tok.sum() / (denom if cfg.reduction == "mean" else 1.0)
         # Saved for a recompute: always for "none"; for "mean"/"sum" only a second backward through a retained
         # graph needs it (the first one hands over the gradients computed here).
@@ -229,7 +221,7 @@ class SRPOLossFunction(torch.autograd.Function):
         ctx.versions = x.versions()
         ctx.mu_upfront, ctx.denom = mu_upfront, denom
         ctx.reduction = cfg.reduction
-        ctx.contributes = _contributing(x, cfg, clipped)
+        ctx.contributes = contributes
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         outs = (stats.logp, stats.entropy, stats.teacher_entropy.to(stats.logp.dtype), stats.divergence, weight_tok,
                 clipped)

@@ -20,6 +20,7 @@ class GRPOTerms:
     loss: torch.Tensor  # clipped surrogate per token
     dloss_dlogp: torch.Tensor
     clipped: torch.Tensor  # bool: the clip (or dual clip) is what set the loss, so no gradient flows
+    constant: torch.Tensor  # bool: clipped, or A = 0: the surrogate does not depend on logp (see grpo_surrogate)
 
 
 def grpo_surrogate(logp, old_logp: Optional[torch.Tensor], adv, cfg: SRPOLossConfig) -> GRPOTerms:
@@ -38,7 +39,9 @@ def grpo_surrogate(logp, old_logp: Optional[torch.Tensor], adv, cfg: SRPOLossCon
         loss = torch.where(dual, cap, loss)
         flows = flows & ~dual
     grad = torch.where(flows, unclipped, torch.zeros_like(loss))  # d(-A rho)/dlogp = -A rho
-    return GRPOTerms(loss=loss, dloss_dlogp=grad, clipped=~flows)
+    # A constant token contributes nothing to the gradient, whatever its upstream gradient (a NaN included), as
+    # autograd's clamp and max give it nothing (the reference detaches its ratio there).
+    return GRPOTerms(loss=loss, dloss_dlogp=grad, clipped=~flows, constant=~flows | (adv == 0))
 
 
 def sdpo_is_weight(logp, old_logp: Optional[torch.Tensor], cfg: SRPOLossConfig) -> torch.Tensor:
