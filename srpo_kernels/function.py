@@ -184,9 +184,12 @@ def _returned(grads: Grads, dtypes, grad_loss=None, contributes=None) -> tuple:
         # per_token_loss): their rows of dh, and all of dW and db; a masked token, or one a clip holds, gets nothing.
         if grads.hidden is not None:
             grads.hidden.copy_(torch.where(contributes[:, None], grads.hidden * scale, 0.0))
+        reached = bool(contributes.any())
         for acc in (grads.weight, grads.bias):
-            if acc is not None:
-                acc.mul_(scale) if bool(contributes.any()) else acc.zero_()
+            if acc is not None and reached:
+                acc.mul_(scale)
+            elif acc is not None:
+                acc.zero_()
         scale = None
     dh, dw, db = (returned_grad(g, d, scale) for g, d in zip((grads.hidden, grads.weight, grads.bias), dtypes))
     return dh, dw, db, None
