@@ -34,13 +34,15 @@ def _add_config_args(p: argparse.ArgumentParser, skip=()):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         text = helps.get(f.name, "")
-        if "default" not in text:  # a comment may already say it (e.g. --lr's depends on the model)
+        own_default = "default" in text  # a comment may already say it (e.g. --lr's depends on the model)
+        if not own_default:
             text += f" (default: {f.default})"
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         elif typing.get_origin(hint) is typing.Union:  # Optional[X]
             kind = [a for a in typing.get_args(hint) if a is not type(None)][0]
-            p.add_argument(flag, type=_parse_optional(kind), default=f.default, help=text + "; 'none' disables")
+            none = "takes that default" if own_default else "disables"  # None: the model's rate, for --lr
+            p.add_argument(flag, type=_parse_optional(kind), default=f.default, help=f"{text}; 'none' {none}")
         else:
             p.add_argument(flag, type=hint, default=f.default, help=text)
 
