@@ -287,6 +287,8 @@ def test_cli_help_documents_every_option_and_its_default_once():
                          or o.startswith("--" + "[no-]" + flag[2:])), None)
             assert text is not None, (command, flag)
             assert " ".join(text.split()).count("(default:") == 1, (command, " ".join(text.split()))
+            if f.name == "lr":  # None there is the model's rate, not "no learning rate"
+                assert "'none' takes that default" in " ".join(text.split()), text
 
 
 @pytest.mark.slow
