@@ -73,10 +73,8 @@ class _Coefficients:
     def grpo(self, rows, st):
         logp = st[:, S.LOGP]
         terms = token_math.grpo_surrogate(logp, _opt(self.x.old_logprobs, rows), self.x.advantages[rows], self.cfg)
-        # The k3 penalty, when on, depends on logp at every token; is_weights = 0 passes a NaN on, as a product does.
-        constant = terms.constant if self.cfg.ref_beta == 0 else None
         coefficient = self._isw(rows) * terms.dloss_dlogp + self._ref_term(logp, rows)
-        return self._scaled(rows, coefficient, constant), None
+        return self._scaled(rows, coefficient, _constant_loss(terms, self.cfg)), None
 
     def distill(self, rows, st):
         logp = st[:, S.LOGP]
@@ -87,6 +85,13 @@ class _Coefficients:
         weight = token_math.distill_weight(teacher_entropy, self.cfg, self.log_mu, st.dtype)
         return (self._scaled(rows, self._ref_term(logp, rows)),
                 self._scaled(rows, self._isw(rows) * weight * is_w))
+
+
+def _constant_loss(terms: token_math.GRPOTerms, cfg: SRPOLossConfig) -> Optional[torch.Tensor]:
+    """GRPO tokens whose loss does not depend on the logits: their surrogate is constant (terms.constant) and no k3
+    penalty is on, which depends on logp at every token (None then). is_weights = 0 is no such token: it passes a
+    NaN on, as a product does."""
+    return terms.constant if cfg.ref_beta == 0 else None
 
 
 class _RunningNormalizer:
@@ -144,8 +149,8 @@ def _run(runner: ChunkRunner, row_scale: Optional[torch.Tensor], log_mu: Optiona
 
 def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, log_mu: float):
     """Per-token loss (0 where masked), the normalised distillation weight, the clipped flag, and which tokens'
-    loss depends on the logits (valid ones, less GRPO tokens whose surrogate is constant unless the k3 penalty is
-    on: _Coefficients.grpo's rule; a NaN/inf scalar upstream gradient reaches only them, see _returned)."""
+    loss depends on the logits (valid ones, less the GRPO tokens of _constant_loss; a NaN/inf scalar upstream
+    gradient reaches only them, see _returned)."""
     route = x.route
     grpo = token_math.grpo_surrogate(stats.logp, x.old_logprobs, x.advantages, cfg)
     is_w = token_math.sdpo_is_weight(stats.logp, x.old_logprobs, cfg)
@@ -159,8 +164,9 @@ def per_token_loss(x: FlatInputs, cfg: SRPOLossConfig, stats: RowStats, log_mu: 
         loss = loss * x.is_weights
     if cfg.ref_beta > 0:
         loss = loss + cfg.ref_beta * token_math.k3_penalty(stats.logp, x.ref_logprobs)[0]
-    constant = grpo.constant & ~route if cfg.ref_beta == 0 else torch.zeros_like(route)
-    return torch.where(x.valid, loss, zero), weight, grpo.clipped & ~route, x.valid & ~constant
+    constant = _constant_loss(grpo, cfg)
+    contributes = x.valid if constant is None else x.valid & ~(constant & ~route)
+    return torch.where(x.valid, loss, zero), weight, grpo.clipped & ~route, contributes
 
 
 def _scalar_row_scale(x: FlatInputs, dtype, reduction: str, denom: float) -> torch.Tensor:
