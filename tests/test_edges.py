@@ -141,6 +141,11 @@ def test_nan_upstream_gradient_at_masked_tokens_is_ignored(backend):
         assert torch.allclose(ours, torch.nan_to_num(ref), rtol=1e-4, atol=1e-6)
 
 
+def _sampled_logprobs(case):
+    """The fp64 log-probs of the case's sampled tokens (old log-probs are set relative to them)."""
+    return ref_loss(**{k: case[k] for k in ("hidden", "weight", "token_ids", "advantages", "bias")}).logprobs
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_nonfinite_upstream_gradient_at_tokens_whose_surrogate_is_constant_is_ignored(backend, bad):
@@ -149,7 +154,7 @@ def test_nonfinite_upstream_gradient_at_tokens_whose_surrogate_is_constant_is_ig
     gradient there stays out of dh and dW. The fused losses multiplied it by their zero coefficient (NaN in every dW
     entry), and the reference passed it on at A = 0 only while its ratio was below the overflow cap."""
     case = make_case(seed=4, n=16, h=8, v=64, sd_frac=0.0, mask_frac=0.0, isw=False)
-    logp = ref_loss(**{k: case[k] for k in ("hidden", "weight", "token_ids", "advantages", "bias")}).logprobs
+    logp = _sampled_logprobs(case)
     case["advantages"][:5] = torch.tensor([1.0, -1.0, -1.0, 0.0, 0.0], dtype=torch.float64)
     # log-ratios: clipped high with A > 0, clipped low with A < 0, past the dual clip, far out and in range at A = 0
     case["old_logprobs"] = logp - torch.tensor([5.0, -5.0, 5.0, 5.0, 0.1] + [0.0] * 11, dtype=torch.float64)
@@ -180,7 +185,7 @@ def test_nonfinite_scalar_upstream_gradient_reaches_only_tokens_that_contribute(
     surrogate a clip holds, stay 0 as in autograd (the handed-over gradients times NaN were NaN everywhere)."""
     case = make_case(seed=4, n=16, h=8, v=64, sd_frac=0.3, mask_frac=0.0, isw=False)
     case["loss_mask"][5:8] = False
-    logp = ref_loss(**{k: case[k] for k in ("hidden", "weight", "token_ids", "advantages", "bias")}).logprobs
+    logp = _sampled_logprobs(case)
     case["advantages"][:2] = 1.0
     case["route"][:2] = False
     case["old_logprobs"] = logp - 0.01
