@@ -44,7 +44,8 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
             parallelism): ``weight``/``bias`` hold this rank's contiguous block of rows, blocks in rank order (sizes
             may differ), ``token_ids`` are global and every rank passes the same tokens. Outputs, the loss and
             ``dh`` are the unsharded call's on every rank; ``dW``/``db`` are this block's. Runs the tensor-op row
-            passes (``backend`` "auto" or "torch"), with a few small collectives per chunk.
+            passes (``backend`` "auto" or "torch"), with a few small collectives per chunk. An argument error on
+            one rank (its own block's dtype, shape) is raised on every rank.
         The other options are the fields of :class:`SRPOLossConfig`.
     """
     cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,

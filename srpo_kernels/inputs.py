@@ -232,6 +232,26 @@ def check_projection(hidden, weight, token_ids, bias, shard=None, temperature: f
     """Checks shared by the loss and the log-prob entry points; returns (hidden[N,H], token_ids[N], token_shape,
     extremes) with `extremes` those of _require_finite, for check_logit_range. `shard`: the vocab_parallel
     VocabShard when `weight` is one rank's block of a vocabulary of `shard.vocab` (token ids are global)."""
+    try:
+        hidden, token_ids = _check_operands(hidden, weight, token_ids, bias, shard)
+    except (ValueError, TypeError) as exc:
+        if shard is None:
+            raise
+        shard.agree(exc)  # raises it here, and an error on the other ranks
+    if shard is not None:
+        shard.agree(None)
+    extremes = _require_finite(shard, hidden=hidden, weight=weight, bias=bias)
+    if extremes.get("bias") == -math.inf:  # the scan's largest entry (over the group, under a shard)
+        # softmax over nothing: the backends gave NaN or 0 entropies, the reference NaN gradients
+        raise ValueError("bias masks every vocabulary entry with -inf: no token has a probability, so there is "
+                         "no softmax to take")
+    check_logit_range("hidden", hidden, weight, temperature, extremes, shard)
+    return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape, extremes
+
+
+def _check_operands(hidden, weight, token_ids, bias, shard):
+    """check_projection's checks of each argument on its own, before any collective: under a `shard` they pass or
+    fail per rank (each holds its own block of weight and bias). Returns (hidden, token_ids)."""
     hidden = _tensor("hidden", hidden)
     if hidden.dtype not in _FLOATS:
         raise TypeError(f"hidden must be a floating-point tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
@@ -248,13 +268,13 @@ def check_projection(hidden, weight, token_ids, bias, shard=None, temperature: f
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype} (cast one, e.g. "
                         f"weight.to(hidden.dtype), differentiable; under torch.autocast both are cast for you)")
     rows = weight.shape[0]
-    if rows == 0:
+    vocab = rows if shard is None else shard.vocab  # under a shard, a rank's block may be empty
+    if vocab == 0:
         raise ValueError("weight must have at least one vocabulary row")
     if bias is not None:
         bias = _float_tensor("bias", bias, hidden.device)
         if bias.shape != (rows,):
             raise ValueError(f"bias must have shape [V] = ({rows},) like weight's rows, got {tuple(bias.shape)}")
-    vocab = rows if shard is None else shard.vocab
     token_ids = _tensor("token_ids", token_ids)
     if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
@@ -269,13 +289,7 @@ def check_projection(hidden, weight, token_ids, bias, shard=None, temperature: f
                 "token_ids.clamp_min(0), and loss_mask leaves them out)") if int(token_ids.min()) < 0 else ""
         raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab}), got values in "
                          f"[{int(token_ids.min())}, {int(token_ids.max())}]{hint}")
-    extremes = _require_finite(shard, hidden=hidden, weight=weight, bias=bias)
-    if extremes.get("bias") == -math.inf:  # the scan's largest entry (over the group, under a shard)
-        # softmax over nothing: the backends gave NaN or 0 entropies, the reference NaN gradients
-        raise ValueError("bias masks every vocabulary entry with -inf: no token has a probability, so there is "
-                         "no softmax to take")
-    check_logit_range("hidden", hidden, weight, temperature, extremes, shard)
-    return hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long(), token_ids.shape, extremes
+    return hidden, token_ids
 
 
 def _refuse_masked_targets(bias, token_ids, valid, shape, shard=None) -> None:
@@ -283,8 +297,10 @@ def _refuse_masked_targets(bias, token_ids, valid, shape, shard=None) -> None:
     from this policy, its log-prob is -inf, and the on-policy ratio exp(logp - stopgrad(logp)) is undefined (the
     reference gave NaN, the kernels 1). An error naming it, on every rank of a vocabulary-parallel group alike
     (`shard`: this rank holds ids [offset, offset + size) and `bias` is its block)."""
-    if bias is None or not token_ids.numel():
+    if shard is None and (bias is None or not token_ids.numel()):
         return
+    if bias is None or not bias.numel():  # under a shard, this block masks nothing (every rank joins the sum)
+        bias = torch.zeros(1, device=token_ids.device)
     local = token_ids - (0 if shard is None else shard.offset)
     here = valid & (local >= 0) & (local < bias.shape[0])
     masked = here & torch.isneginf(bias.detach()[local.clamp(0, bias.shape[0] - 1)])

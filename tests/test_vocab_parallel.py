@@ -25,14 +25,15 @@ OPTIONS = [
     dict(reduction="none", topk=5),
     dict(normalizer=17.0, weight_normalizer=0.4, ref_beta=0.1),
 ]
-# (world, block sizes): uneven blocks; V = 5000 in halves is the issue's acceptance case.
-LAYOUTS = [(2, (2500, 2500)), (3, (50, 100, 61))]
+# (world, block sizes): uneven blocks, one of them empty (a rank holding no rows takes part in every collective);
+# V = 5000 in halves is the issue's acceptance case.
+LAYOUTS = [(2, (2500, 2500)), (3, (50, 0, 161))]
 
 
 def _case(routing, sizes):
     case = make_case(seed=len(sizes), n=N, v=sum(sizes), sd_frac=ROUTINGS[routing], ref=True)
-    if routing == "tied":  # the second block starts with twins of the first's rows: top-K ties across ranks
-        n = min(sizes[:2])
+    if routing == "tied":  # the next block starts with twins of the first's rows: top-K ties across ranks
+        n = min(size for size in sizes if size)
         case["weight"][sizes[0]:sizes[0] + n] = case["weight"][:n]
         case["bias"][sizes[0]:sizes[0] + n] = case["bias"][:n]
     # A masked vocabulary entry in the last block, one no token was sampled from (its log-prob is -inf).
@@ -108,6 +109,16 @@ def _worker(rank, world, sizes, init_file, out_dir):
             _call(case, rows, {}, group)
         except ValueError as e:
             results[name] = str(e)
+    # A rank's own block failing a check that the others pass: every rank raises (it alone raising left the others
+    # waiting in the next collective), the owner its own error.
+    for name, spoil in (("dtype", lambda w: w.double()), ("not_a_matrix", lambda w: w[0])):
+        case = _case("mixed", sizes)
+        weight = case["weight"][_block(sizes, rank)].float()
+        try:
+            sk.fused_srpo_loss(case["hidden"].float(), spoil(weight) if rank == world - 1 else weight,
+                               case["token_ids"], 1.0, backend="torch", vocab_parallel_group=group)
+        except (ValueError, TypeError) as e:
+            results[name] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # leave together: gloo torn down under a rank still writing can abort it
     dist.destroy_process_group()
@@ -117,7 +128,7 @@ def _close(actual, expected, what):
     """To 1e-5 of the tensor's scale: a sum split across ranks rounds in another order. (With ref_beta, dh reaches
     5e5 through the k3 penalty of tokens deep in the tail; the unsharded fp32 call is itself 4e-5 off fp64, relative,
     on entries of 200.)"""
-    scale = max(1.0, float(expected.abs().max()))
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
 
 
@@ -147,6 +158,11 @@ def test_sharded_call_equals_unsharded(world, sizes):
         assert ("token_ids[5] =" in got["masked_target"]) == (r == world - 1)
         assert f"weight must be finite everywhere: it holds NaN or inf (rank(s) [{world - 1}]" in got["nan_block"]
         assert "give logits (h W^T + b) / T that can reach" in got["huge_block"]
+        own = r == world - 1
+        assert ("weight must have hidden's dtype" if own else f"rank(s) [{world - 1}] refused their arguments") \
+            in got.get("dtype", "")
+        assert f"block of the lm_head under vocab_parallel_group; rank(s) [{world - 1}] passed something else" \
+            in got.get("not_a_matrix", "")
 
 
 def test_bad_arguments():

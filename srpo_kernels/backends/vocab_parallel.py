@@ -41,10 +41,12 @@ class VocabShard:
     size: int
     vocab: int
     max_size: int  # the largest block: every rank sizes its chunks by it, so all run the same number of chunks
+    device: torch.device  # where the collectives' tensors live (hidden's device)
 
     @classmethod
     def create(cls, group, weight: torch.Tensor, hidden: torch.Tensor) -> "VocabShard":
-        """Gathers the block sizes (one collective) and checks that every rank passes the same tokens."""
+        """Gathers the block sizes (one collective) and checks that every rank passes the same tokens. A block may
+        be empty (0 rows) while the vocabulary is not."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("vocab_parallel_group needs torch.distributed to be initialised "
@@ -52,21 +54,37 @@ class VocabShard:
         rank = dist.get_rank(group)
         if rank < 0:
             raise ValueError("vocab_parallel_group: this process is not a member of the group")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError("weight must be this rank's [V_rank, H] block of the lm_head under vocab_parallel_group")
         if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
             raise ValueError("hidden must have shape [..., H]")
         world = dist.get_world_size(group)
         n = hidden.numel() // max(hidden.shape[-1], 1)
-        mine = torch.tensor([weight.shape[0], n, hidden.shape[-1]], dtype=torch.int64, device=hidden.device)
+        # A weight that is not a matrix is this rank's alone: sent as -1 rows, so that every rank raises (one rank
+        # raising alone leaves the others waiting in this collective).
+        rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1
+        mine = torch.tensor([rows, n, hidden.shape[-1]], dtype=torch.int64, device=hidden.device)
         blocks = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(blocks, mine, group=group)
         sizes = [int(b[0]) for b in blocks]
+        if min(sizes) < 0:
+            raise ValueError(f"weight must be each rank's [V_rank, H] block of the lm_head under vocab_parallel_group;"
+                             f" rank(s) {[r for r, s in enumerate(sizes) if s < 0]} passed something else")
         if any((int(b[1]), int(b[2])) != (n, hidden.shape[-1]) for b in blocks):
             shapes = [(int(b[1]), int(b[2])) for b in blocks]
             raise ValueError("vocab_parallel_group: every rank must pass the same tokens (hidden [N, H] alike); "
                              f"got (N, H) by rank: {shapes}")
-        return cls(group, rank, world, sum(sizes[:rank]), sizes[rank], sum(sizes), max(sizes))
+        return cls(group, rank, world, sum(sizes[:rank]), sizes[rank], sum(sizes), max(sizes), hidden.device)
+
+    def agree(self, refused: Optional[Exception]) -> None:
+        """Raises on every rank if any rank refused its arguments (`refused`: this rank's error, or None): checks of
+        a rank's own block (its weight's dtype, its bias's shape) pass or fail per rank, and a rank raising alone
+        left the others waiting in the next collective. One small collective."""
+        refusals = self.gather(torch.tensor(float(refused is not None), device=self.device))
+        if refused is not None:
+            raise refused
+        if bool(refusals.any()):
+            ranks = [r for r in range(self.world) if refusals[r]]
+            raise ValueError(f"vocab_parallel_group: rank(s) {ranks} refused their arguments (their error says why); "
+                             f"every rank raises, so that none waits for the others in a collective")
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """``[world, *t.shape]``: every rank's `t`."""
