@@ -79,9 +79,11 @@ def _materialised_logps(trainer):
     return logps
 
 
-def test_srpo_trainer_runs_two_steps(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_srpo_trainer_runs_two_steps(tmp_path, dtype):
+    """bf16: a model loaded in bf16 (TRL's usual) got an fp32 EMA teacher whose first update raised a dtype error."""
     tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=1)
+    model = tiny_model(tok, seed=1).to(dtype)
     trainer = SRPOTrainer(model=model, reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
                           args=_args(SRPOConfig, tmp_path, loss_type="bnpo"))
     before = [p.clone() for p in trainer.ema.model.parameters()]
@@ -91,6 +93,7 @@ def test_srpo_trainer_runs_two_steps(tmp_path):
     assert any("fused/sdpo_fraction" in rec for rec in logged), logged
     assert any(rec.get("srpo/teacher_rows", 0) > 0 for rec in logged), logged  # mixed groups were distilled
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.model.parameters()))  # EMA moved
+    assert all(t.dtype == p.dtype for t, p in zip(trainer.ema.model.parameters(), model.parameters()))
 
 
 @pytest.mark.parametrize("cls", [FusedGRPOTrainer, SRPOTrainer])

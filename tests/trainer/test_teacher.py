@@ -32,3 +32,20 @@ def test_ema_update():
     for b, t, s in zip(before, ema.model.parameters(), model.parameters()):
         assert torch.allclose(t, 0.75 * b + 0.25 * s)
         assert not t.requires_grad
+
+
+def test_ema_of_a_bf16_model_follows_updates_smaller_than_its_rounding():
+    """A bf16 policy drifting 1% a step: each EMA update (5% of the 1% gap) is below half a bf16 ulp of the weight,
+    so without the residual the teacher never moved. It must track the exact EMA to bf16's rounding."""
+    model = tiny_model(tiny_tokenizer()).to(torch.bfloat16)
+    ema = EMATeacher(model, rate=0.05)
+    exact = [p.double() for p in ema.model.parameters()]
+    for _ in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.01)
+        ema.update(model)
+        exact = [(1 - 0.05) * e + 0.05 * p.double() for e, p in zip(exact, model.parameters())]
+    for e, t in zip(exact, ema.model.parameters()):
+        assert t.dtype == torch.bfloat16
+        torch.testing.assert_close(t.double(), e.to(torch.bfloat16).double(), rtol=2 ** -8, atol=0)
