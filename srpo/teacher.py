@@ -80,6 +80,20 @@ class EMATeacher:
             p.requires_grad_(False)
         self._residuals = [torch.zeros_like(p) if p.dtype in _ROUNDED else None for p in self.model.parameters()]
 
+    def state_dict(self) -> dict:
+        """The teacher's weights and residuals, for a checkpoint (a resumed run continues the same EMA)."""
+        return {"model": self.model.state_dict(), "residuals": self._residuals}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        saved = state["residuals"]
+        if len(saved) != len(self._residuals) or any((a is None) != (b is None) for a, b in zip(saved, self._residuals)):
+            raise ValueError("EMA teacher checkpoint: its residuals do not match this model's parameters and dtypes")
+        for mine, theirs in zip(self._residuals, saved):
+            if mine is not None:
+                mine.copy_(theirs)
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
         for t, residual, s in zip(self.model.parameters(), self._residuals, model.parameters()):

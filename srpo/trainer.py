@@ -220,7 +220,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.model.load_state_dict(state["ema"])
+            self.ema.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
         self.task.set_state(state["task_rng"])
         self.step, self.history = state["step"], state["history"]
@@ -239,7 +239,7 @@ class Trainer:
     def save(self):
         checkpoint.save(self.out, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "ema": None if self.ema is None else self.ema.model.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": checkpoint.rng_state(), "task_rng": self.task.state(), "step": self.step,
             "history": self.history, "verifier_errors": self.verifier_errors, "config": dataclasses.asdict(self.cfg)})
 

@@ -9,11 +9,14 @@ FSDP2 a lm_head left sharded (a DTensor) is gathered by a differentiable all-gat
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 import srpo_kernels
@@ -22,6 +25,7 @@ from ..routing import check_algo, route_rollouts
 from ..teacher import EMATeacher, check_ema_rate, check_teacher, teacher_prompt_ids
 
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+EMA_CHECKPOINT = "srpo_ema_teacher.pt"  # SRPOTrainer's EMA teacher, in each of TRL's checkpoint folders
 
 
 def _unwrap(model):
@@ -211,6 +215,26 @@ class SRPOTrainer(FusedGRPOTrainer):
         self.ema = EMATeacher(_unwrap(self.model), cfg.ema_rate) if cfg.teacher == "ema" and cfg.algo != "grpo" \
             else None
         self.add_callback(_EMACallback(self))
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, and the EMA teacher beside it: without it a resumed run's teacher restarted from the
+        initial model (built before the checkpoint's weights were loaded)."""
+        super()._save_checkpoint(model, trial)
+        if self.ema is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self.ema.state_dict(), os.path.join(folder, EMA_CHECKPOINT))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.ema is None:
+            return
+        path = os.path.join(resume_from_checkpoint, EMA_CHECKPOINT)
+        if os.path.exists(path):
+            self.ema.load_state_dict(torch.load(path, map_location=next(self.ema.model.parameters()).device))
+        else:
+            warnings.warn(f"{resume_from_checkpoint} holds no EMA teacher ({EMA_CHECKPOINT}): the teacher restarts "
+                          f"from the resumed policy")
+            self.ema = EMATeacher(_unwrap(self.model), self.args.ema_rate)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

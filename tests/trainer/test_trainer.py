@@ -317,8 +317,8 @@ def test_sigkill_and_resume_reaches_the_same_parameters(tmp_path, coin_dataset):
     assert a["step"] == b["step"] == 6
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    for name, tensor in a["ema"].items():
-        assert torch.equal(tensor, b["ema"][name]), name
+    for name, tensor in a["ema"]["model"].items():
+        assert torch.equal(tensor, b["ema"]["model"][name]), name
     assert [r["step"] for r in _records(killed)] == list(range(0, 7))
     drop = ("time_generate", "time_teacher", "time_old_logprobs", "time_loss", "time_optim", "peak_memory_mb")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
