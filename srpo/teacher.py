@@ -11,7 +11,13 @@ _THINK = re.compile(r"<think>.*?</think>", re.S)
 
 
 def strip_thinking(text: str) -> str:
-    return _THINK.sub("", text).strip()
+    """The response without its thinking: closed ``<think>...</think>`` blocks; text before a ``</think>`` that
+    has no opening tag (templates such as DeepSeek-R1's put ``<think>`` in the prompt, so the response starts inside
+    it); and an unclosed ``<think>`` to the end (a response cut off while thinking)."""
+    text = _THINK.sub("", text)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text.split("<think>", 1)[0].strip()
 
 
 def teacher_user_turn(prompt: str, sibling_solution: str) -> str:

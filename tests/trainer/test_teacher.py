@@ -18,6 +18,9 @@ def test_teacher_input_layout_is_token_exact_on_tiny():
 
 def test_strip_thinking():
     assert strip_thinking("<think>a\nb</think> x <think>c</think>y") == "x y"
+    assert strip_thinking("opened in the prompt\n</think>\n\nThe answer is 5.") == "The answer is 5."
+    assert strip_thinking("The answer is 5.<think>cut off while") == "The answer is 5."
+    assert strip_thinking("no tags") == "no tags"
 
 
 def test_ema_update():
