@@ -94,7 +94,8 @@ class EMATeacher:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         saved = state["residuals"]
-        if len(saved) != len(self._residuals) or any((a is None) != (b is None) for a, b in zip(saved, self._residuals)):
+        mine = self._residuals
+        if len(saved) != len(mine) or any((a is None) != (b is None) for a, b in zip(saved, mine)):
             raise ValueError("EMA teacher checkpoint: its residuals do not match this model's parameters and dtypes")
         for mine, theirs in zip(self._residuals, saved):
             if mine is not None:

@@ -37,6 +37,33 @@ def test_auto_falls_back_with_a_warning_when_the_kernel_is_unavailable():
     assert out.startswith("1 ") and "chunked PyTorch backend" in out
 
 
+_WAIT_AND_LOAD = """
+import glob, os, time
+from srpo_kernels.backends import cpu
+print("imported", flush=True)
+while not glob.glob(os.path.join(os.environ["SRPO_KERNELS_CACHE"], "cpu-*", "srpo_kernels_cpu.so")):
+    time.sleep(0.001)
+print("loaded:", cpu.load_error(), flush=True)
+"""
+
+
+def test_a_process_started_while_the_kernel_links_loads_the_finished_kernel(tmp_path):
+    """A fresh cache, and a second process that asks for the kernel the moment the library file appears (the
+    linker is still writing it: several ranks of one job starting at once). It loaded the half-written file and
+    lost the kernel for its lifetime; it must wait for the build. (About 15 s: one compile.)"""
+    env = dict(os.environ, SRPO_KERNELS_CACHE=str(tmp_path))
+    waiter = subprocess.Popen([sys.executable, "-c", _WAIT_AND_LOAD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        assert waiter.stdout.readline().strip() == "imported"
+        subprocess.run([sys.executable, "-c", "from srpo_kernels.backends import cpu; assert cpu.load_error() is None"],
+                       env=env, check=True, capture_output=True, timeout=600)
+        out = waiter.communicate(timeout=600)[0]
+    finally:
+        waiter.kill()
+    assert "loaded: None" in out, out
+
+
 def _rows(seed, c=6, v=1031, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(c, v, generator=g) * scale

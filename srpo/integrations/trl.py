@@ -221,7 +221,8 @@ class SRPOTrainer(FusedGRPOTrainer):
         initial model (built before the checkpoint's weights were loaded)."""
         super()._save_checkpoint(model, trial)
         if self.ema is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             torch.save(self.ema.state_dict(), os.path.join(folder, EMA_CHECKPOINT))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

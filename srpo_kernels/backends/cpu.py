@@ -56,15 +56,19 @@ def _build():
     root = Path(os.environ.get("SRPO_KERNELS_CACHE", Path.home() / ".cache" / "srpo_kernels"))
     build_dir = root / f"cpu-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    lib = build_dir / "srpo_kernels_cpu.so"
-    if lib.is_file():
-        torch.ops.load_library(str(lib))
+    # The library file exists from the moment the linker starts writing it: a process started meanwhile loaded a
+    # half-written file and lost the kernel for its lifetime. `ready` is written once a build is complete; without
+    # it, cpp_extension builds under its lock file, or waits for the process that holds it, then loads.
+    ready = build_dir / "ready"
+    if ready.is_file():
+        torch.ops.load_library(str(build_dir / "srpo_kernels_cpu.so"))
         return
     print(f"srpo_kernels: compiling the C++ CPU kernel into {build_dir} (once per machine, a few seconds)...",
           file=sys.stderr, flush=True)
     cpp_extension.load(name="srpo_kernels_cpu", sources=[str(src)], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False,
                        verbose=False)
+    ready.touch()
 
 
 def load_error() -> Optional[str]:
