@@ -8,6 +8,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from coin_verifier import coin  # noqa: E402
+from processes import spawn_within  # noqa: E402
 from srpo.integrations.trl import EMA_CHECKPOINT, FusedGRPOTrainer, SRPOConfig, SRPOTrainer  # noqa: E402
 from srpo.models import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -243,10 +244,8 @@ def test_fused_loss_under_fsdp2_reaches_the_shards(tmp_path, own_head):
     """Under torch's FSDP2 (fully_shard, 2 gloo processes), the drop-in's loss path gives every parameter's shard
     the single-process gradient: a tied lm_head that the root keeps unsharded, and an lm_head under its own
     fully_shard, which is a DTensor again by the time the loss reads it."""
-    import torch.multiprocessing as mp
-
     out_file = tmp_path / "grads.pt"
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out_file), own_head), nprocs=2, join=True)
+    spawn_within(300, _fsdp_worker, args=(2, str(tmp_path / "init"), str(out_file), own_head), nprocs=2)
     grads, sharded = torch.load(out_file)
     assert sharded == ("DTensor" if own_head else "Parameter")
     model, _, _ = _fsdp_problem(own_head)
@@ -294,13 +293,11 @@ def test_fused_loss_under_deepspeed_zero3_reaches_the_shards(tmp_path):
                                             "the CPU with gloo)")
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out_file = tmp_path / "grads.pt"
-    mp.spawn(_zero3_worker, args=(2, port, str(out_file)), nprocs=2, join=True)
+    spawn_within(300, _zero3_worker, args=(2, port, str(out_file)), nprocs=2)
     grads, sharded = torch.load(out_file)
     assert sharded == 0
     model, _, _ = _fsdp_problem(False)
