@@ -7,7 +7,7 @@ import torch
 
 from .backends import BACKENDS, get_row_ops
 from .backends.vocab_parallel import vocab_parallel_ops
-from .config import SRPOLossConfig, positive_int
+from .config import SRPOLossConfig, flag, positive_int
 from .function import LogprobParams, LogprobsFunction, SRPOLossFunction, SRPOParams
 from .gemm import math_dtype
 from .inputs import check_projection, flatten_inputs, FlatInputs, follow_autocast
@@ -85,8 +85,7 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     temperature = SRPOLossConfig(temperature=temperature).temperature
     chunk_size = positive_int("chunk_size", chunk_size)
     hidden, weight, bias = follow_autocast(hidden, weight, bias)
-    if not isinstance(with_entropy, bool):
-        raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
+    with_entropy = flag("with_entropy", with_entropy)
     shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
     flat_h, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias,
                                                          None if shard_ops is None else shard_ops.vocab_shard,

@@ -27,6 +27,13 @@ def _finite(name: str, value, *, low=None, high=None, low_open=False, allow_none
     return value
 
 
+def flag(name: str, value) -> bool:
+    """`value` (True or False: numpy's bool too, numbers not) as a Python bool."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__module__}.{type(value).__name__})")
+
+
 def positive_int(name: str, value) -> Optional[int]:
     """`value` (None, or a positive int: numpy integers too, bools not) as a Python int."""
     if value is None:
@@ -71,8 +78,7 @@ class SRPOLossConfig:
         put("dual_clip", _finite("dual_clip", self.dual_clip, low=1.0, low_open=True, allow_none=True))
         put("alpha", _finite("alpha", self.alpha, low=0.0, high=1.0))
         put("topk", positive_int("topk", self.topk))
-        if not isinstance(self.topk_tail, bool):
-            raise TypeError(f"topk_tail must be a bool, got {type(self.topk_tail).__name__}")
+        put("topk_tail", flag("topk_tail", self.topk_tail))
         put("is_clip", _finite("is_clip", self.is_clip, low=0.0, low_open=True, allow_none=True))
         put("entropy_beta", _finite("entropy_beta", self.entropy_beta, low=0.0))
         put("ref_beta", _finite("ref_beta", self.ref_beta, low=0.0))

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .config import SRPOLossConfig
+from .config import SRPOLossConfig, flag
 from .backends.support import topk_ids
 from .gemm import math_dtype
 from .inputs import check_projection, flatten_inputs, follow_autocast
@@ -39,6 +39,7 @@ def _logits(hidden, weight, bias, temperature, dtype):
 def logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_entropy=False):
     """Per-token log-probs (and entropies) from materialised logits; differentiable."""
     temperature = SRPOLossConfig(temperature=temperature).temperature
+    with_entropy = flag("with_entropy", with_entropy)
     hidden, weight, bias = follow_autocast(hidden, weight, bias)
     flat_h, flat_ids, shape, _ = check_projection(hidden, weight, token_ids, bias, temperature=temperature)
     dtype = math_dtype(flat_h.dtype)

@@ -169,10 +169,17 @@ def test_mixed_operand_dtypes_say_the_way_out_and_autocast_takes_them():
             assert torch.isfinite(fn(**a).loss)
 
 
-def test_with_entropy_must_be_a_bool():
+@pytest.mark.parametrize("fn", [sk.fused_logprobs, sk.reference.logprobs])
+def test_flags_must_be_bools_numpy_bools_included(fn):
+    np = pytest.importorskip("numpy")
     a = _args()
-    with pytest.raises(TypeError, match="with_entropy"):
-        sk.fused_logprobs(a["hidden"], a["weight"], a["token_ids"], with_entropy="no")
+    h, w, ids = a["hidden"], a["weight"], a["token_ids"]
+    with pytest.raises(TypeError, match="with_entropy must be True or False, got 'no'"):
+        fn(h, w, ids, with_entropy="no")
+    assert torch.equal(fn(h, w, ids, with_entropy=np.True_)[1], fn(h, w, ids, with_entropy=True)[1])
+    assert sk.SRPOLossConfig(topk_tail=np.False_).topk_tail is False  # said "must be a bool, got bool"
+    with pytest.raises(TypeError, match="topk_tail must be True or False, got 1"):
+        sk.SRPOLossConfig(topk_tail=1)
 
 
 def test_double_backward_is_refused_with_a_clear_error():
