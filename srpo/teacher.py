@@ -92,6 +92,8 @@ class EMATeacher:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"model", "residuals"}:  # a checkpoint from before the residuals: the weights alone
+            state = {"model": state, "residuals": [None if r is None else torch.zeros_like(r) for r in self._residuals]}
         self.model.load_state_dict(state["model"])
         saved = state["residuals"]
         mine = self._residuals

@@ -52,3 +52,20 @@ def test_ema_of_a_bf16_model_follows_updates_smaller_than_its_rounding():
     for e, t in zip(exact, ema.model.parameters()):
         assert t.dtype == torch.bfloat16
         torch.testing.assert_close(t.double(), e.to(torch.bfloat16).double(), rtol=2 ** -8, atol=0)
+
+
+def test_ema_state_round_trips_and_older_checkpoints_load():
+    model = tiny_model(tiny_tokenizer()).to(torch.bfloat16)
+    ema = EMATeacher(model, rate=0.05)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    ema.update(model)
+    again = EMATeacher(tiny_model(tiny_tokenizer(), seed=3).to(torch.bfloat16))
+    again.load_state_dict(ema.state_dict())
+    for a, b in zip(ema.state_dict()["residuals"] + list(ema.model.parameters()),
+                    again.state_dict()["residuals"] + list(again.model.parameters())):
+        assert torch.equal(a, b)
+    older = EMATeacher(tiny_model(tiny_tokenizer(), seed=3).to(torch.bfloat16))
+    older.load_state_dict(ema.model.state_dict())  # what checkpoints held before the residuals
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), older.model.parameters()))
