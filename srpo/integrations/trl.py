@@ -22,7 +22,7 @@ from trl import GRPOConfig, GRPOTrainer
 import srpo_kernels
 
 from ..routing import check_algo, route_rollouts
-from ..teacher import EMATeacher, check_ema_rate, check_teacher, teacher_prompt_ids
+from ..teacher import EMATeacher, check_ema_rate, check_teacher, teacher_user_turn
 
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 EMA_CHECKPOINT = "srpo_ema_teacher.pt"  # SRPOTrainer's EMA teacher, in each of TRL's checkpoint folders
@@ -194,12 +194,25 @@ class _EMACallback(TrainerCallback):
             self.trainer.ema.update(_unwrap(self.trainer.model))
 
 
-def _prompt_text(prompt) -> str:
-    """A dataset prompt as text: a string, or the last user message of a conversation."""
+def _teacher_prompt(prompt, solution: str):
+    """The student's prompt with its last user turn re-written as SPEC §1's teacher turn, in the student's format:
+    a conversation keeps its system prompt and earlier turns (TRL then renders it with the student's chat template,
+    tools and chat_template_kwargs), plain text stays plain text. The two contexts differ only by the solution."""
     if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else str(prompt)
+        return teacher_user_turn(prompt, solution)
+    users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
+    if not users:
+        raise ValueError(f"SRPOTrainer: a conversational prompt needs a user turn to show the teacher the solution in, "
+                         f"got roles {[m.get('role') for m in prompt]}")
+    messages = [dict(m) for m in prompt]
+    content = messages[users[-1]]["content"]
+    if not isinstance(content, str):  # content blocks
+        if any(part.get("type") != "text" for part in content):
+            raise ValueError("SRPOTrainer: the teacher re-prompt takes text user turns; this one holds "
+                             f"{sorted({part.get('type') for part in content})} parts")
+        content = "".join(part["text"] for part in content)
+    messages[users[-1]]["content"] = teacher_user_turn(content, solution)
+    return messages
 
 
 class SRPOTrainer(FusedGRPOTrainer):
@@ -251,7 +264,6 @@ class SRPOTrainer(FusedGRPOTrainer):
         rewards = (self._last_rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).cpu()
         completions = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
         all_completions = gather_object(completions)
-        all_prompts = gather_object([_prompt_text(x["prompt"]) for x in inputs])
         local = len(completions)
         start = self.accelerator.process_index * local
         g = self.num_generations
@@ -259,8 +271,13 @@ class SRPOTrainer(FusedGRPOTrainer):
         mine = range(start, start + local)  # this process's rollouts
         distill = [routed.distill[i] for i in mine]
         in_loss = [routed.in_loss[i] for i in mine]
-        teacher_ids = [teacher_prompt_ids(tok, all_prompts[i], all_completions[routed.sibling[i]])
-                       if routed.sibling[i] is not None else [] for i in mine]
+        siblings = [routed.sibling[i] for i in mine]
+        # Tokenised by TRL itself, as it tokenised the student's prompts (rows that are not distilled keep theirs,
+        # unused: the list stays aligned with the batch, which TRL's per-example tool schemas need).
+        teacher_prompts = [x["prompt"] if s is None else _teacher_prompt(x["prompt"], all_completions[s])
+                           for x, s in zip(inputs, siblings)]
+        teacher_ids = [[] if s is None else list(ids)
+                       for ids, s in zip(self._tokenize_prompts(teacher_prompts)[0], siblings)]
         width = max([len(t) for t in teacher_ids] + [1])
         pad = tok.pad_token_id
         device = out["completion_ids"].device

@@ -11,6 +11,7 @@ from coin_verifier import coin  # noqa: E402
 from processes import spawn_within  # noqa: E402
 from srpo.integrations.trl import EMA_CHECKPOINT, FusedGRPOTrainer, SRPOConfig, SRPOTrainer  # noqa: E402
 from srpo.models import tiny_model, tiny_tokenizer  # noqa: E402
+from srpo.teacher import teacher_user_turn  # noqa: E402
 
 
 def _reward(completions, **_):
@@ -95,6 +96,32 @@ def test_srpo_trainer_runs_two_steps(tmp_path, dtype):
     assert any(rec.get("srpo/teacher_rows", 0) > 0 for rec in logged), logged  # mixed groups were distilled
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.model.parameters()))  # EMA moved
     assert all(t.dtype == p.dtype for t, p in zip(trainer.ema.model.parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("conversational", [True, False], ids=["conversation", "plain-text"])
+def test_teacher_prompt_is_the_students_with_the_solution_in_its_user_turn(tmp_path, conversational):
+    """The teacher sees the student's prompt as TRL renders it (system prompt and earlier turns, chat template),
+    its last user turn re-written as SPEC §1's; a plain-text prompt stays plain text, as the student's. It used to
+    get a lone user turn, chat-templated: no system prompt, and a template the plain-text student never saw."""
+    tok = tiny_tokenizer()
+    system = {"role": "system", "content": "Answer in one word."}
+    prompt = [system, {"role": "user", "content": "Say hi"}] if conversational else "Say hi"
+    data = Dataset.from_list([{"prompt": prompt}] * 8)
+
+    def alternate(completions, **_):  # every group of 4 holds failed rollouts with a correct sibling
+        return [float(i % 2) for i in range(len(completions))]
+    trainer = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=alternate, processing_class=tok,
+                          train_dataset=data, args=_args(SRPOConfig, tmp_path, loss_type="bnpo"))
+    batch = trainer._generate_and_score_completions(list(data))
+    rows = batch["srpo_route"].nonzero().flatten().tolist()
+    assert rows == [0, 2, 4, 6]
+    completions = tok.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+    for i in rows:
+        turn = teacher_user_turn("Say hi", completions[i - i % 4 + 1])  # the first correct rollout of its group
+        want = (f"<|system|>{system['content']}<|end|><|user|>{turn}<|end|><|assistant|>" if conversational
+                else turn)
+        ids = batch["teacher_prompt_ids"][i][batch["teacher_prompt_mask"][i].bool()]
+        assert tok.decode(ids) == want
 
 
 def test_srpo_trainer_resumes_its_ema_teacher(tmp_path):
