@@ -266,7 +266,9 @@ class SRPOTrainer(FusedGRPOTrainer):
         all_completions = gather_object(completions)
         local = len(completions)
         start = self.accelerator.process_index * local
-        g = self.num_generations
+        # Evaluation draws num_generations_eval per prompt: grouped by the training count, a failed rollout took a
+        # "correct sibling" of another prompt.
+        g = self.num_generations if self.model.training else self.num_generations_eval
         routed = route_rollouts(rewards, g, cfg.algo)
         mine = range(start, start + local)  # this process's rollouts
         distill = [routed.distill[i] for i in mine]

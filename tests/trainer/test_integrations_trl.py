@@ -98,28 +98,35 @@ def test_srpo_trainer_runs_two_steps(tmp_path, dtype):
     assert all(t.dtype == p.dtype for t, p in zip(trainer.ema.model.parameters(), model.parameters()))
 
 
-@pytest.mark.parametrize("conversational", [True, False], ids=["conversation", "plain-text"])
-def test_teacher_prompt_is_the_students_with_the_solution_in_its_user_turn(tmp_path, conversational):
+@pytest.mark.parametrize("case", ["conversation", "plain-text", "evaluation"])
+def test_teacher_prompt_is_the_students_with_the_solution_in_its_user_turn(tmp_path, case):
     """The teacher sees the student's prompt as TRL renders it (system prompt and earlier turns, chat template),
-    its last user turn re-written as SPEC §1's; a plain-text prompt stays plain text, as the student's. It used to
-    get a lone user turn, chat-templated: no system prompt, and a template the plain-text student never saw."""
+    its last user turn re-written as SPEC §1's, with the solution of a sibling of the same prompt; a plain-text
+    prompt stays plain text, as the student's. It used to get a lone user turn, chat-templated (no system prompt; a
+    template the plain-text student never saw), and evaluation, which draws num_generations_eval per prompt, was
+    grouped by the training count: siblings of another prompt."""
     tok = tiny_tokenizer()
     system = {"role": "system", "content": "Answer in one word."}
-    prompt = [system, {"role": "user", "content": "Say hi"}] if conversational else "Say hi"
-    data = Dataset.from_list([{"prompt": prompt}] * 8)
+    group = 2 if case == "evaluation" else 4
+    texts = [f"Say hi {k}" for k in range(8 // group)]
+    data = Dataset.from_list([{"prompt": [system, {"role": "user", "content": t}] if case != "plain-text" else t}
+                              for t in texts for _ in range(group)])
 
-    def alternate(completions, **_):  # every group of 4 holds failed rollouts with a correct sibling
+    def alternate(completions, **_):  # every group holds failed rollouts with a correct sibling
         return [float(i % 2) for i in range(len(completions))]
     trainer = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=alternate, processing_class=tok,
-                          train_dataset=data, args=_args(SRPOConfig, tmp_path, loss_type="bnpo"))
+                          train_dataset=data, args=_args(SRPOConfig, tmp_path, loss_type="bnpo",
+                                                         num_generations_eval=2))
+    if case == "evaluation":
+        trainer.model.eval()
     batch = trainer._generate_and_score_completions(list(data))
     rows = batch["srpo_route"].nonzero().flatten().tolist()
-    assert rows == [0, 2, 4, 6]
+    assert rows == list(range(0, 8, 2))
     completions = tok.batch_decode(batch["completion_ids"], skip_special_tokens=True)
     for i in rows:
-        turn = teacher_user_turn("Say hi", completions[i - i % 4 + 1])  # the first correct rollout of its group
-        want = (f"<|system|>{system['content']}<|end|><|user|>{turn}<|end|><|assistant|>" if conversational
-                else turn)
+        turn = teacher_user_turn(texts[i // group], completions[i - i % group + 1])  # its group's first correct
+        want = (turn if case == "plain-text" else
+                f"<|system|>{system['content']}<|end|><|user|>{turn}<|end|><|assistant|>")
         ids = batch["teacher_prompt_ids"][i][batch["teacher_prompt_mask"][i].bool()]
         assert tok.decode(ids) == want
 
