@@ -23,12 +23,16 @@ class Routing:
 
 
 def advantages(rewards: torch.Tensor, std_normalize: bool = False) -> torch.Tensor:
-    """Dr.GRPO: ``r - mean_group(r)``; optionally divided by the group std (0 where the std is 0)."""
-    adv = rewards - rewards.mean()
+    """Dr.GRPO: ``r - mean_group(r)``; optionally divided by the group std (0 where the std is 0). A NaN reward
+    (unscorable) stays out of the mean and the std, and its advantage is 0, as in TRL."""
+    scored = rewards[~rewards.isnan()]
+    if not scored.numel():
+        return torch.zeros_like(rewards)
+    adv = rewards - scored.mean()
     if std_normalize:
-        std = rewards.std(unbiased=False) if rewards.numel() > 1 else rewards.new_tensor(0.0)
+        std = scored.std(unbiased=False) if scored.numel() > 1 else rewards.new_tensor(0.0)
         adv = adv / std if std > 0 else torch.zeros_like(adv)
-    return adv
+    return adv.nan_to_num(nan=0.0)
 
 
 def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -> Routing:
@@ -36,7 +40,8 @@ def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -
 
     srpo: distill failed rollouts with a correct sibling, GRPO for the rest. grpo: GRPO for all.
     sdpo (as its authors run it): distill every rollout with another correct rollout, correct or not; the rest
-    contribute nothing; no GRPO term.
+    contribute nothing; no GRPO term. A NaN reward (TRL: no reward function could score the rollout) is neither
+    correct nor failed: never distilled, with advantage 0 (TRL's "no learning signal").
     """
     check_algo(algo)
     correct = rewards >= 0.5
@@ -48,6 +53,7 @@ def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -
         distill = ~correct & others_correct
     else:
         distill = others_correct
+    distill = distill & ~rewards.isnan()
     in_loss = distill.clone() if algo == "sdpo" else torch.ones_like(correct)
     sibling = []
     for i in range(rewards.numel()):

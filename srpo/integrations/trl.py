@@ -261,7 +261,9 @@ class SRPOTrainer(FusedGRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         cfg, tok = self.args, self.processing_class
         weights = self.reward_weights.to(self._last_rewards_per_func.device)
-        rewards = (self._last_rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).cpu()
+        rewards = (self._last_rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[self._last_rewards_per_func.isnan().all(dim=1)] = torch.nan  # unscorable: TRL's advantage is 0
+        rewards = rewards.cpu()
         completions = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
         all_completions = gather_object(completions)
         local = len(completions)

@@ -131,6 +131,20 @@ def test_teacher_prompt_is_the_students_with_the_solution_in_its_user_turn(tmp_p
         assert tok.decode(ids) == want
 
 
+def test_unscorable_rollouts_are_not_distilled(tmp_path):
+    """TRL 1.16 gives a rollout that every reward function scored None advantage 0 (no learning signal).
+    SRPOTrainer counted it a failure (nansum's 0) and distilled it toward a correct sibling."""
+    tok = tiny_tokenizer()
+
+    def partly_unscorable(completions, **_):
+        return [None, 1.0, 0.0, 1.0] * (len(completions) // 4)
+    trainer = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=partly_unscorable, processing_class=tok,
+                          train_dataset=_dataset(), args=_args(SRPOConfig, tmp_path, loss_type="bnpo"))
+    batch = trainer._generate_and_score_completions(list(_dataset()))
+    assert batch["srpo_route"].tolist() == [False, False, True, False] * 2
+    assert batch["advantages"][::4].abs().max() == 0
+
+
 def test_srpo_trainer_resumes_its_ema_teacher(tmp_path):
     """Resumed from a checkpoint, the run continues the uninterrupted one exactly: TRL's checkpoint lacked the EMA
     teacher, which restarted from the initial model (policy and teacher then drifted off, ~1e-4 in 2 steps)."""

@@ -41,6 +41,18 @@ def test_advantages_dr_grpo_and_std():
     assert advantages(torch.ones(4), std_normalize=True).tolist() == [0.0] * 4
 
 
+@pytest.mark.parametrize("algo", ["srpo", "sdpo"])
+def test_unscorable_rollouts_are_never_distilled_and_have_no_advantage(algo):
+    """TRL marks a rollout no reward function could score with a NaN reward and gives it advantage 0. Counted as a
+    failure (nansum's 0) it was distilled toward a sibling, and lowered the group's mean."""
+    r = route_group(torch.tensor([1.0, float("nan"), 0.0, 1.0]), algo)
+    assert not r.distill[1] and r.sibling[1] is None
+    assert r.in_loss[1] == (algo == "srpo")
+    assert r.advantages.tolist() == pytest.approx([1 / 3, 0.0, -2 / 3, 1 / 3])
+    assert advantages(torch.tensor([1.0, float("nan"), 0.0]), std_normalize=True).tolist() == [1.0, 0.0, -1.0]
+    assert advantages(torch.full((3,), float("nan"))).tolist() == [0.0] * 3
+
+
 def test_unknown_algo():
     with pytest.raises(ValueError, match="algo"):
         route_group(torch.zeros(2), "ppo")
