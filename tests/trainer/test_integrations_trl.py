@@ -212,7 +212,8 @@ def test_srpo_trainer_reduces_its_loss_as_trl_does_for_the_loss_type(tmp_path, m
 
 
 @pytest.mark.parametrize("cls", [FusedGRPOTrainer, SRPOTrainer])
-@pytest.mark.parametrize("option,value", [("entropy_coef", 0.01), ("delta", 2.0), ("router_aux_loss_coef", None)])
+@pytest.mark.parametrize("option,value", [("entropy_coef", 0.01), ("delta", 2.0), ("router_aux_loss_coef", None),
+                                          ("vision-language", None)])
 def test_loss_options_the_fused_loss_lacks_are_refused_by_both_trainers(tmp_path, cls, option, value):
     tok = tiny_tokenizer()
     config = {} if value is None else {option: value}
@@ -222,6 +223,8 @@ def test_loss_options_the_fused_loss_lacks_are_refused_by_both_trainers(tmp_path
         trainer.aux_loss_enabled = True  # what TRL sets for an MoE model (the tiny model has no router)
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(list(_dataset()))
+    if option == "vision-language":
+        trainer._is_vlm = True  # what TRL sets for a model with a processor; its batches then carry pixel_values
     with pytest.raises(ValueError, match=option):
         trainer._compute_loss(trainer.model, batch)
 
