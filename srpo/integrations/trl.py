@@ -88,8 +88,8 @@ def _check_supported(trainer):
                        bool(getattr(trainer, "_entropy_bonus_enabled", False)),
                    "router_aux_loss_coef != 0 (an MoE model's router loss)": bool(getattr(trainer, "aux_loss_enabled",
                                                                                           False)),
-                   # TRL passes pixel_values & co. to its forward; the hidden-state forward here would run without
-                   # the images and score the completions of another prompt
+                   # TRL passes pixel_values & co. to its forward; the hidden-state forward here would score the
+                   # completions without their images
                    "a vision-language model (image inputs)": bool(getattr(trainer, "_is_vlm", False))}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
