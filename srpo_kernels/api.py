@@ -53,7 +53,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
                          ref_beta=ref_beta, reduction=reduction)
     chunk_size = positive_int("chunk_size", chunk_size)
     hidden, weight, bias, teacher_hidden = follow_autocast(hidden, weight, bias, teacher_hidden)
-    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
+    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, token_ids, backend)
     flat_hidden, x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
                                     is_weights=is_weights, bias=bias, normalizer=normalizer,
@@ -86,7 +86,7 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     chunk_size = positive_int("chunk_size", chunk_size)
     hidden, weight, bias = follow_autocast(hidden, weight, bias)
     with_entropy = flag("with_entropy", with_entropy)
-    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, backend)
+    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, token_ids, backend)
     flat_h, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias,
                                                          None if shard_ops is None else shard_ops.vocab_shard,
                                                          temperature)

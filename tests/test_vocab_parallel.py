@@ -91,6 +91,11 @@ def _worker(rank, world, sizes, init_file, out_dir):
                           vocab_parallel_group=group)
     except ValueError as e:
         results["mismatch"] = str(e)
+    try:  # the same shapes, other ids (each rank handed its own data): the loss of nothing, silently
+        sk.fused_srpo_loss(torch.randn(N, 4), torch.randn(sizes[rank], 4), torch.full((N,), rank), 1.0,
+                           vocab_parallel_group=group)
+    except ValueError as e:
+        results["other_ids"] = str(e)
     try:  # a sampled token that the last block's bias masks: the same error on every rank, the holder's with it
         case = _case("grpo", sizes)
         v = sum(sizes)
@@ -154,6 +159,7 @@ def test_sharded_call_equals_unsharded(world, sizes):
             _close(got["logprobs"][key], want[key], f"fused_logprobs rank {r} {key}")
         _close(got["logprobs"]["dw"], want["dw"][_block(sizes, r)], f"fused_logprobs rank {r} dW")
         assert "every rank must pass the same tokens" in got.get("mismatch", "")
+        assert "token_ids differ between ranks" in got.get("other_ids", "")
         assert "1 token(s) in the loss sample a vocabulary entry that bias masks" in got.get("masked_target", "")
         assert ("token_ids[5] =" in got["masked_target"]) == (r == world - 1)
         assert f"weight must be finite everywhere: it holds NaN or inf (rank(s) [{world - 1}]" in got["nan_block"]

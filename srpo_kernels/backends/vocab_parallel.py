@@ -44,9 +44,9 @@ class VocabShard:
     device: torch.device  # where the collectives' tensors live (hidden's device)
 
     @classmethod
-    def create(cls, group, weight: torch.Tensor, hidden: torch.Tensor) -> "VocabShard":
-        """Gathers the block sizes (one collective) and checks that every rank passes the same tokens. A block may
-        be empty (0 rows) while the vocabulary is not."""
+    def create(cls, group, weight: torch.Tensor, hidden: torch.Tensor, token_ids: torch.Tensor) -> "VocabShard":
+        """Gathers the block sizes (one collective) and checks that every rank passes the same tokens (shape, and a
+        checksum of the ids). A block may be empty (0 rows) while the vocabulary is not."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("vocab_parallel_group needs torch.distributed to be initialised "
@@ -61,7 +61,8 @@ class VocabShard:
         # A weight that is not a matrix is this rank's alone: sent as -1 rows, so that every rank raises (one rank
         # raising alone leaves the others waiting in this collective).
         rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1
-        mine = torch.tensor([rows, n, hidden.shape[-1]], dtype=torch.int64, device=hidden.device)
+        mine = torch.tensor([rows, n, hidden.shape[-1], 0], dtype=torch.int64, device=hidden.device)
+        mine[3] = _checksum(token_ids, hidden.device)  # on the device: no sync of its own
         blocks = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(blocks, mine, group=group)
         sizes = [int(b[0]) for b in blocks]
@@ -72,6 +73,10 @@ class VocabShard:
             shapes = [(int(b[1]), int(b[2])) for b in blocks]
             raise ValueError("vocab_parallel_group: every rank must pass the same tokens (hidden [N, H] alike); "
                              f"got (N, H) by rank: {shapes}")
+        if len({int(b[3]) for b in blocks}) > 1:
+            # e.g. a data-parallel shard on each rank of the tensor-parallel group: a loss of nothing, silently
+            raise ValueError("vocab_parallel_group: every rank must pass the same tokens; token_ids differ between "
+                             "ranks (each rank gets its own block of the lm_head, not its own data)")
         return cls(group, rank, world, sum(sizes[:rank]), sizes[rank], sum(sizes), max(sizes), hidden.device)
 
     def agree(self, refused: Optional[Exception]) -> None:
@@ -297,7 +302,18 @@ _MINE_Z = N_TENSOR_DISTILL_STATS  # SHIFT itself unused here: the blocks take sh
 _SUPPORT = _MINE_Z + 1
 
 
-def vocab_parallel_ops(group, weight: torch.Tensor, hidden: torch.Tensor,
+def _checksum(token_ids, device) -> torch.Tensor:
+    """A position-weighted sum of the ids (int64, wrapping): equal on ranks that pass the same tokens. 0 for what is
+    not an integer tensor on `device` (the argument checks refuse it after this collective)."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.is_complex() \
+            or token_ids.device != device:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    ids = token_ids.reshape(-1).long()
+    weights = torch.arange(1, ids.numel() + 1, device=device, dtype=torch.int64) * 2654435761
+    return (ids * weights).sum()
+
+
+def vocab_parallel_ops(group, weight: torch.Tensor, hidden: torch.Tensor, token_ids: torch.Tensor,
                        backend: str) -> Optional[VocabParallelRowOps]:
     """The row passes for `group` (None: not vocabulary-parallel)."""
     if group is None:
@@ -305,4 +321,4 @@ def vocab_parallel_ops(group, weight: torch.Tensor, hidden: torch.Tensor,
     if backend not in ("auto", "torch"):
         raise ValueError(f"vocab_parallel_group runs the tensor-op row passes; backend must be 'auto' or 'torch', "
                          f"got {backend!r}")
-    return VocabParallelRowOps(VocabShard.create(group, weight, hidden))
+    return VocabParallelRowOps(VocabShard.create(group, weight, hidden, token_ids))
