@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 @dataclass
@@ -19,11 +19,12 @@ class Example:
 
 
 def numeric(response: str, answer) -> float:
-    """1 if the last number in the response equals the answer (surrounding text is fine)."""
+    """1 if the last number in the response equals the answer (surrounding text is fine). Thousands separators are
+    dropped on both sides ("1,234"), and ".5", "2." and "1e3" read as numbers."""
     found = _NUMBER.findall(response.replace(",", ""))
     if not found:
         return 0.0
-    return float(abs(float(found[-1]) - float(answer)) < 1e-6)
+    return float(abs(float(found[-1]) - float(str(answer).replace(",", ""))) < 1e-6)
 
 
 def mcq(response: str, answer) -> float:

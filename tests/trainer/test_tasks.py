@@ -11,6 +11,11 @@ def test_numeric_tolerates_surrounding_text():
     assert numeric("It is 18", 19) == 0.0
     assert numeric("no idea", 19) == 0.0
     assert numeric("-3", -3) == 1.0
+    # A dataset answer written "1,234" raised (a verifier error: reward 0 for every rollout); ".5" read as 5.
+    assert numeric("1234", "1,234") == 1.0
+    assert numeric("It is .5", 0.5) == 1.0 and numeric("It is -.5", -0.5) == 1.0
+    assert numeric("So 2. Done", 2) == 1.0 and numeric("About 1.5e3", 1500) == 1.0
+    assert numeric("5-3=2", 2) == 1.0 and numeric("2 eggs", 2) == 1.0
 
 
 def test_mcq_and_toolcall():
