@@ -28,9 +28,13 @@ def numeric(response: str, answer) -> float:
 
 
 def mcq(response: str, answer) -> float:
-    """1 if the last standalone letter A-D in the response is the answer letter (SciKnowEval style)."""
+    """1 if the last standalone letter A-D in the response is the answer letter (SciKnowEval style). The answer may
+    be written "B", "b", "(B)" or "B."; anything else is an error, not a silent 0 for every rollout."""
+    letter = re.fullmatch(r"\s*\(?([A-Da-d])\)?[.:]?\s*", str(answer))
+    if letter is None:
+        raise ValueError(f"mcq: the answer must be a letter A-D, got {answer!r}")
     found = re.findall(r"\b([A-D])\b", response)
-    return float(bool(found) and found[-1] == str(answer).strip().upper())
+    return float(bool(found) and found[-1] == letter.group(1).upper())
 
 
 def toolcall(response: str, answer) -> float:

@@ -21,6 +21,9 @@ def test_numeric_tolerates_surrounding_text():
 def test_mcq_and_toolcall():
     assert mcq("I think the answer is (B).", "B") == 1.0
     assert mcq("A or maybe C", "A") == 0.0
+    assert mcq("It is B", "(B)") == 1.0 and mcq("It is B", "b.") == 1.0  # "(B)" was compared as a string: always 0
+    with pytest.raises(ValueError, match="must be a letter A-D"):
+        mcq("It is B", "Paris")
     resp = "Thought: look it up\nAction: search\nAction Input: {\"q\": \"cats\"}\n"
     assert toolcall(resp, {"action": "search", "action_input": {"q": "cats"}}) == 1.0
     assert toolcall(resp, {"action": "lookup", "action_input": {"q": "cats"}}) == 0.0
