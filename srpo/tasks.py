@@ -38,15 +38,23 @@ def mcq(response: str, answer) -> float:
 
 
 def toolcall(response: str, answer) -> float:
-    """1 if "Action:" and "Action Input:" lines match the answer's action and action_input exactly (ToolAlpaca)."""
+    """1 if "Action:" and "Action Input:" lines match the answer's action exactly and its action_input as JSON
+    (ToolAlpaca): {"q":"cats"} is {"q": "cats"}; an input that is not JSON on either side is compared as text."""
     action = re.search(r"^\s*Action:\s*(.*?)\s*$", response, re.M)
     action_input = re.search(r"^\s*Action Input:\s*(.*?)\s*$", response, re.M)
     if not (action and action_input):
         return 0.0
-    expected_input = answer["action_input"]
-    if not isinstance(expected_input, str):
-        expected_input = json.dumps(expected_input)
-    return float(action.group(1) == answer["action"] and action_input.group(1) == expected_input)
+    return float(action.group(1) == answer["action"] and _json(action_input.group(1)) == _json(answer["action_input"]))
+
+
+def _json(value):
+    """`value` parsed if it is JSON text, else as given (a dict or list from the dataset stays itself)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def parity(response: str, answer) -> float:

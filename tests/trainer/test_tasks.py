@@ -28,6 +28,12 @@ def test_mcq_and_toolcall():
     assert toolcall(resp, {"action": "search", "action_input": {"q": "cats"}}) == 1.0
     assert toolcall(resp, {"action": "lookup", "action_input": {"q": "cats"}}) == 0.0
     assert toolcall("Action: search", {"action": "search", "action_input": "x"}) == 0.0
+    # The same JSON written without spaces scored 0 (compared with json.dumps's text)
+    compact = "Action: search\nAction Input: {\"q\":\"cats\"}"
+    assert toolcall(compact, {"action": "search", "action_input": {"q": "cats"}}) == 1.0
+    assert toolcall(compact, {"action": "search", "action_input": '{"q": "cats"}'}) == 1.0
+    assert toolcall(compact, {"action": "search", "action_input": {"q": "dogs"}}) == 0.0
+    assert toolcall("Action: say\nAction Input: hello", {"action": "say", "action_input": "hello"}) == 1.0
 
 
 def test_arithmetic_answers_are_right():
