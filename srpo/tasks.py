@@ -151,7 +151,10 @@ class JsonlDataset(SeededTask):
                     row = json.loads(line)
                     if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
                         raise ValueError('expected an object with "prompt" and "answer"')
-                    self.examples.append(Example(str(row["prompt"]), row["answer"], row.get("feedback")))
+                    if not isinstance(row["prompt"], str):  # str() of a message list became the prompt's text
+                        raise ValueError(f'"prompt" must be the text of the user turn, got '
+                                         f'{type(row["prompt"]).__name__}')
+                    self.examples.append(Example(row["prompt"], row["answer"], row.get("feedback")))
                 except (json.JSONDecodeError, ValueError) as exc:
                     raise ValueError(f"{path}:{lineno}: malformed dataset line: {exc}") from None
         if not self.examples:

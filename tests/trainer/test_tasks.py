@@ -66,6 +66,10 @@ def test_malformed_dataset_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*answer"):
         JsonlDataset(str(path), "numeric")
+    # a chat-format prompt: its str() became the prompt's text
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "answer": 4}) + "\n")
+    with pytest.raises(ValueError, match=r'bad\.jsonl:1: .*"prompt" must be the text of the user turn, got list'):
+        JsonlDataset(str(path), "numeric")
 
 
 def test_parity_task_passes_about_half_and_replays_from_its_state():
