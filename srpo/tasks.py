@@ -5,8 +5,9 @@ import importlib
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 _NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -15,7 +16,6 @@ _NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 class Example:
     prompt: str
     answer: Any
-    feedback: Optional[str] = None
 
 
 def numeric(response: str, answer) -> float:
@@ -139,10 +139,11 @@ class Parity(SeededTask):
 
 
 class JsonlDataset(SeededTask):
-    """``{"prompt": ..., "answer": ..., "feedback"?: ...}`` per line, sampled with replacement."""
+    """``{"prompt": ..., "answer": ...}`` per line, sampled with replacement."""
 
     def __init__(self, path: str, verifier: str, seed: int = 0):
         self.examples: List[Example] = []
+        feedback = 0
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -154,11 +155,15 @@ class JsonlDataset(SeededTask):
                     if not isinstance(row["prompt"], str):  # str() of a message list became the prompt's text
                         raise ValueError(f'"prompt" must be the text of the user turn, got '
                                          f'{type(row["prompt"]).__name__}')
-                    self.examples.append(Example(row["prompt"], row["answer"], row.get("feedback")))
+                    self.examples.append(Example(row["prompt"], row["answer"]))
+                    feedback += "feedback" in row
                 except (json.JSONDecodeError, ValueError) as exc:
                     raise ValueError(f"{path}:{lineno}: malformed dataset line: {exc}") from None
         if not self.examples:
             raise ValueError(f"{path}: no examples")
+        if feedback:  # SDPO's rich feedback: SRPO's teacher is shown a correct sibling's solution instead
+            warnings.warn(f"{path}: {feedback} line(s) hold a \"feedback\" field, which the trainer does not use "
+                          f"(the teacher is shown a correct sibling's solution, SPEC §1)")
         self.verifier = verifier
         super().__init__(seed)
 

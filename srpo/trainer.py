@@ -35,7 +35,7 @@ class TrainConfig:
 
     model: str = "smollm2"  # smollm2 (embedded SmolLM2-135M-Instruct), tiny (random Qwen3), tiny-qwen3-vocab (with Qwen3's 151936-row lm_head), or a local HF dir
     algo: str = "srpo"  # srpo | grpo | sdpo
-    task: str = "arithmetic"  # arithmetic, parity (a reward with no skill behind it, for measuring compute), reasoning-gym:NAME (extra [tasks]), or a JSONL file of {"prompt", "answer"[, "feedback"]}
+    task: str = "arithmetic"  # arithmetic, parity (a reward with no skill behind it, for measuring compute), reasoning-gym:NAME (extra [tasks]), or a JSONL file of {"prompt", "answer"}
     verifier: str = "numeric"  # for JSONL tasks: numeric | mcq | toolcall | math-verify (extra [tasks]) | module:function
     digits: int = 1  # arithmetic: operand digits
     ops: str = "+-"  # arithmetic: operators drawn from +, -, *

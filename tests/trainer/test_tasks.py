@@ -66,6 +66,9 @@ def test_malformed_dataset_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*answer"):
         JsonlDataset(str(path), "numeric")
+    path.write_text(json.dumps({"prompt": "a", "answer": 1, "feedback": "wrong sign"}) + "\n")
+    with pytest.warns(UserWarning, match="1 line.* \"feedback\" field, which the trainer does not use"):
+        JsonlDataset(str(path), "numeric")  # it was read into the examples, and nothing used it
     # a chat-format prompt: its str() became the prompt's text
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "answer": 4}) + "\n")
     with pytest.raises(ValueError, match=r'bad\.jsonl:1: .*"prompt" must be the text of the user turn, got list'):
