@@ -42,9 +42,10 @@ def chat_prompt_ids(tokenizer, user_turn: str) -> List[int]:
 def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
     """An independent copy. A Hugging Face model is rebuilt from its config and loaded, because trainers patch
     attributes onto model instances (TRL wraps forward) that ``deepcopy`` carries over still bound to the original,
-    which would make the "EMA" teacher silently run the live policy."""
+    which would make the "EMA" teacher silently run the live policy. A PEFT model (which its config cannot rebuild)
+    is deep-copied: the teacher runs its decoder's forward, which nobody patches."""
     config = getattr(model, "config", None)
-    if config is not None and hasattr(model, "load_state_dict"):
+    if config is not None and hasattr(model, "load_state_dict") and not hasattr(model, "get_base_model"):
         clone = type(model)(config)
         # Built in the default dtype (fp32): each weight takes the model's dtype, or a bf16 policy got an fp32
         # teacher (twice the memory, a slower forward, other roundings than the policy's).
@@ -84,7 +85,7 @@ class EMATeacher:
         self.model = _fresh_copy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self._residuals = [torch.zeros_like(p) if p.dtype in _ROUNDED else None for p in self.model.parameters()]
+        self._residuals = [None] * len(list(self.model.parameters()))  # made on a bf16/fp16 weight's first move
 
     def state_dict(self) -> dict:
         """The teacher's weights and residuals, for a checkpoint (a resumed run continues the same EMA)."""
@@ -93,22 +94,24 @@ class EMATeacher:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"model", "residuals"}:  # a checkpoint from before the residuals: the weights alone
-            state = {"model": state, "residuals": [None if r is None else torch.zeros_like(r) for r in self._residuals]}
+            state = {"model": state, "residuals": [None] * len(self._residuals)}
         self.model.load_state_dict(state["model"])
-        saved = state["residuals"]
-        mine = self._residuals
-        if len(saved) != len(mine) or any((a is None) != (b is None) for a, b in zip(saved, mine)):
-            raise ValueError("EMA teacher checkpoint: its residuals do not match this model's parameters and dtypes")
-        for mine, theirs in zip(self._residuals, saved):
-            if mine is not None:
-                mine.copy_(theirs)
+        if len(state["residuals"]) != len(self._residuals):
+            raise ValueError("EMA teacher checkpoint: its residuals do not match this model's parameters")
+        self._residuals = [None if r is None else r.to(p.device, p.dtype)
+                           for r, p in zip(state["residuals"], self.model.parameters())]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
-        for t, residual, s in zip(self.model.parameters(), self._residuals, model.parameters()):
-            if residual is None:
+        for i, (t, s) in enumerate(zip(self.model.parameters(), model.parameters())):
+            if not s.requires_grad:
+                continue  # frozen (a LoRA run's base model): it did not move, and its EMA is itself
+            if t.dtype not in _ROUNDED:
                 t.lerp_(s.detach().to(t.dtype), self.rate)
                 continue
+            if self._residuals[i] is None:
+                self._residuals[i] = torch.zeros_like(t)
+            residual = self._residuals[i]
             # In slices: fp32 temporaries of a whole embedding matrix would be gigabytes.
             rows = max(1, _SLICE * max(1, t.shape[0]) // max(1, t.numel())) if t.dim() else 1
             for t_, r_, s_ in zip(_slices(t, rows), _slices(residual, rows), _slices(s.detach(), rows)):

@@ -34,6 +34,15 @@ def _unwrap(model):
     return model
 
 
+def _backbone(model):
+    """The decoder of the causal LM under DDP/accelerate wrappers (``.module``) and a PEFT model (whose LoRA layers
+    sit in the base model's modules): ``PeftModel.base_model`` is PEFT's tuner, whose output is the LM's logits."""
+    model = _unwrap(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
 def backbone_hidden(model, input_ids, attention_mask):
     """Last hidden state ``[B, L, H]`` of the backbone, through the (possibly wrapped) model's own forward."""
     captured = {}
@@ -41,7 +50,7 @@ def backbone_hidden(model, input_ids, attention_mask):
     def hook(_module, _inputs, output):
         captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
-    handle = _unwrap(model).base_model.register_forward_hook(hook)
+    handle = _backbone(model).register_forward_hook(hook)
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
     finally:
@@ -124,7 +133,7 @@ def _completion_hidden(model, inputs, prompt_ids, prompt_mask, through_wrapper=T
     if through_wrapper or isinstance(model, FSDPModule):
         hidden = backbone_hidden(model, ids, mask)
     else:
-        hidden = _unwrap(model).base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = _backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     width = prompt_ids.shape[1]
     return hidden[:, width - 1:width - 1 + completion_ids.shape[1]]  # the positions that predict each token
 

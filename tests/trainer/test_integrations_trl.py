@@ -145,6 +145,48 @@ def test_unscorable_rollouts_are_not_distilled(tmp_path):
     assert batch["advantages"][::4].abs().max() == 0
 
 
+def test_lora_model_through_both_trainers(tmp_path):
+    """A PEFT (LoRA) model, TRL's usual way to train big models: the drop-in took PEFT's tuner for the backbone (the
+    hidden-state hook never fired) and SRPOTrainer could not copy it for the EMA teacher. The fused loss equals
+    TRL's loss code on exact log-probs, LoRA gradients included, and the teacher follows the LoRA weights alone."""
+    peft = pytest.importorskip("peft", reason="peft not installed (pip install peft)")
+    tok = tiny_tokenizer()
+
+    def lora():
+        return peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    fused = FusedGRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok,
+                             train_dataset=_dataset(), args=_args(GRPOConfig, tmp_path, loss_type="bnpo"),
+                             peft_config=lora())
+    torch.manual_seed(0)
+    batch = fused._generate_and_score_completions(list(_dataset()))
+    fused.current_gradient_accumulation_steps = 1
+    model = fused.model
+    model.train()
+
+    def run(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_loss, fused_grads = run(lambda: fused._compute_loss(model, batch))
+    fused._get_per_token_logps_and_entropies = _materialised_logps(fused)
+    plain_loss, plain_grads = run(lambda: GRPOTrainer._compute_loss(fused, model, batch))
+    assert torch.allclose(fused_loss, plain_loss, rtol=1e-5, atol=1e-7)
+    assert fused_grads.keys() == plain_grads.keys() and all("lora" in n for n in fused_grads)
+    for name, grad in plain_grads.items():
+        assert (fused_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp_min(1e-12), name
+
+    srpo = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok,
+                       train_dataset=_dataset(), args=_args(SRPOConfig, tmp_path, loss_type="bnpo"),
+                       peft_config=lora())
+    before = {n: p.clone() for n, p in srpo.ema.model.named_parameters()}
+    srpo.train()
+    assert any(rec.get("srpo/teacher_rows", 0) > 0 for rec in srpo.state.log_history)
+    moved = {n for n, p in srpo.ema.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora" in n for n in moved)
+
+
 def test_srpo_trainer_resumes_its_ema_teacher(tmp_path):
     """Resumed from a checkpoint, the run continues the uninterrupted one exactly: TRL's checkpoint lacked the EMA
     teacher, which restarted from the initial model (policy and teacher then drifted off, ~1e-4 in 2 steps)."""

@@ -65,7 +65,7 @@ def test_ema_state_round_trips_and_older_checkpoints_load():
     again.load_state_dict(ema.state_dict())
     for a, b in zip(ema.state_dict()["residuals"] + list(ema.model.parameters()),
                     again.state_dict()["residuals"] + list(again.model.parameters())):
-        assert torch.equal(a, b)
+        assert a is b is None or torch.equal(a, b)
     older = EMATeacher(tiny_model(tiny_tokenizer(), seed=3).to(torch.bfloat16))
     older.load_state_dict(ema.model.state_dict())  # what checkpoints held before the residuals
     assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), older.model.parameters()))
