@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -197,6 +198,22 @@ class SRPOConfig(GRPOConfig):
                                     entropy_beta=self.entropy_beta, is_clip=self.is_clip, dual_clip=self.dual_clip)
 
 
+def _check_unsharded(trainer):
+    """The EMA teacher is a whole copy of the policy, updated from its parameters: under FSDP or DeepSpeed ZeRO-3
+    they are shards (a size-mismatch error at the copy, or a shard-by-whole lerp at the first update)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    sharded = ("DeepSpeed ZeRO-3" if plugin is not None and plugin.zero_stage == 3 else
+               "FSDP" if getattr(trainer, "is_fsdp_enabled", False) or _has_dtensor(_unwrap(trainer.model)) else None)
+    if sharded:
+        raise ValueError(f"SRPOConfig(teacher='ema') is not supported under {sharded}: the EMA teacher would copy "
+                         f"parameter shards; use teacher='live' (the policy under no_grad)")
+
+
+def _has_dtensor(model) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # loaded by anything that made a DTensor
+    return module is not None and any(isinstance(p, module.DTensor) for p in model.parameters())
+
+
 class _EMACallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
@@ -237,8 +254,10 @@ class SRPOTrainer(FusedGRPOTrainer):
         cfg = self.args
         if not isinstance(cfg, SRPOConfig):
             raise TypeError("SRPOTrainer needs args=SRPOConfig(...)")
-        self.ema = EMATeacher(_unwrap(self.model), cfg.ema_rate) if cfg.teacher == "ema" and cfg.algo != "grpo" \
-            else None
+        self.ema = None
+        if cfg.teacher == "ema" and cfg.algo != "grpo":
+            _check_unsharded(self)
+            self.ema = EMATeacher(_unwrap(self.model), cfg.ema_rate)
         self.add_callback(_EMACallback(self))
 
     def _save_checkpoint(self, model, trial):

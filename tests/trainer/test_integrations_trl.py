@@ -187,6 +187,24 @@ def test_lora_model_through_both_trainers(tmp_path):
     assert moved and all("lora" in n for n in moved)
 
 
+def test_ema_teacher_is_refused_on_sharded_parameters():
+    """Under ZeRO-3 or FSDP the EMA teacher would copy shards: a size-mismatch error deep in load_state_dict, or a
+    shard-by-whole lerp at the first update. The error says what to use instead."""
+    from types import SimpleNamespace
+
+    from srpo.integrations.trl import _check_unsharded
+
+    def trainer(zero_stage=None, fsdp=False):
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        return SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+                               is_fsdp_enabled=fsdp, model=torch.nn.Linear(2, 2))
+    _check_unsharded(trainer())
+    _check_unsharded(trainer(zero_stage=2))
+    for sharded, name in ((trainer(zero_stage=3), "DeepSpeed ZeRO-3"), (trainer(fsdp=True), "FSDP")):
+        with pytest.raises(ValueError, match=f"not supported under {name}: .*use teacher='live'"):
+            _check_unsharded(sharded)
+
+
 def test_srpo_trainer_resumes_its_ema_teacher(tmp_path):
     """Resumed from a checkpoint, the run continues the uninterrupted one exactly: TRL's checkpoint lacked the EMA
     teacher, which restarted from the initial model (policy and teacher then drifted off, ~1e-4 in 2 steps)."""
