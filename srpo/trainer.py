@@ -192,6 +192,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = models.load(cfg.model, cfg.seed, self.device)
         self.model.to(self.device).train()
+        # Rollouts must be samples of softmax(z / T), the distribution the loss scores: generate() fills what it is
+        # not told from the model's own generation_config (Qwen2.5-Instruct's repetition_penalty 1.05, top_p 0.8),
+        # which made them off-policy without a word.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig()
         self.logits_processor = models.tokenizer_vocab_only(self.model, self.tokenizer)
         self.task, self.eval_task, self.verify = load_task(cfg.task, cfg.verifier, cfg.digits, cfg.ops, cfg.seed)
         self.eval_examples = self.eval_task.sample(cfg.eval_prompts)

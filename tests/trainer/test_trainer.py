@@ -350,3 +350,23 @@ def test_trains_on_a_reasoning_gym_task(tmp_path):
     pytest.importorskip("reasoning_gym", reason="reasoning-gym is the optional extra [tasks]")
     hist = _steps(Trainer(tiny_config(tmp_path, task="reasoning-gym:basic_arithmetic", steps=1)).train())
     assert hist[0]["rollouts"] == 8 and hist[0]["verifier_errors"] == 0
+
+
+def test_rollouts_ignore_the_models_own_sampling_settings(tmp_path):
+    """A model directory's generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05 and top_p 0.8) filled
+    what generate() was not told: rollouts were not samples of softmax(z / T), the distribution the loss scores."""
+    from srpo.models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    samples = []
+    for name, penalty in (("plain", None), ("tuned", 50.0)):
+        model.generation_config.repetition_penalty = penalty
+        model.generation_config.no_repeat_ngram_size = None if penalty is None else 1
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        trainer = Trainer(tiny_config(tmp_path / name / "run", model=str(tmp_path / name), task="parity",
+                                      max_new_tokens=12))
+        torch.manual_seed(0)
+        samples.append(trainer.generate(trainer.task.sample(2), 4).responses)
+    assert samples[0] == samples[1]
