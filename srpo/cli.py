@@ -114,7 +114,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad options, a missing file, an --output-dir that is a file
         sys.exit(f"srpo: error: {exc}")
 
 

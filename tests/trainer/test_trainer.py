@@ -346,6 +346,14 @@ def test_cli_compare_rejects_bad_seeds(tmp_path):
     assert proc.returncode == 2 and "--seeds" in proc.stderr and "comma-separated integers" in proc.stderr
 
 
+def test_cli_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    proc = _cli(["--steps", "1", "--output-dir", str(taken)])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and out.strip().splitlines()[-1].startswith("srpo: error: ") and "Traceback" not in out
+
+
 def test_trains_on_a_reasoning_gym_task(tmp_path):
     pytest.importorskip("reasoning_gym", reason="reasoning-gym is the optional extra [tasks]")
     hist = _steps(Trainer(tiny_config(tmp_path, task="reasoning-gym:basic_arithmetic", steps=1)).train())
