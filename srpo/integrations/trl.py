@@ -69,13 +69,18 @@ def _full(param):
     return param.full_tensor() if isinstance(param, DTensor) else param
 
 
+def _zero3(trainer) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the trainer's parameters."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
 @contextlib.contextmanager
 def gathered_lm_head(trainer):
     """The lm_head (weight, bias), gathered when DeepSpeed ZeRO-3 or FSDP2 shards it."""
     head = _unwrap(trainer.model).get_output_embeddings()
     params = [p for p in (head.weight, head.bias) if p is not None]
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
+    if _zero3(trainer):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -201,8 +206,7 @@ class SRPOConfig(GRPOConfig):
 def _check_unsharded(trainer):
     """The EMA teacher is a whole copy of the policy, updated from its parameters: under FSDP or DeepSpeed ZeRO-3
     they are shards (a size-mismatch error at the copy, or a shard-by-whole lerp at the first update)."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    sharded = ("DeepSpeed ZeRO-3" if plugin is not None and plugin.zero_stage == 3 else
+    sharded = ("DeepSpeed ZeRO-3" if _zero3(trainer) else
                "FSDP" if getattr(trainer, "is_fsdp_enabled", False) or _has_dtensor(_unwrap(trainer.model)) else None)
     if sharded:
         raise ValueError(f"SRPOConfig(teacher='ema') is not supported under {sharded}: the EMA teacher would copy "
