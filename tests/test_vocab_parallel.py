@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import srpo_kernels as sk
-from cases import make_case, max_rel_err
+from cases import FLOAT_ARGS, make_case, max_rel_err
 from processes import spawn_within
 
 N = 48
@@ -44,20 +44,22 @@ def _case(routing, sizes):
     return case
 
 
-def _call(case, rows, options, group=None):
-    """The loss on the vocabulary `rows` of the lm_head; returns outputs and gradients (fp32)."""
-    hidden = case["hidden"].float().requires_grad_()
-    weight = case["weight"][rows].float().requires_grad_()
-    bias = case["bias"][rows].float().requires_grad_()
+def _call(case, rows, options, group=None, dtype=torch.float32, chunk_size=16, fn=None):
+    """The loss on the vocabulary `rows` of the lm_head, fused (or `fn`, e.g. the reference, unsharded); returns
+    outputs and gradients in `dtype`."""
+    hidden = case["hidden"].detach().to(dtype).requires_grad_()
+    weight = case["weight"][rows].to(dtype).requires_grad_()
+    bias = case["bias"][rows].to(dtype).requires_grad_()
     th = case["teacher_hidden"]
-    out = sk.fused_srpo_loss(hidden, weight, case["token_ids"], case["advantages"].float(), case["route"],
-                             None if th is None else th.float(), loss_mask=case["loss_mask"], bias=bias,
-                             old_logprobs=case["old_logprobs"].float(), ref_logprobs=case["ref_logprobs"].float(),
-                             is_weights=case["is_weights"].float(), backend="torch", chunk_size=16,
-                             vocab_parallel_group=group, **options)
+    floats = torch.float64 if dtype == torch.float64 else torch.float32
+    given = {k: case[k].to(floats) for k in FLOAT_ARGS if case.get(k) is not None}
+    fused = {} if fn is not None else dict(backend="torch", chunk_size=chunk_size, vocab_parallel_group=group)
+    out = (fn or sk.fused_srpo_loss)(hidden, weight, case["token_ids"], case["advantages"].to(floats), case["route"],
+                                     None if th is None else th.to(dtype), loss_mask=case["loss_mask"], bias=bias,
+                                     **given, **options, **fused)
     loss = out.loss
     if options.get("reduction") == "none":
-        loss = (loss * torch.linspace(-1, 2, N)).sum()
+        loss = (loss * torch.linspace(-1, 2, loss.numel(), dtype=loss.dtype)).sum()
     loss.backward()
     per_token = torch.stack([out.logprobs, out.entropy, out.teacher_entropy, out.divergence, out.distill_weight])
     return dict(loss=out.loss.detach(), per_token=per_token, dh=hidden.grad, dw=weight.grad, db=bias.grad)
@@ -225,30 +227,13 @@ def _random_case(sizes, problem, edit):
     return case
 
 
-def _random_call(case, rows, options, dtype=torch.float32, group=None, fn=None):
-    leaves = [case[k][rows].to(dtype).requires_grad_() if k != "hidden" else case[k].to(dtype).requires_grad_()
-              for k in ("hidden", "weight", "bias")]
-    th = case["teacher_hidden"]
-    floats = torch.float64 if dtype == torch.float64 else torch.float32
-    extra = {k: case[k].to(floats) for k in ("old_logprobs", "ref_logprobs", "is_weights") if case.get(k) is not None}
-    kwargs = dict(backend="torch", chunk_size=7, vocab_parallel_group=group) if fn is None else {}
-    out = (fn or sk.fused_srpo_loss)(leaves[0], leaves[1], case["token_ids"], case["advantages"].to(floats),
-                                     case["route"], None if th is None else th.to(dtype), loss_mask=case["loss_mask"],
-                                     bias=leaves[2], **extra, **options, **kwargs)
-    upstream = torch.linspace(-1, 2, out.loss.numel()).reshape(out.loss.shape).to(out.loss.dtype)
-    grads = torch.autograd.grad(out.loss, leaves, upstream)
-    per_token = torch.stack([out.logprobs, out.entropy, out.teacher_entropy, out.divergence, out.distill_weight])
-    return dict(loss=out.loss.detach().double(), per_token=per_token.double(),
-                **{k: g.double() for k, g in zip(("dh", "dw", "db"), grads)})
-
-
 def _random_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))
     results = []
     for sizes, problem, options, edit in _random_problems(world=world):
         case = _random_case(sizes, problem, edit)
-        results.append(_random_call(case, _block(sizes, rank), options, group=group))
+        results.append(_call(case, _block(sizes, rank), options, group, chunk_size=7))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -265,8 +250,8 @@ def test_random_layouts_equal_unsharded():
     for i, (sizes, problem, options, edit) in enumerate(_random_problems(world=world)):
         case = _random_case(sizes, problem, edit)
         full = slice(0, problem["v"])
-        want = _random_call(case, full, options)
-        exact = _random_call(case, full, options, torch.float64, fn=sk.reference.srpo_loss)
+        want = _call(case, full, options, chunk_size=7)
+        exact = _call(case, full, options, dtype=torch.float64, fn=sk.reference.srpo_loss)
         if not torch.isfinite(exact["loss"]).all() or float(exact["loss"].abs().max()) > 1e6:
             continue  # k3 of an absurd token: beyond fp32 for every implementation
         for r in range(world):
