@@ -22,6 +22,15 @@ def _dataset():
     return Dataset.from_list([{"prompt": [{"role": "user", "content": f"Say something {i}"}]} for i in range(8)])
 
 
+def _trainer(cls, tmp_path, model=None, reward=_reward, data=None, peft_config=None, **config):
+    """A `cls` (FusedGRPOTrainer or SRPOTrainer) on `model` (default: the tiny one, seed 1), `data` (default:
+    _dataset()) and _args's config updated with `config`."""
+    tok = tiny_tokenizer()
+    return cls(model=tiny_model(tok, seed=1) if model is None else model, reward_funcs=reward, processing_class=tok,
+               train_dataset=_dataset() if data is None else data, peft_config=peft_config,
+               args=_args(SRPOConfig if cls is SRPOTrainer else GRPOConfig, tmp_path, **config))
+
+
 def _args(cls, tmp_path, **over):
     kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, use_bias_correction_kl=False, num_generations=4,
               max_completion_length=8, max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
@@ -33,10 +42,8 @@ def _args(cls, tmp_path, **over):
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_fused_grpo_loss_equals_trl(tmp_path, loss_type, off_policy):
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=1)
-    trainer = FusedGRPOTrainer(model=model, reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
-                               args=_args(GRPOConfig, tmp_path, loss_type=loss_type, epsilon_high=0.28))
+    model = tiny_model(tiny_tokenizer(), seed=1)
+    trainer = _trainer(FusedGRPOTrainer, tmp_path, model, loss_type=loss_type, epsilon_high=0.28)
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(list(_dataset()))
     if off_policy:
@@ -84,10 +91,8 @@ def _materialised_logps(trainer):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_srpo_trainer_runs_two_steps(tmp_path, dtype):
     """bf16: a model loaded in bf16 (TRL's usual) got an fp32 EMA teacher whose first update raised a dtype error."""
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=1).to(dtype)
-    trainer = SRPOTrainer(model=model, reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
-                          args=_args(SRPOConfig, tmp_path, loss_type="bnpo"))
+    model = tiny_model(tiny_tokenizer(), seed=1).to(dtype)
+    trainer = _trainer(SRPOTrainer, tmp_path, model, loss_type="bnpo")
     before = [p.clone() for p in trainer.ema.model.parameters()]
     result = trainer.train()
     assert result.global_step == 2
@@ -114,9 +119,7 @@ def test_teacher_prompt_is_the_students_with_the_solution_in_its_user_turn(tmp_p
 
     def alternate(completions, **_):  # every group holds failed rollouts with a correct sibling
         return [float(i % 2) for i in range(len(completions))]
-    trainer = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=alternate, processing_class=tok,
-                          train_dataset=data, args=_args(SRPOConfig, tmp_path, loss_type="bnpo",
-                                                         num_generations_eval=2))
+    trainer = _trainer(SRPOTrainer, tmp_path, reward=alternate, data=data, loss_type="bnpo", num_generations_eval=2)
     if case == "evaluation":
         trainer.model.eval()
     batch = trainer._generate_and_score_completions(list(data))
@@ -134,12 +137,10 @@ def test_teacher_prompt_is_the_students_with_the_solution_in_its_user_turn(tmp_p
 def test_unscorable_rollouts_are_not_distilled(tmp_path):
     """TRL 1.16 gives a rollout that every reward function scored None advantage 0 (no learning signal).
     SRPOTrainer counted it a failure (nansum's 0) and distilled it toward a correct sibling."""
-    tok = tiny_tokenizer()
 
     def partly_unscorable(completions, **_):
         return [None, 1.0, 0.0, 1.0] * (len(completions) // 4)
-    trainer = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=partly_unscorable, processing_class=tok,
-                          train_dataset=_dataset(), args=_args(SRPOConfig, tmp_path, loss_type="bnpo"))
+    trainer = _trainer(SRPOTrainer, tmp_path, reward=partly_unscorable, loss_type="bnpo")
     batch = trainer._generate_and_score_completions(list(_dataset()))
     assert batch["srpo_route"].tolist() == [False, False, True, False] * 2
     assert batch["advantages"][::4].abs().max() == 0
@@ -150,13 +151,10 @@ def test_lora_model_through_both_trainers(tmp_path):
     hidden-state hook never fired) and SRPOTrainer could not copy it for the EMA teacher. The fused loss equals
     TRL's loss code on exact log-probs, LoRA gradients included, and the teacher follows the LoRA weights alone."""
     peft = pytest.importorskip("peft", reason="peft not installed (pip install peft)")
-    tok = tiny_tokenizer()
 
     def lora():
         return peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    fused = FusedGRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok,
-                             train_dataset=_dataset(), args=_args(GRPOConfig, tmp_path, loss_type="bnpo"),
-                             peft_config=lora())
+    fused = _trainer(FusedGRPOTrainer, tmp_path, peft_config=lora(), loss_type="bnpo")
     torch.manual_seed(0)
     batch = fused._generate_and_score_completions(list(_dataset()))
     fused.current_gradient_accumulation_steps = 1
@@ -177,9 +175,7 @@ def test_lora_model_through_both_trainers(tmp_path):
     for name, grad in plain_grads.items():
         assert (fused_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp_min(1e-12), name
 
-    srpo = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok,
-                       train_dataset=_dataset(), args=_args(SRPOConfig, tmp_path, loss_type="bnpo"),
-                       peft_config=lora())
+    srpo = _trainer(SRPOTrainer, tmp_path, peft_config=lora(), loss_type="bnpo")
     before = {n: p.clone() for n, p in srpo.ema.model.named_parameters()}
     srpo.train()
     assert any(rec.get("srpo/teacher_rows", 0) > 0 for rec in srpo.state.log_history)
@@ -208,12 +204,9 @@ def test_ema_teacher_is_refused_on_sharded_parameters():
 def test_srpo_trainer_resumes_its_ema_teacher(tmp_path):
     """Resumed from a checkpoint, the run continues the uninterrupted one exactly: TRL's checkpoint lacked the EMA
     teacher, which restarted from the initial model (policy and teacher then drifted off, ~1e-4 in 2 steps)."""
-    tok = tiny_tokenizer()
-
     def trainer():
-        return SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok,
-                           train_dataset=_dataset(), args=_args(SRPOConfig, tmp_path, loss_type="bnpo", max_steps=4,
-                                                                save_strategy="steps", save_steps=2, ema_rate=0.5))
+        return _trainer(SRPOTrainer, tmp_path, loss_type="bnpo", max_steps=4, save_strategy="steps", save_steps=2,
+                        ema_rate=0.5)
     whole = trainer()
     whole.train()
     checkpoint = tmp_path / "checkpoint-2"
@@ -231,9 +224,7 @@ def test_srpo_trainer_resumes_its_ema_teacher(tmp_path):
 def test_tool_results_stay_out_of_the_loss(tmp_path, cls):
     """TRL marks tool and environment results in a completion with tool_mask 0 and leaves them out of its loss;
     SRPOTrainer used to train on them (only padding and routing masked its loss)."""
-    tok = tiny_tokenizer()
-    trainer = cls(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
-                  args=_args(SRPOConfig if cls is SRPOTrainer else GRPOConfig, tmp_path, loss_type="bnpo"))
+    trainer = _trainer(cls, tmp_path, loss_type="bnpo")
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(list(_dataset()))
     batch["num_items_in_batch"] = batch["completion_mask"].sum()
@@ -252,9 +243,7 @@ def test_srpo_trainer_reduces_its_loss_as_trl_does_for_the_loss_type(tmp_path, m
     """SRPOTrainer took every batch's mean over its tokens (bnpo), whatever loss_type said (TRL defaults to dapo)."""
     import srpo.integrations.trl as drop_in
 
-    tok = tiny_tokenizer()
-    trainer = SRPOTrainer(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok,
-                          train_dataset=_dataset(), args=_args(SRPOConfig, tmp_path, loss_type=loss_type))
+    trainer = _trainer(SRPOTrainer, tmp_path, loss_type=loss_type)
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(list(_dataset()))
     batch["num_items_in_batch"] = 3 * batch["completion_mask"].sum()  # as if the generation batch were larger
@@ -275,10 +264,7 @@ def test_srpo_trainer_reduces_its_loss_as_trl_does_for_the_loss_type(tmp_path, m
 @pytest.mark.parametrize("option,value", [("entropy_coef", 0.01), ("delta", 2.0), ("router_aux_loss_coef", None),
                                           ("vision-language", None)])
 def test_loss_options_the_fused_loss_lacks_are_refused_by_both_trainers(tmp_path, cls, option, value):
-    tok = tiny_tokenizer()
-    config = {} if value is None else {option: value}
-    trainer = cls(model=tiny_model(tok, seed=1), reward_funcs=_reward, processing_class=tok, train_dataset=_dataset(),
-                  args=_args(SRPOConfig if cls is SRPOTrainer else GRPOConfig, tmp_path, **config))
+    trainer = _trainer(cls, tmp_path, **({} if value is None else {option: value}))
     if option == "router_aux_loss_coef":
         trainer.aux_loss_enabled = True  # what TRL sets for an MoE model (the tiny model has no router)
     torch.manual_seed(0)
