@@ -42,10 +42,11 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
         backend: "auto" | "cpu" | "torch" | "triton". chunk_size: rows per chunk (default from V).
         vocab_parallel_group: a process group over which the lm_head is sharded by vocabulary (tensor
             parallelism): ``weight``/``bias`` hold this rank's contiguous block of rows, blocks in rank order (sizes
-            may differ), ``token_ids`` are global and every rank passes the same tokens. Outputs, the loss and
-            ``dh`` are the unsharded call's on every rank; ``dW``/``db`` are this block's. Runs the tensor-op row
-            passes (``backend`` "auto" or "torch"), with a few small collectives per chunk. An argument error on
-            one rank (its own block's dtype, shape) is raised on every rank.
+            may differ), ``token_ids`` are global and every rank passes the same tokens, per-token inputs and
+            options (a difference is an error on every rank). Outputs, the loss and ``dh`` are the unsharded call's
+            on every rank; ``dW``/``db`` are this block's. Runs the tensor-op row passes (``backend`` "auto" or
+            "torch"), with a few small collectives per chunk. An argument error on one rank (its own block's dtype,
+            shape) is raised on every rank.
         The other options are the fields of :class:`SRPOLossConfig`.
     """
     cfg = SRPOLossConfig(temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
@@ -53,7 +54,7 @@ def fused_srpo_loss(hidden, weight, token_ids, advantages, route=None, teacher_h
                          ref_beta=ref_beta, reduction=reduction)
     chunk_size = positive_int("chunk_size", chunk_size)
     hidden, weight, bias, teacher_hidden = follow_autocast(hidden, weight, bias, teacher_hidden)
-    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, token_ids, backend)
+    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, token_ids, backend, (cfg, chunk_size))
     flat_hidden, x = flatten_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden,
                                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, loss_mask=loss_mask,
                                     is_weights=is_weights, bias=bias, normalizer=normalizer,
@@ -86,7 +87,8 @@ def fused_logprobs(hidden, weight, token_ids, bias=None, temperature=1.0, with_e
     chunk_size = positive_int("chunk_size", chunk_size)
     hidden, weight, bias = follow_autocast(hidden, weight, bias)
     with_entropy = flag("with_entropy", with_entropy)
-    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, token_ids, backend)
+    shard_ops = vocab_parallel_ops(vocab_parallel_group, weight, hidden, token_ids, backend,
+                                   (temperature, with_entropy, chunk_size))
     flat_h, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias,
                                                          None if shard_ops is None else shard_ops.vocab_shard,
                                                          temperature)

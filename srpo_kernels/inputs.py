@@ -146,7 +146,7 @@ def _require_finite(shard=None, **named) -> dict:
     flags, extremes = [], []
     for name in keys:
         if name not in present:  # only under a shard: no finding, extreme 0
-            device = next(t.device for t in named.values() if t is not None)
+            device = shard.device
             zero = torch.zeros((), dtype=torch.float64, device=device)
             flags.append(zero)
             extremes.append(zero)
@@ -347,6 +347,13 @@ def flatten_inputs(*args, **options) -> Tuple[torch.Tensor, FlatInputs]:
     return flat_hidden, x
 
 
+# What every rank of a vocab_parallel_group must pass alike besides token_ids: argument -> FlatInputs field.
+# hidden and teacher_hidden are not compared (a pass over N x H each): ranks of one tensor-parallel group compute
+# them alike from the same tokens, which are compared.
+_SAME_ON_EVERY_RANK = {name: name for name in ("route", "advantages", "old_logprobs", "ref_logprobs", "is_weights",
+                                               "normalizer", "weight_normalizer")} | {"loss_mask": "valid"}
+
+
 def _checked_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden, *, old_logprobs, ref_logprobs,
                     loss_mask, is_weights, bias, normalizer, weight_normalizer, cfg: SRPOLossConfig,
                     shard=None) -> Tuple[torch.Tensor, FlatInputs]:
@@ -355,12 +362,36 @@ def _checked_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden
     flat_hidden, flat_ids, shape, extremes = check_projection(hidden, weight, token_ids, bias, shard,
                                                               cfg.temperature)
     vocab = weight.shape[0] if shard is None else shard.vocab
+    refused = None
+    try:
+        tokens = _per_token_inputs(flat_hidden, shape, vocab, advantages, route, teacher_hidden, old_logprobs,
+                                   ref_logprobs, loss_mask, is_weights, normalizer, weight_normalizer, cfg)
+    except (ValueError, TypeError) as exc:
+        if shard is None:
+            raise
+        refused = exc
+    if shard is not None:
+        # Every check above is this rank's alone: agree on the verdict, and on the data, before the collectives.
+        shard.agree(refused, same={name: None if refused is not None else tokens[field]
+                                   for name, field in _SAME_ON_EVERY_RANK.items()})
+    teacher_hidden = tokens["teacher_hidden"]
+    if teacher_hidden is not None or shard is not None:  # under a shard every rank joins the scan's collective
+        extremes.update(_require_finite(shard, teacher_hidden=teacher_hidden))
+        if teacher_hidden is not None:
+            check_logit_range("teacher_hidden", teacher_hidden, weight, cfg.temperature, extremes, shard)
+    _refuse_masked_targets(bias, flat_ids, tokens["valid"], shape, shard)
+    return flat_hidden, FlatInputs(token_ids=flat_ids, **tokens, token_shape=shape, absmax=extremes)
+
+
+def _per_token_inputs(flat_hidden, shape, vocab, advantages, route, teacher_hidden, old_logprobs, ref_logprobs,
+                      loss_mask, is_weights, normalizer, weight_normalizer, cfg: SRPOLossConfig) -> dict:
+    """The checks of the per-token inputs and normalisers on their own (no collective), as FlatInputs' fields."""
     device = flat_hidden.device
     dtype = math_dtype(flat_hidden.dtype)
     if isinstance(advantages, numbers.Real) and not isinstance(advantages, bool):  # numpy scalars too
         advantages = torch.full(shape, float(advantages), device=device, dtype=dtype)
     adv = _per_token("advantages", advantages, shape, device, dtype, broadcast=True)
-    n = flat_ids.numel()
+    n = adv.numel()
     if route is None:
         route_flat = torch.zeros(n, dtype=torch.bool, device=device)
     else:
@@ -379,9 +410,6 @@ def _checked_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden
         # The teacher's rows take the student's GEMM, so its dtype (no gradient flows back: a cast loses nothing
         # the loss would use). Every backend and the reference then see the same operands.
         teacher_hidden = teacher_hidden.detach().to(flat_hidden.dtype)
-        extremes.update(_require_finite(shard, teacher_hidden=teacher_hidden))
-        check_logit_range("teacher_hidden", teacher_hidden, weight, cfg.temperature, extremes, shard)
-    _refuse_masked_targets(bias, flat_ids, valid, shape, shard)
     old = None if old_logprobs is None else _per_token("old_logprobs", old_logprobs, shape, device, dtype)
     if cfg.ref_beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when ref_beta > 0")
@@ -406,7 +434,5 @@ def _checked_inputs(hidden, weight, token_ids, advantages, route, teacher_hidden
             raise ValueError(f"weight_normalizer must be a mean of exp(-entropy_beta * H_T), in "
                              f"[V^-entropy_beta, 1] = [exp({floor:.4g}), 1] for V = {vocab} and entropy_beta = "
                              f"{cfg.entropy_beta}, got {weight_normalizer:.4g}")
-    return flat_hidden, FlatInputs(
-        token_ids=flat_ids, advantages=adv, route=route_flat, valid=valid, teacher_hidden=teacher_hidden,
-        old_logprobs=old, ref_logprobs=ref, is_weights=isw, normalizer=normalizer,
-        weight_normalizer=weight_normalizer, token_shape=shape, absmax=extremes)
+    return dict(advantages=adv, route=route_flat, valid=valid, teacher_hidden=teacher_hidden, old_logprobs=old,
+                ref_logprobs=ref, is_weights=isw, normalizer=normalizer, weight_normalizer=weight_normalizer)

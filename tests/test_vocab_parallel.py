@@ -1,6 +1,7 @@
 """Vocabulary parallel (backends/vocab_parallel.py): 2 and 3 gloo processes, each holding a contiguous block of the
 lm_head's rows, against the unsharded call in one process (fp32, to 1e-5): loss, per-token outputs, dh, and each
 rank's block of dW/db, over every option."""
+import contextlib
 import math
 import os
 import random
@@ -74,6 +75,25 @@ def _logprobs(case, rows, group=None):
     return dict(per_token=torch.stack([logp, ent]).detach(), dh=hidden.grad, dw=weight.grad)
 
 
+def _one_more_distilled(case, options):
+    i = int((~case["route"]).nonzero()[0])
+    case["route"][i] = True
+    case["teacher_hidden"] = torch.cat([case["teacher_hidden"], case["hidden"][:1]])
+
+
+# What the last rank alone changes, and the error every rank must raise: a route with one more distilled token ran
+# other collectives on that rank (a hang); the others gave each rank a loss of other data, silently.
+DISAGREEMENTS = {
+    "route": (_one_more_distilled, "every rank must pass the same route"),
+    "route_shape": (lambda case, options: case.update(route=case["route"][:5]), "refused their arguments"),
+    "loss_mask": (lambda case, options: case["loss_mask"].logical_not_(), "every rank must pass the same loss_mask"),
+    "advantages": (lambda case, options: case["advantages"].add_(1.0), "every rank must pass the same advantages"),
+    "normalizer": (lambda case, options: options.update(normalizer=5.0), "every rank must pass the same normalizer"),
+    "topk": (lambda case, options: options.update(topk=3), "every rank must pass the same options"),
+    "chunk_size": (lambda case, options: options.update(chunk_size=9), "every rank must pass the same options"),
+}
+
+
 def _block(sizes, rank):
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
@@ -128,6 +148,24 @@ def _worker(rank, world, sizes, init_file, out_dir):
                                case["token_ids"], 1.0, backend="torch", vocab_parallel_group=group)
         except (ValueError, TypeError) as e:
             results[name] = str(e)
+    for name, (edit, _) in DISAGREEMENTS.items():
+        case, options = _case("mixed", sizes), {}
+        if rank == world - 1:
+            edit(case, options)
+        try:
+            _call(case, rows, options, group, chunk_size=options.pop("chunk_size", 16))
+        except ValueError as e:
+            results[name] = str(e)
+    try:  # dh is summed over the ranks: one rank not asking for it left the others waiting for its share
+        case = _case("mixed", sizes)
+        with torch.no_grad() if rank == world - 1 else contextlib.nullcontext():
+            _call(case, rows, {}, group)
+    except (ValueError, RuntimeError) as e:
+        results["hidden_grad"] = str(e)
+    # No distilled token: teacher_hidden None on one rank, [0, H] on another, is the same (it joins no collective).
+    case = _case("grpo", sizes)
+    case["teacher_hidden"] = None if rank == world - 1 else torch.zeros(0, case["hidden"].shape[1])
+    results["no_teacher"] = _call(case, rows, {}, group)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # leave together: gloo torn down under a rank still writing can abort it
     dist.destroy_process_group()
@@ -173,6 +211,14 @@ def test_sharded_call_equals_unsharded(world, sizes):
             in got.get("dtype", "")
         assert f"block of the lm_head under vocab_parallel_group; rank(s) [{world - 1}] passed something else" \
             in got.get("not_a_matrix", "")
+        for name, (_, error) in DISAGREEMENTS.items():
+            if name == "route_shape" and own:
+                error = "route must have shape"
+            assert error in got.get(name, ""), (name, r)
+        assert f"hidden requires grad (under grad mode) on rank(s) {list(range(world - 1))}" in got["hidden_grad"]
+    want = _call(_case("grpo", sizes), full, {})
+    for r, got in enumerate(ranks):
+        _close(got["no_teacher"]["loss"], want["loss"], f"rank {r} without teacher_hidden")
 
 
 def test_bad_arguments():

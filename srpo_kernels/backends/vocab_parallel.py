@@ -18,6 +18,7 @@ sharded call rounds like the unsharded one. ``dh`` is all-reduced once per pass 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,9 +45,12 @@ class VocabShard:
     device: torch.device  # where the collectives' tensors live (hidden's device)
 
     @classmethod
-    def create(cls, group, weight: torch.Tensor, hidden: torch.Tensor, token_ids: torch.Tensor) -> "VocabShard":
+    def create(cls, group, weight: torch.Tensor, hidden: torch.Tensor, token_ids: torch.Tensor,
+               options) -> "VocabShard":
         """Gathers the block sizes (one collective) and checks that every rank passes the same tokens (shape, and a
-        checksum of the ids). A block may be empty (0 rows) while the vocabulary is not."""
+        checksum of the ids) and the same `options` (the loss options and chunk size: ranks that differ in them run
+        different chunks or collectives, and wait for each other forever). A block may be empty (0 rows) while the
+        vocabulary is not."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("vocab_parallel_group needs torch.distributed to be initialised "
@@ -61,8 +65,11 @@ class VocabShard:
         # A weight that is not a matrix is this rank's alone: sent as -1 rows, so that every rank raises (one rank
         # raising alone leaves the others waiting in this collective).
         rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1
-        mine = torch.tensor([rows, n, hidden.shape[-1], 0], dtype=torch.int64, device=hidden.device)
-        mine[3] = _checksum(token_ids, hidden.device)  # on the device: no sync of its own
+        options_hash = zlib.crc32(repr(options).encode())
+        needs_dh = torch.is_grad_enabled() and hidden.requires_grad  # dh is all-reduced: every rank or none
+        mine = torch.tensor([rows, n, hidden.shape[-1], 0, options_hash, needs_dh], dtype=torch.int64,
+                            device=hidden.device)
+        mine[3] = fingerprint(token_ids, hidden.device)  # on the device: no sync of its own
         blocks = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(blocks, mine, group=group)
         sizes = [int(b[0]) for b in blocks]
@@ -77,19 +84,38 @@ class VocabShard:
             # e.g. a data-parallel shard on each rank of the tensor-parallel group: a loss of nothing, silently
             raise ValueError("vocab_parallel_group: every rank must pass the same tokens; token_ids differ between "
                              "ranks (each rank gets its own block of the lm_head, not its own data)")
+        if len({int(b[4]) for b in blocks}) > 1:
+            raise ValueError(f"vocab_parallel_group: every rank must pass the same options (loss options, temperature,"
+                             f" chunk_size); they differ between ranks (this rank's: {options})")
+        if len({int(b[5]) for b in blocks}) > 1:
+            raise ValueError(f"vocab_parallel_group: hidden requires grad (under grad mode) on rank(s) "
+                             f"{[r for r, b in enumerate(blocks) if b[5]]} and not on the others: the ranks sum dh "
+                             f"together, so every rank or none must ask for it")
         return cls(group, rank, world, sum(sizes[:rank]), sizes[rank], sum(sizes), max(sizes), hidden.device)
 
-    def agree(self, refused: Optional[Exception]) -> None:
+    def agree(self, refused: Optional[Exception], same: Optional[dict] = None) -> None:
         """Raises on every rank if any rank refused its arguments (`refused`: this rank's error, or None): checks of
         a rank's own block (its weight's dtype, its bias's shape) pass or fail per rank, and a rank raising alone
-        left the others waiting in the next collective. One small collective."""
-        refusals = self.gather(torch.tensor(float(refused is not None), device=self.device))
+        left the others waiting in the next collective. `same`: name -> what every rank must pass alike (a tensor,
+        number or None; the same names on every rank, values ignored where `refused`), compared by `fingerprint` in
+        the same collective: a route or loss_mask that differs between ranks makes them run different collectives (a
+        hang), other per-token inputs a loss of mixed data. One small collective."""
+        names = list(same or {})
+        mine = [torch.tensor(int(refused is not None), device=self.device)]
+        mine += [fingerprint(same[k], self.device) if refused is None else mine[0] for k in names]
+        by_rank = self.gather(torch.stack([t.to(torch.int64) for t in mine]))
         if refused is not None:
             raise refused
+        refusals = by_rank[:, 0]
         if bool(refusals.any()):
             ranks = [r for r in range(self.world) if refusals[r]]
             raise ValueError(f"vocab_parallel_group: rank(s) {ranks} refused their arguments (their error says why); "
                              f"every rank raises, so that none waits for the others in a collective")
+        differ = [k for i, k in enumerate(names) if bool((by_rank[:, i + 1] != by_rank[0, i + 1]).any())]
+        if differ:
+            raise ValueError(f"vocab_parallel_group: every rank must pass the same {', '.join(differ)}, as it "
+                             f"passes the same token_ids (the ranks split the vocabulary, not the tokens); "
+                             f"{'it differs' if len(differ) == 1 else 'they differ'} between ranks")
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """``[world, *t.shape]``: every rank's `t`."""
@@ -302,23 +328,34 @@ _MINE_Z = N_TENSOR_DISTILL_STATS  # SHIFT itself unused here: the blocks take sh
 _SUPPORT = _MINE_Z + 1
 
 
-def _checksum(token_ids, device) -> torch.Tensor:
-    """A position-weighted sum of the ids (int64, wrapping): equal on ranks that pass the same tokens. 0 for what is
-    not an integer tensor on `device` (the argument checks refuse it after this collective)."""
-    if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.is_complex() \
-            or token_ids.device != device:
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(value, device) -> torch.Tensor:
+    """An int64 position-weighted sum (wrapping) of a tensor's values (integers, bools) or bits (floats: -0.0 and
+    0.0 differ, NaN equals itself), or of a number's bits; -1 for None. Equal on ranks that pass the same thing;
+    computed on `device` with no sync of its own. 0 for what is not a real tensor on `device` (the argument checks
+    refuse it)."""
+    if value is None:
+        return torch.tensor(-1, dtype=torch.int64, device=device)
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=torch.float64, device=device).view(torch.int64)
+    if value.is_complex() or value.device != device:
         return torch.zeros((), dtype=torch.int64, device=device)
-    ids = token_ids.reshape(-1).long()
-    weights = torch.arange(1, ids.numel() + 1, device=device, dtype=torch.int64) * 2654435761
-    return (ids * weights).sum()
+    flat = value.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.contiguous().view(_BITS[flat.element_size()])
+    weights = torch.arange(1, flat.numel() + 1, device=device, dtype=torch.int64) * 2654435761
+    return (flat.long() * weights).sum()
 
 
 def vocab_parallel_ops(group, weight: torch.Tensor, hidden: torch.Tensor, token_ids: torch.Tensor,
-                       backend: str) -> Optional[VocabParallelRowOps]:
-    """The row passes for `group` (None: not vocabulary-parallel)."""
+                       backend: str, options) -> Optional[VocabParallelRowOps]:
+    """The row passes for `group` (None: not vocabulary-parallel). `options`: what every rank must pass alike
+    besides the tensors (compared by its repr)."""
     if group is None:
         return None
     if backend not in ("auto", "torch"):
         raise ValueError(f"vocab_parallel_group runs the tensor-op row passes; backend must be 'auto' or 'torch', "
                          f"got {backend!r}")
-    return VocabParallelRowOps(VocabShard.create(group, weight, hidden, token_ids))
+    return VocabParallelRowOps(VocabShard.create(group, weight, hidden, token_ids, options))
