@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -324,7 +325,8 @@ def flatten_inputs(*args, **options) -> Tuple[torch.Tensor, FlatInputs]:
 
     Data parallel (a normaliser left to the ranks): the checks' verdicts travel with the token count in one
     collective, so bad input on one rank is an error on every rank, where that rank alone raising left the others
-    waiting in the collective."""
+    waiting in the collective. So do which normalisers each rank passes and a hash of the loss options: a rank
+    passing weight_normalizer (or entropy_beta = 0) skips the entropy-weight reduction the others wait in."""
     if not (world_size() > 1 and (options["normalizer"] is None or options["weight_normalizer"] is None)):
         return _checked_inputs(*args, **options)
     refused = None
@@ -335,15 +337,27 @@ def flatten_inputs(*args, **options) -> Tuple[torch.Tensor, FlatInputs]:
         refused, count = exc, 0.0
     hidden = args[0]
     device = hidden.device if isinstance(hidden, torch.Tensor) and hidden.device.type != "cpu" else None
-    count, refusals = all_reduce_sums(count, float(refused is not None), device=device)
+    # 20 bits of a hash h: sum(h)^2 == world * sum(h^2) holds exactly in float64 iff every rank's h is the same.
+    code = float(zlib.crc32(repr(options["cfg"]).encode()) % 2 ** 20)
+    given = [float(options[k] is not None) for k in ("normalizer", "weight_normalizer")]
+    count, refusals, *given, code_sum, code_sq = all_reduce_sums(count, float(refused is not None), *given, code,
+                                                                 code * code, device=device)
     if refused is not None:
         raise refused
     if refusals:
         raise ValueError(f"{int(refusals)} other data-parallel rank(s) refused their inputs to the loss (their error "
                          f"says why); every rank raises, so that none waits for the others in a collective")
+    world = world_size()
+    for name, ranks in zip(("normalizer", "weight_normalizer"), given):
+        if 0 < ranks < world:
+            raise ValueError(f"{name} is given on {int(ranks)} of {world} data-parallel ranks: pass it on every rank "
+                             f"or on none (left out, the ranks reduce it together)")
+    if code_sum * code_sum != world * code_sq:
+        raise ValueError(f"the loss options differ between data-parallel ranks (this rank's: {options['cfg']}): "
+                         f"every rank must compute the same loss")
     x.distributed = True
     if x.normalizer is None:  # D_global / world: DDP's averaging then gives the full-batch gradient
-        x.normalizer = max(count, 1.0) / world_size()
+        x.normalizer = max(count, 1.0) / world
     return flat_hidden, x
 
 
