@@ -9,7 +9,9 @@ import torch
 
 @dataclass
 class SRPOLossOutput:
-    """``loss`` is differentiable; the per-token tensors (shape of ``token_ids``) are detached diagnostics.
+    """``loss`` is differentiable; the per-token tensors (shape of ``token_ids``) are detached diagnostics: a term
+    built on them (an entropy bonus ``loss - c * out.entropy.mean()``) gets no gradient. For one, take the
+    differentiable ``fused_logprobs(..., with_entropy=True)``.
 
     ``teacher_entropy``, ``divergence`` and ``distill_weight`` are 0 on GRPO-routed tokens; ``clipped`` is False on
     SDPO-routed tokens. Diagnostics are reported for every position, masked or not, except ``distill_weight``, 0 where
