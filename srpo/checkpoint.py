@@ -35,6 +35,23 @@ def save(output_dir: pathlib.Path, payload: dict) -> pathlib.Path:
     return path
 
 
+# What every checkpoint of `srpo train` holds (later versions added optional entries).
+REQUIRED = ("model", "optimizer", "rng", "task_rng", "step", "history")
+
+
 def load(output_dir: pathlib.Path):
+    """The checkpoint's payload, or None when there is none. A file that is not one (truncated by a full disk,
+    written by another program) is an error naming it, not a traceback from deep in torch.load or a KeyError."""
     path = pathlib.Path(output_dir) / NAME
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ValueError...
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); remove it to start over") from exc
+    missing = [k for k in REQUIRED if not (isinstance(state, dict) and k in state)]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a checkpoint of srpo train (it lacks {', '.join(missing)}); "
+                         f"remove it to start over")
+    return state

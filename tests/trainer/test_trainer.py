@@ -218,6 +218,17 @@ def test_resume_refuses_changed_options_and_says_when_there_is_nothing(tmp_path,
     with pytest.raises(ValueError, match=r"--resume: .*algo 'srpo' \(now 'grpo'\), alpha 0.5 \(now 1.0\)"):
         Trainer(tiny_config(tmp_path, resume=True, **dict(opts, algo="grpo"), alpha=1.0))
     assert Trainer(tiny_config(tmp_path, resume=True, **dict(opts, steps=3), micro_batch=2)).step == 1
+    # A truncated checkpoint (a full disk, a copy cut short) or another program's file: an error naming it. They
+    # ended in a traceback from torch.load's zip reader, "invalid literal for int()", or a KeyError.
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    for content, error in ((saved[:1000], "is not a readable checkpoint"), (b"garbage\n", "is not a readable"),
+                           (None, "is not a checkpoint of srpo train \\(it lacks model, optimizer")):
+        if content is None:
+            torch.save({"weights": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+        else:
+            (tmp_path / "checkpoint.pt").write_bytes(content)
+        with pytest.raises(ValueError, match=f"--resume: .*checkpoint.pt {error}"):
+            Trainer(tiny_config(tmp_path, resume=True, **opts))
 
 
 def test_a_fresh_run_in_an_earlier_runs_directory_starts_its_metrics_anew(tmp_path, coin_dataset, capsys):
