@@ -139,10 +139,11 @@ class Parity(SeededTask):
 
 
 class JsonlDataset(SeededTask):
-    """``{"prompt": ..., "answer": ...}`` per line, sampled with replacement."""
+    """``{"prompt": ..., "answer": ...}`` per line, sampled with replacement. `held_out` examples, drawn by a fixed
+    seed, are kept out of the draws: they are the evaluation's (``held_out_examples``)."""
 
-    def __init__(self, path: str, verifier: str, seed: int = 0):
-        self.examples: List[Example] = []
+    def __init__(self, path: str, verifier: str, seed: int = 0, held_out: int = 0):
+        examples: List[Example] = []
         feedback = 0
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -155,15 +156,24 @@ class JsonlDataset(SeededTask):
                     if not isinstance(row["prompt"], str):  # str() of a message list became the prompt's text
                         raise ValueError(f'"prompt" must be the text of the user turn, got '
                                          f'{type(row["prompt"]).__name__}')
-                    self.examples.append(Example(row["prompt"], row["answer"]))
+                    examples.append(Example(row["prompt"], row["answer"]))
                     feedback += "feedback" in row
                 except (json.JSONDecodeError, ValueError) as exc:
                     raise ValueError(f"{path}:{lineno}: malformed dataset line: {exc}") from None
-        if not self.examples:
+        if not examples:
             raise ValueError(f"{path}: no examples")
+        if held_out >= len(examples):
+            raise ValueError(f"{path}: {len(examples)} example(s), and evaluation holds out {held_out} "
+                             f"(--eval-prompts): none would be left to train on; add examples or lower --eval-prompts")
         if feedback:  # SDPO's rich feedback: SRPO's teacher is shown a correct sibling's solution instead
             warnings.warn(f"{path}: {feedback} line(s) hold a \"feedback\" field, which the trainer does not use "
                           f"(the teacher is shown a correct sibling's solution, SPEC §1)")
+        # The split does not depend on the run's seed: runs with other seeds evaluate on the same examples.
+        order = list(range(len(examples)))
+        random.Random(0).shuffle(order)
+        held = set(order[:held_out])
+        self.held_out_examples = [examples[i] for i in sorted(held)]
+        self.examples = [e for i, e in enumerate(examples) if i not in held]
         self.verifier = verifier
         super().__init__(seed)
 
@@ -210,19 +220,23 @@ class ReasoningGym(SeededTask):
         return float(self.data.score_answer(answer=final_answer(response), entry=entry))
 
 
-def load_task(task: str, verifier: str, digits: int = 1, ops: str = "+-", seed: int = 0):
-    """(training task, held-out task, verifier) for ``TrainConfig.task``: ``arithmetic``, ``parity``,
-    ``reasoning-gym:NAME``, or a JSONL file scored by `verifier`. The held-out task draws from another seed."""
+def load_task(task: str, verifier: str, digits: int = 1, ops: str = "+-", seed: int = 0, eval_prompts: int = 16):
+    """(training task, `eval_prompts` held-out examples, verifier) for ``TrainConfig.task``: ``arithmetic``,
+    ``parity``, ``reasoning-gym:NAME``, or a JSONL file scored by `verifier`. A generated task's held-out examples
+    are drawn with another seed; a JSONL file's are lines kept out of training."""
     held_out = seed + 10_007
     if verifier != "numeric" and (task in ("arithmetic", "parity") or task.startswith(ReasoningGym.PREFIX)):
         raise ValueError(f"verifier {verifier!r} applies to JSONL tasks only: task {task!r} has its own")
     if task == "arithmetic":
-        return Arithmetic(digits, ops, seed=seed), Arithmetic(digits, ops, seed=held_out), numeric
+        return Arithmetic(digits, ops, seed=seed), Arithmetic(digits, ops, seed=held_out).sample(eval_prompts), \
+            numeric
     if task == "parity":
-        return Parity(seed=seed), Parity(seed=held_out), parity
+        return Parity(seed=seed), Parity(seed=held_out).sample(eval_prompts), parity
     if task.startswith(ReasoningGym.PREFIX):
         name = task[len(ReasoningGym.PREFIX):]
         train = ReasoningGym(name, seed=seed)
-        return train, ReasoningGym(name, seed=held_out), train.verify
+        return train, ReasoningGym(name, seed=held_out).sample(eval_prompts), train.verify
     verify = get_verifier(verifier)
-    return JsonlDataset(task, verifier, seed=seed), JsonlDataset(task, verifier, seed=held_out), verify
+    # Drawn from the same file, the "held-out" prompts were training prompts: the evaluation measured recall.
+    train = JsonlDataset(task, verifier, seed=seed, held_out=eval_prompts)
+    return train, train.held_out_examples, verify

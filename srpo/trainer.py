@@ -19,7 +19,7 @@ from srpo_kernels.backends import BACKENDS
 from . import checkpoint, models
 from .peak_memory import PeakMemory
 from .routing import check_algo, route_rollouts
-from .tasks import load_task
+from .tasks import JsonlDataset, load_task
 from .teacher import EMATeacher, chat_prompt_ids, check_teacher, teacher_prompt_ids
 
 LOSSES = ("fused", "reference")
@@ -199,8 +199,8 @@ class Trainer:
 
         self.model.generation_config = GenerationConfig()
         self.logits_processor = models.tokenizer_vocab_only(self.model, self.tokenizer)
-        self.task, self.eval_task, self.verify = load_task(cfg.task, cfg.verifier, cfg.digits, cfg.ops, cfg.seed)
-        self.eval_examples = self.eval_task.sample(cfg.eval_prompts)
+        self.task, self.eval_examples, self.verify = load_task(cfg.task, cfg.verifier, cfg.digits, cfg.ops, cfg.seed,
+                                                               cfg.eval_prompts)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMATeacher(self.model, cfg.ema_rate) if cfg.teacher == "ema" and cfg.algo != "grpo" else None
         self.step = 0
@@ -236,8 +236,11 @@ class Trainer:
     def _check_resumable(self, saved: dict):
         """A resumed run continues the saved one: options that change what it computes must be the same."""
         now = dataclasses.asdict(self.cfg)
-        changed = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in saved
-                   if k in now and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+        free = set(RESUMABLE_CHANGES)
+        if isinstance(self.task, JsonlDataset):
+            free.discard("eval_prompts")  # a JSONL file's held-out lines: another count moves lines into training
+        changed = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in saved if k in now and k not in free
+                   and saved[k] != now[k]]
         if changed:
             raise ValueError(f"--resume: the checkpoint in {self.out} was trained with other options: "
                              f"{', '.join(changed)}; pass the same ones, or start over in another --output-dir")

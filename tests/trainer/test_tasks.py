@@ -75,6 +75,19 @@ def test_malformed_dataset_line_names_file_and_line(tmp_path):
         JsonlDataset(str(path), "numeric")
 
 
+def test_jsonl_evaluation_holds_out_lines_that_training_never_draws(tmp_path):
+    """The held-out prompts were drawn from the same lines as training's: the evaluation measured recall."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": i}) + "\n" for i in range(20)))
+    train, held_out, _ = load_task(str(path), "numeric", seed=3, eval_prompts=5)
+    assert len({e.prompt for e in held_out}) == 5
+    assert {e.prompt for e in train.sample(2000)} == {f"q{i}" for i in range(20)} - {e.prompt for e in held_out}
+    assert load_task(str(path), "numeric", seed=4, eval_prompts=5)[1] == held_out  # the same lines for every seed
+    with pytest.raises(ValueError, match=r"data\.jsonl: 20 example\(s\), and evaluation holds out 20 "
+                                         r"\(--eval-prompts\): none would be left to train on"):
+        load_task(str(path), "numeric", eval_prompts=20)
+
+
 def test_parity_task_passes_about_half_and_replays_from_its_state():
     from srpo.tasks import Parity, parity
 
@@ -109,7 +122,7 @@ def test_reasoning_gym_task_is_seeded_and_scored_by_its_dataset():
     again, _, _ = load_task("reasoning-gym:basic_arithmetic", "numeric", seed=5)
     first = train.sample(3)
     assert [e.prompt for e in first] == [e.prompt for e in again.sample(3)]
-    assert [e.prompt for e in first] != [e.prompt for e in held_out.sample(3)]
+    assert [e.prompt for e in first] != [e.prompt for e in held_out[:3]]
     entry = first[0].answer
     assert verify(f"Let me see.\n<answer>{entry['answer']}</answer>", entry) == 1.0
     assert verify("<answer>not a number</answer>", entry) == 0.0

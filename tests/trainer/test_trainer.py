@@ -218,6 +218,8 @@ def test_resume_refuses_changed_options_and_says_when_there_is_nothing(tmp_path,
     with pytest.raises(ValueError, match=r"--resume: .*algo 'srpo' \(now 'grpo'\), alpha 0.5 \(now 1.0\)"):
         Trainer(tiny_config(tmp_path, resume=True, **dict(opts, algo="grpo"), alpha=1.0))
     assert Trainer(tiny_config(tmp_path, resume=True, **dict(opts, steps=3), micro_batch=2)).step == 1
+    with pytest.raises(ValueError, match=r"--resume: .*eval_prompts 2 \(now 3\)"):  # JSONL: lines would move
+        Trainer(tiny_config(tmp_path, resume=True, **opts, eval_prompts=3))
     # A truncated checkpoint (a full disk, a copy cut short) or another program's file: an error naming it. They
     # ended in a traceback from torch.load's zip reader, "invalid literal for int()", or a KeyError.
     saved = (tmp_path / "checkpoint.pt").read_bytes()
