@@ -203,11 +203,18 @@ class SRPOConfig(GRPOConfig):
                                     entropy_beta=self.entropy_beta, is_clip=self.is_clip, dual_clip=self.dual_clip)
 
 
+def _sharding(trainer) -> Optional[str]:
+    """"DeepSpeed ZeRO-3" or "FSDP" when the trainer's parameters are sharded (every forward then gathers them with
+    the other ranks), else None."""
+    if _zero3(trainer):
+        return "DeepSpeed ZeRO-3"
+    return "FSDP" if getattr(trainer, "is_fsdp_enabled", False) or _has_dtensor(_unwrap(trainer.model)) else None
+
+
 def _check_unsharded(trainer):
     """The EMA teacher is a whole copy of the policy, updated from its parameters: under FSDP or DeepSpeed ZeRO-3
     they are shards (a size-mismatch error at the copy, or a shard-by-whole lerp at the first update)."""
-    sharded = ("DeepSpeed ZeRO-3" if _zero3(trainer) else
-               "FSDP" if getattr(trainer, "is_fsdp_enabled", False) or _has_dtensor(_unwrap(trainer.model)) else None)
+    sharded = _sharding(trainer)
     if sharded:
         raise ValueError(f"SRPOConfig(teacher='ema') is not supported under {sharded}: the EMA teacher would copy "
                          f"parameter shards; use teacher='live' (the policy under no_grad)")
@@ -334,13 +341,18 @@ class SRPOTrainer(FusedGRPOTrainer):
         hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
         route_rows = inputs["srpo_route"]
         teacher_hidden = None
-        if bool(route_rows.any()):
+        teacher_rows = route_rows
+        if not bool(route_rows.any()) and _sharding(self):
+            # Every forward of a sharded model gathers parameters with the other ranks: a rank with no distilled
+            # row that skipped the teacher left the ranks running theirs waiting for it. It runs one row, unused.
+            teacher_rows = torch.arange(len(route_rows), device=route_rows.device) == 0
+        if bool(teacher_rows.any()):
             teacher = self.ema.model if self.ema is not None else model
-            sub = {k: inputs[k][route_rows] for k in ("completion_ids", "completion_mask")}
+            sub = {k: inputs[k][teacher_rows] for k in ("completion_ids", "completion_mask")}
             with torch.no_grad():
-                teacher_hidden = _completion_hidden(teacher, sub, inputs["teacher_prompt_ids"][route_rows],
-                                                    inputs["teacher_prompt_mask"][route_rows], through_wrapper=False)
-            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+                teacher_hidden = _completion_hidden(teacher, sub, inputs["teacher_prompt_ids"][teacher_rows],
+                                                    inputs["teacher_prompt_mask"][teacher_rows], through_wrapper=False)
+            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if bool(route_rows.any()) else None
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages[:, None]

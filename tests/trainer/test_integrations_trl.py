@@ -351,6 +351,32 @@ def test_fused_loss_under_fsdp2_reaches_the_shards(tmp_path, own_head):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def _live_teacher_worker(rank, world, init_file, tmp):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    trainer = _trainer(SRPOTrainer, f"{tmp}/rank{rank}", teacher="live")
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(list(_dataset()))
+    assert bool(batch["srpo_route"].any())  # mixed groups: distilled rows
+    if rank == 1:
+        batch["srpo_route"][:] = False  # this rank's groups all right or all wrong
+    for layer in trainer.model.model.layers:
+        fully_shard(layer)
+    fully_shard(trainer.model)
+    trainer.current_gradient_accumulation_steps = 1  # TRL's training loop sets it
+    trainer._compute_loss(trainer.model, batch).backward()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_live_teacher_under_fsdp2_runs_on_a_rank_with_no_distilled_row(tmp_path):
+    """Every forward of an FSDP2 (or ZeRO-3) model gathers parameters with the other ranks: a rank with no
+    distilled row skipped the teacher's forward, and the ranks that had some waited for it forever."""
+    spawn_within(300, _live_teacher_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+
+
 def _zero3_worker(rank, world, port, out_file):
     import os
     from types import SimpleNamespace
