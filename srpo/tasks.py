@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import random
 import re
 import warnings
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List
 
 _NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_INTEGER = re.compile(r"[-+]?\d+")
 
 
 @dataclass
@@ -19,12 +21,17 @@ class Example:
 
 
 def numeric(response: str, answer) -> float:
-    """1 if the last number in the response equals the answer (surrounding text is fine). Thousands separators are
-    dropped on both sides ("1,234"), and ".5", "2." and "1e3" read as numbers."""
+    """1 if the last number in the response equals the answer (surrounding text is fine): integers exactly, others to
+    a relative 1e-6. Thousands separators are dropped on both sides ("1,234"), and ".5", "2." and "1e3" read as
+    numbers."""
     found = _NUMBER.findall(response.replace(",", ""))
     if not found:
         return 0.0
-    return float(abs(float(found[-1]) - float(str(answer).replace(",", ""))) < 1e-6)
+    said, expected = found[-1], str(answer).replace(",", "").strip()
+    if _INTEGER.fullmatch(said) and _INTEGER.fullmatch(expected):
+        return float(int(said) == int(expected))  # exactly: floats merge integers beyond 2^53 (20! and 20! + 1)
+    # Relative: an absolute 1e-6 took 2e-9 for 1e-9, and any answer below 1e-6 for 0.
+    return float(math.isclose(float(said), float(expected), rel_tol=1e-6))
 
 
 def mcq(response: str, answer) -> float:

@@ -16,6 +16,11 @@ def test_numeric_tolerates_surrounding_text():
     assert numeric("It is .5", 0.5) == 1.0 and numeric("It is -.5", -0.5) == 1.0
     assert numeric("So 2. Done", 2) == 1.0 and numeric("About 1.5e3", 1500) == 1.0
     assert numeric("5-3=2", 2) == 1.0 and numeric("2 eggs", 2) == 1.0
+    # Compared within 1e-6 absolute, 2e-9 was 1e-9 and 20! + 1 was 20! (floats hold integers to 2^53 only).
+    assert numeric("2e-9", 1e-9) == 0.0 and numeric("1.0000000001e-9", 1e-9) == 1.0
+    assert numeric("2432902008176640001", 2432902008176640000) == 0.0
+    assert numeric("2432902008176640000", "2,432,902,008,176,640,000") == 1.0
+    assert numeric("0.3", 0.1 + 0.2) == 1.0 and numeric("4", 4.0) == 1.0 and numeric("0", 0) == 1.0
 
 
 def test_mcq_and_toolcall():
