@@ -90,6 +90,10 @@ class TrainConfig:
         for name in ("mini_batches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        rollouts = self.prompts_per_step * self.group_size
+        if self.mini_batches > rollouts:  # the parts beyond the rollouts would be empty: fewer updates than asked
+            raise ValueError(f"mini_batches must be <= the rollouts per step (prompts_per_step x group_size = "
+                             f"{rollouts}), got {self.mini_batches}")
         for name in ("warmup_steps", "micro_batch", "eval_every"):  # 0 has a meaning for each (see its comment)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

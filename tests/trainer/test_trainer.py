@@ -194,6 +194,7 @@ def test_bf16_step_runs_and_cuda_is_refused_without_a_gpu(tmp_path, coin_dataset
                                          ("max_grad_norm", 0.0), ("max_grad_norm", float("inf")),
                                          ("lr", float("inf")), ("lr", float("nan")), ("lr", -1e-3),
                                          ("weight_decay", -1.0), ("backend", "trition"),
+                                         ("mini_batches", 9),  # 8 rollouts: one part would be empty, one update less
                                          # the loss's options: refused at construction, not at the first loss call
                                          # (which waits for rows that change the gradient: maybe many steps)
                                          ("alpha", 2.0), ("topk", 0), ("temperature", float("nan")),
