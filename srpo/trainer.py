@@ -203,6 +203,12 @@ class Trainer:
 
         self.model.generation_config = GenerationConfig()
         self.logits_processor = models.tokenizer_vocab_only(self.model, self.tokenizer)
+        # The loss scores that distribution too: -inf on the lm_head rows the tokenizer lacks, which generation never
+        # samples (tiny-qwen3-vocab's 151 831 random extra rows hold nearly all the mass: scored, log p of the sampled
+        # tokens was up to 7 below the sampler's; a real padded checkpoint's rows hold little, but not nothing).
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        self.unsampled_rows = None if rows <= len(self.tokenizer) else torch.where(
+            torch.arange(rows, device=self.device) < len(self.tokenizer), 0.0, -math.inf)
         self.task, self.eval_examples, self.verify = load_task(cfg.task, cfg.verifier, cfg.digits, cfg.ops, cfg.seed,
                                                                cfg.eval_prompts)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -346,10 +352,14 @@ class Trainer:
         return [rows[s:s + size] for s in range(0, len(rows), size)]
 
     def _lm_head(self):
-        """(weight, bias) of the lm_head in the loss dtype (bf16 casts are differentiable: fp32 masters)."""
+        """(weight, bias) of the lm_head in the loss dtype (bf16 casts are differentiable: fp32 masters); the bias is
+        -inf on the rows generation never samples (unsampled_rows)."""
         head = self.model.get_output_embeddings()
         dt = self.amp_dtype or head.weight.dtype
-        return head.weight.to(dt), None if head.bias is None else head.bias.to(dt)
+        bias = None if head.bias is None else head.bias.to(dt)
+        if self.unsampled_rows is not None:
+            bias = self.unsampled_rows.to(dt) if bias is None else bias + self.unsampled_rows.to(dt)
+        return head.weight.to(dt), bias
 
     @torch.no_grad()
     def teacher_hidden(self, batch: Batch, rows: List[int]) -> Dict[int, torch.Tensor]:

@@ -392,3 +392,23 @@ def test_rollouts_ignore_the_models_own_sampling_settings(tmp_path):
         torch.manual_seed(0)
         samples.append(trainer.generate(trainer.task.sample(2), 4).responses)
     assert samples[0] == samples[1]
+
+
+def test_the_loss_scores_the_distribution_rollouts_are_sampled_from(tmp_path):
+    """tiny-qwen3-vocab's lm_head has 151 936 rows for a tokenizer of 105: generation never samples the others
+    (tokenizer_vocab_only), and the loss scored a softmax over all of them (log p up to 7.3 off the sampler's)."""
+    trainer = Trainer(tiny_config(tmp_path, model="tiny-qwen3-vocab", task="parity", max_new_tokens=4))
+    torch.manual_seed(0)
+    roll = trainer.generate(trainer.task.sample(1), 2)
+    rows = [i for i, r in enumerate(roll.responses) if r]
+    with torch.no_grad():
+        scored = trainer._fused_logprobs(trainer._response_hidden(trainer.model, [roll.prompts[i] for i in rows],
+                                                                  [roll.responses[i] for i in rows]),
+                                         trainer._lm_head(), rows, roll.responses)
+        sampled = []
+        for i in rows:
+            ids = torch.tensor([roll.prompts[i] + roll.responses[i]])
+            logits = trainer.model(ids).logits[0, len(roll.prompts[i]) - 1:-1] / trainer.cfg.temperature
+            logits[:, len(trainer.tokenizer):] = -torch.inf  # what generate's logits processor does
+            sampled.append(logits.log_softmax(-1).gather(1, torch.tensor(roll.responses[i])[:, None])[:, 0])
+    torch.testing.assert_close(scored, torch.cat(sampled), rtol=0, atol=1e-5)
