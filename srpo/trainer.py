@@ -296,10 +296,10 @@ class Trainer:
         self.model.train()
         responses, texts, per_prompts, per_examples = [], [], [], []
         for row, seq in enumerate(out[:, width:].tolist()):
+            # Only a row that ended (EOS, kept: ending is part of the answer) is padded after it; one that did not ran
+            # to max_new_tokens and every token is a sample, the pad id too (dropping it scored another sequence).
             if tok.eos_token_id in seq:
-                seq = seq[:seq.index(tok.eos_token_id) + 1]  # keep the EOS: ending is part of the answer
-            else:
-                seq = [t for t in seq if t != pad] if pad != tok.eos_token_id else seq
+                seq = seq[:seq.index(tok.eos_token_id) + 1]
             responses.append(seq)
             texts.append(tok.decode(seq, skip_special_tokens=True))
             per_prompts.append(prompts[row // n])

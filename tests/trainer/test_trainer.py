@@ -412,3 +412,21 @@ def test_the_loss_scores_the_distribution_rollouts_are_sampled_from(tmp_path):
             logits[:, len(trainer.tokenizer):] = -torch.inf  # what generate's logits processor does
             sampled.append(logits.log_softmax(-1).gather(1, torch.tensor(roll.responses[i])[:, None])[:, 0])
     torch.testing.assert_close(scored, torch.cat(sampled), rtol=0, atol=1e-5)
+
+
+def test_a_sampled_pad_token_stays_in_its_response(tmp_path):
+    """A row that ran to max_new_tokens had every pad id dropped: a pad token the model sampled mid-response (Qwen's
+    <|endoftext|> is a pad id that is not its EOS) vanished, and the loss scored a sequence never sampled."""
+    trainer = Trainer(tiny_config(tmp_path, task="parity", max_new_tokens=4))
+    tok = trainer.tokenizer
+    pad, eos, a, b = tok.pad_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    assert pad != eos
+
+    def generate(input_ids, num_return_sequences, **_):
+        rows = [[a, pad, b, a], [a, eos, pad, pad]]  # ran to the limit; ended, then padded
+        prompt = input_ids.repeat_interleave(num_return_sequences, 0)
+        return torch.cat([prompt, torch.tensor(rows * (len(prompt) // 2))], 1)
+
+    trainer.model.generate = generate
+    roll = trainer.generate(trainer.task.sample(1), 2)
+    assert roll.responses == [[a, pad, b, a], [a, eos]]
