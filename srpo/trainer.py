@@ -494,7 +494,14 @@ class Trainer:
                     loss_inputs = self._accumulate(batch, part, act, teacher, old, totals)
                 with timer("optim"):
                     clip = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
-                    totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+                    norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+                    if not math.isfinite(norm):
+                        # Stepped, NaN would fill the weights, the next checkpoint, and end the run in generate()
+                        # with "probability tensor contains inf, nan".
+                        raise FloatingPointError(
+                            f"step {self.step + 1}: the gradient norm is {norm} (the model's backward overflowed or "
+                            f"diverged); stopped before the optimiser step, so the weights and checkpoints hold no NaN")
+                    totals["grad_norm"] += norm
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None:  # SPEC §1: after each optimiser step, not once per step

@@ -430,3 +430,16 @@ def test_a_sampled_pad_token_stays_in_its_response(tmp_path):
     trainer.model.generate = generate
     roll = trainer.generate(trainer.task.sample(1), 2)
     assert roll.responses == [[a, pad, b, a], [a, eos]]
+
+
+def test_a_non_finite_gradient_stops_before_the_optimiser_step(tmp_path):
+    """Stepped, a NaN gradient filled the weights (and the checkpoint), and the next step died in generate() with
+    "probability tensor contains either inf, nan or element < 0"."""
+    trainer = Trainer(tiny_config(tmp_path, task="parity", max_grad_norm=None))
+    layer = trainer.model.model.layers[0].mlp.down_proj.weight
+    layer.register_hook(lambda grad: grad * torch.nan)
+    before = layer.detach().clone()
+    with pytest.raises(FloatingPointError, match=r"step \d: the gradient norm is nan .* stopped before the optimiser"):
+        for _ in range(4):  # until a step has rows that change the gradient
+            trainer.train_step()
+    assert torch.equal(layer.detach(), before)
