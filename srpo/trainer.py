@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 
 import srpo_kernels
-from srpo_kernels.backends import BACKENDS
+from srpo_kernels.backends import BACKENDS, get_row_ops
 from . import checkpoint, models
 from .peak_memory import PeakMemory
 from .routing import check_algo, route_rollouts
@@ -209,6 +209,12 @@ class Trainer:
         rows = self.model.get_output_embeddings().weight.shape[0]
         self.unsampled_rows = None if rows <= len(self.tokenizer) else torch.where(
             torch.arange(rows, device=self.device) < len(self.tokenizer), 0.0, -math.inf)
+        # An unavailable --backend (triton without CUDA, cpu without a compiler) is an error now, not at the first
+        # loss call, which waits for rows that change the gradient (steps of generation, maybe many).
+        try:
+            get_row_ops(cfg.backend, self.device, self.amp_dtype or torch.float32, rows)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from exc
         self.task, self.eval_examples, self.verify = load_task(cfg.task, cfg.verifier, cfg.digits, cfg.ops, cfg.seed,
                                                                cfg.eval_prompts)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -443,3 +443,10 @@ def test_a_non_finite_gradient_stops_before_the_optimiser_step(tmp_path):
         for _ in range(4):  # until a step has rows that change the gradient
             trainer.train_step()
     assert torch.equal(layer.detach(), before)
+
+
+def test_an_unavailable_backend_is_refused_at_construction(tmp_path, monkeypatch):
+    """It was refused at the first loss call, which waits for rows that change the gradient: steps of generation."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a machine without CUDA (the suite sets it for its tests)
+    with pytest.raises(ValueError, match="backend='triton' is unavailable: it needs CUDA tensors"):
+        Trainer(tiny_config(tmp_path, task="parity", backend="triton", device="cpu"))
