@@ -102,7 +102,9 @@ def _per_token(name: str, value, shape: torch.Size, device, dtype, *, broadcast=
         # fp64 values past fp32's range are finite as given, inf in the loss's fp32: say which.
         beyond = f" in {dtype} (the loss's dtype; fp64 values past +-3.4e38 round to inf)" \
             if torch.isfinite(given).all() else ""
-        raise ValueError(f"{name} must be finite everywhere{beyond}")
+        # Masked positions too: garbage there (a -inf or NaN log-prob of padding) is still multiplied by 0.
+        raise ValueError(f"{name} must be finite everywhere{beyond}, masked positions too (fill padding, e.g. "
+                         f"{name}.masked_fill(~loss_mask, 0))")
     return t
 
 

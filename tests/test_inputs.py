@@ -44,6 +44,9 @@ BAD = {
     "mask_shape": (dict(loss_mask=torch.ones(3, dtype=torch.bool)), ValueError, "loss_mask"),
     "old_shape": (dict(old_logprobs=torch.zeros(3)), ValueError, "old_logprobs"),
     "old_inf": (dict(old_logprobs=torch.full((12,), -math.inf)), ValueError, "old_logprobs"),
+    # -inf or NaN log-probs of padding are the common cause: the error says to fill them.
+    "old_inf_says_fill_padding": (dict(old_logprobs=torch.full((12,), -math.inf)), ValueError,
+                                  r"masked positions too \(fill padding, e.g. old_logprobs.masked_fill"),
     # Finite as given in fp64, inf in the loss's fp32: the error says which.
     "old_fp64_beyond_fp32": (dict(old_logprobs=torch.full((12,), -1e300, dtype=torch.float64)), ValueError,
                              "old_logprobs must be finite everywhere in torch.float32"),
