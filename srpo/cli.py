@@ -114,8 +114,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, FloatingPointError) as exc:  # bad options, a missing file, an --output-dir that
-        # is a file, a non-finite gradient
+    # Bad options, a missing file, an --output-dir that is a file, a non-finite gradient: one line, no traceback.
+    except (ValueError, OSError, FloatingPointError) as exc:
         sys.exit(f"srpo: error: {exc}")
 
 
