@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import pathlib
 import string
@@ -59,21 +60,28 @@ def _attention(device: torch.device) -> str:
     return "sdpa"
 
 
-def tokenizer_vocab_only(model, tokenizer):
-    """Generation logits processors that never sample an lm_head row the tokenizer lacks (padded vocabularies),
-    or None when the lm_head has no such rows."""
+def unsampled_rows(model, tokenizer, device) -> Optional[torch.Tensor]:
+    """A ``[V]`` bias: 0 on the tokenizer's rows of the lm_head, -inf on the rows beyond it (a padded vocabulary such
+    as Qwen3's), or None when there are none. Generation adds it to the logits (`adding_bias`) and the loss takes it
+    as the lm_head's bias, so both see one distribution."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows <= len(tokenizer):
+        return None
+    return torch.where(torch.arange(rows, device=device) < len(tokenizer), 0.0, -math.inf)
+
+
+def adding_bias(bias: Optional[torch.Tensor]):
+    """Generation logits processors that add `bias` to the logits (None: none needed)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    n = len(tokenizer)
-    if model.get_output_embeddings().weight.shape[0] <= n:
+    if bias is None:
         return None
 
-    class _TokenizerRowsOnly(LogitsProcessor):
+    class _AddBias(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            scores[:, n:] = -float("inf")
-            return scores
+            return scores.add_(bias.to(scores.dtype))
 
-    return LogitsProcessorList([_TokenizerRowsOnly()])
+    return LogitsProcessorList([_AddBias()])
 
 
 def smollm2_dir() -> pathlib.Path:

@@ -202,17 +202,16 @@ class Trainer:
         from transformers import GenerationConfig
 
         self.model.generation_config = GenerationConfig()
-        self.logits_processor = models.tokenizer_vocab_only(self.model, self.tokenizer)
-        # The loss scores that distribution too: -inf on the lm_head rows the tokenizer lacks, which generation never
-        # samples (tiny-qwen3-vocab's 151 831 random extra rows hold nearly all the mass: scored, log p of the sampled
-        # tokens was up to 7 below the sampler's; a real padded checkpoint's rows hold little, but not nothing).
-        rows = self.model.get_output_embeddings().weight.shape[0]
-        self.unsampled_rows = None if rows <= len(self.tokenizer) else torch.where(
-            torch.arange(rows, device=self.device) < len(self.tokenizer), 0.0, -math.inf)
+        # Generation never samples the lm_head rows the tokenizer lacks, and the loss scores that distribution too,
+        # with the same -inf bias (scored over every row, tiny-qwen3-vocab's 151 831 random extra rows held nearly all
+        # the mass: log p of the sampled tokens was up to 7 below the sampler's).
+        self.unsampled_rows = models.unsampled_rows(self.model, self.tokenizer, self.device)
+        self.logits_processor = models.adding_bias(self.unsampled_rows)
         # An unavailable --backend (triton without CUDA, cpu without a compiler) is an error now, not at the first
         # loss call, which waits for rows that change the gradient (steps of generation, maybe many).
         try:
-            get_row_ops(cfg.backend, self.device, self.amp_dtype or torch.float32, rows)
+            get_row_ops(cfg.backend, self.device, self.amp_dtype or torch.float32,
+                        self.model.get_output_embeddings().weight.shape[0])
         except RuntimeError as exc:
             raise ValueError(str(exc)) from exc
         self.task, self.eval_examples, self.verify = load_task(cfg.task, cfg.verifier, cfg.digits, cfg.ops, cfg.seed,

@@ -396,7 +396,7 @@ def test_rollouts_ignore_the_models_own_sampling_settings(tmp_path):
 
 def test_the_loss_scores_the_distribution_rollouts_are_sampled_from(tmp_path):
     """tiny-qwen3-vocab's lm_head has 151 936 rows for a tokenizer of 105: generation never samples the others
-    (tokenizer_vocab_only), and the loss scored a softmax over all of them (log p up to 7.3 off the sampler's)."""
+    (models.adding_bias), and the loss scored a softmax over all of them (log p up to 7.3 off the sampler's)."""
     trainer = Trainer(tiny_config(tmp_path, model="tiny-qwen3-vocab", task="parity", max_new_tokens=4))
     torch.manual_seed(0)
     roll = trainer.generate(trainer.task.sample(1), 2)
