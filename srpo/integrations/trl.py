@@ -341,18 +341,17 @@ class SRPOTrainer(FusedGRPOTrainer):
         hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
         route_rows = inputs["srpo_route"]
         teacher_hidden = None
-        teacher_rows = route_rows
-        if not bool(route_rows.any()) and _sharding(self):
-            # Every forward of a sharded model gathers parameters with the other ranks: a rank with no distilled
-            # row that skipped the teacher left the ranks running theirs waiting for it. It runs one row, unused.
-            teacher_rows = torch.arange(len(route_rows), device=route_rows.device) == 0
-        if bool(teacher_rows.any()):
+        distilled = bool(route_rows.any())
+        # Every forward of a sharded model gathers parameters with the other ranks: a rank with no distilled row that
+        # skipped the teacher left the ranks running theirs waiting for it. It runs one row, unused.
+        if distilled or _sharding(self):
+            teacher_rows = route_rows if distilled else torch.arange(len(route_rows), device=route_rows.device) == 0
             teacher = self.ema.model if self.ema is not None else model
             sub = {k: inputs[k][teacher_rows] for k in ("completion_ids", "completion_mask")}
             with torch.no_grad():
                 teacher_hidden = _completion_hidden(teacher, sub, inputs["teacher_prompt_ids"][teacher_rows],
                                                     inputs["teacher_prompt_mask"][teacher_rows], through_wrapper=False)
-            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if bool(route_rows.any()) else None
+            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if distilled else None
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages[:, None]
