@@ -116,6 +116,23 @@ ALWAYS_INLINE void jsd_terms(float delta, float p, float q, float log_beta, floa
   e = pos ? c1 - soft : delta + (c0 - soft);
 }
 
+// y - x as s + e exactly: s = fl(y - x) and e its rounding error (Knuth's TwoSum, which needs no FMA and no
+// reassociation: none of the flags allows either). 0 for e where s is not finite (-inf logits), whose error is NaN.
+ALWAYS_INLINE void exact_diff(float y, float x, float& s, float& e) {
+  s = y - x;
+  const float yv = s + x, xv = s - yv, err = (y - yv) - (x + xv);
+  e = err == err ? err : 0.f;
+}
+
+// log q - log p of a full-vocabulary entry, (y - x) + (lse_z - lse_u), rounded once: y - x kept exactly (exact_diff)
+// and the row's gap as the pair gap_hi + gap_lo. The plain (y - x) + gap rounds at |y - x| and |gap|, exact where
+// the rows nearly agree but not where one side's logits are far larger than the other's (a teacher 100x as sharp:
+// dh 2e-4 from fp64 against the naive 6e-7); log-probs' own difference lq - lp is the reverse.
+ALWAYS_INLINE float log_ratio(float y, float x, float gap_hi, float gap_lo, float& dif, float& err) {
+  exact_diff(y, x, dif, err);
+  return (dif + gap_hi) + (err + gap_lo);
+}
+
 // dL/dz sums to zero over a row (shift invariance). Where a few tokens hold most of the probability their entries are
 // differences of nearly equal terms (e.g. p (log p - log m - KL)) that lose their digits in fp32; the other, light
 // entries carry no such cancellation. So each heavy entry j (p_j >= 1/16) is moved by p_j / (heavy mass) of the row's
@@ -493,36 +510,40 @@ void distill_row_stats(float* __restrict x, float* __restrict y, int64_t V, int6
                 inv_u = 1.f / sum_u;
     const float mz = x[top], mu = max_u;
     // Entries with zero probability contribute 0 (their logs may be -inf, e.g. a -inf bias masking the vocab).
-    // log q - log p as (y - x) + lse_gap, lse_gap = lse_z - lse_u: exact where the rows nearly agree, where the
-    // difference of two log-probs would round each at its own size.
-    const float lse_gap = (mz - mu) + (lsz - lsu);
+    // log q - log p from log_ratio, the gap lse_z - lse_u as a pair from double (mz - mu exact there, the log-sums
+    // unrounded: an fp32 log s rounds at its own size, which every delta of near-agreeing rows would carry).
+    const double gap = (static_cast<double>(mz) - mu) + (nz.log_s_wide - nu.log_s_wide);
+    const float gap_hi = static_cast<float>(gap), gap_lo = static_cast<float>(gap - gap_hi);
+    float dif, err;  // y - x as dif + err (exact_diff), per entry
     if (div.mode == 0) {  // KL(q||p) = sum q phi(log q - log p)
-#pragma omp simd reduction(+ : d1)
+#pragma omp simd reduction(+ : d1) private(dif, err)
       for (int64_t j = 0; j < V; ++j) {
         float q = eu[j] * inv_u;
-        d1 += phi_term(q, (y[j] - x[j]) + lse_gap, ez[j] * inv_z);
+        d1 += phi_term(q, log_ratio(y[j], x[j], gap_hi, gap_lo, dif, err), ez[j] * inv_z);
         y[j] = q;
       }
     } else if (div.mode == 1) {
-      // KL = sum p phi(g); the gradient takes t = (x - y) - shift and sum p t, shift the row argmax's x - y (see
-      // support.full_vocab_shift: it keeps the digits of twins tied at the top).
+      // KL = sum p phi(g), g = -log_ratio; the gradient takes t = (x - y) - shift, x - y exact as -(dif + err),
+      // and sum p t, shift the row argmax's x - y (see support.full_vocab_shift: it keeps the digits of twins tied
+      // at the top).
       const float shift = x[top] - y[top];
-#pragma omp simd reduction(+ : d1, d3)
+#pragma omp simd reduction(+ : d1, d3) private(dif, err)
       for (int64_t j = 0; j < V; ++j) {
-        float p = ez[j] * inv_z, diff = p > 0.f ? x[j] - y[j] : 0.f, t = p > 0.f ? diff - shift : 0.f;
-        d1 += phi_term(p, diff - lse_gap, eu[j] * inv_u);
+        const float p = ez[j] * inv_z, g = -log_ratio(y[j], x[j], gap_hi, gap_lo, dif, err);
+        const float t = p > 0.f ? (-dif - shift) - err : 0.f;
+        d1 += phi_term(p, p > 0.f ? g : 0.f, eu[j] * inv_u);
         d3 += p * t;
         y[j] = t;
       }
     } else {
       const float one_minus_a = div.om;
       float shift, unused;  // the gradient's d at the row's argmax (support.full_vocab_shift)
-      jsd_terms((y[top] - x[top]) + lse_gap, ez[top] * inv_z, eu[top] * inv_u, lb, one_minus_a, a, c0, c1, shift,
-                unused);
-#pragma omp simd reduction(+ : d1, d2, d3)
+      jsd_terms(log_ratio(y[top], x[top], gap_hi, gap_lo, dif, err), ez[top] * inv_z, eu[top] * inv_u, lb,
+                one_minus_a, a, c0, c1, shift, unused);
+#pragma omp simd reduction(+ : d1, d2, d3) private(dif, err)
       for (int64_t j = 0; j < V; ++j) {
         float p = ez[j] * inv_z, q = eu[j] * inv_u, dj, ej;
-        jsd_terms((y[j] - x[j]) + lse_gap, p, q, lb, one_minus_a, a, c0, c1, dj, ej);
+        jsd_terms(log_ratio(y[j], x[j], gap_hi, gap_lo, dif, err), p, q, lb, one_minus_a, a, c0, c1, dj, ej);
         const float m = one_minus_a * p + a * q;  // KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
         d1 += phi_term(p, dj, m);
         d2 += phi_term(q, ej, m);

@@ -39,6 +39,19 @@ def make_case(seed=0, n=37, h=16, v=203, sd_frac=0.5, mask_frac=0.2, bias=True, 
     return case
 
 
+# (side scaled 300x, alpha) of far_apart_case: each over 1.5x the 5x-naive bound before support.log_ratio, on the cpu
+# or torch backend at least
+FAR_APART = [("teacher", 0.0), ("teacher", 0.5), ("student", 0.5), ("student", 1.0)]
+
+
+def far_apart_case(side):
+    """Every row SDPO, one side's hidden states 300x the other's: its logits in the hundreds, the other's ~5."""
+    case = make_case(seed=4, n=12, h=8, v=67, sd_frac=1.0, mask_frac=0.0, bias=False, old=False, isw=False)
+    key = "teacher_hidden" if side == "teacher" else "hidden"
+    case[key] = case[key] * 300.0
+    return case
+
+
 def run(fn, case, dtype=torch.float64, upstream_seed=123, upstream=None, **options):
     """Call `fn` (fused_srpo_loss or reference.srpo_loss) on `case` cast to `dtype`; returns a dict with the loss,
     per-token outputs, metrics and the gradients of hidden, weight, bias (fp64 for comparison). The loss takes

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import srpo_kernels as sk
-from cases import (assert_agree, assert_fp32_no_worse_than_naive, fused, low_precision_errors, make_case, max_rel_err,
-                   naive_fp32, ref_loss, run)
+from cases import (FAR_APART, assert_agree, assert_fp32_no_worse_than_naive, far_apart_case, fused, low_precision_errors,
+                   make_case, max_rel_err, naive_fp32, ref_loss, run)
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'srpo-kernels[triton]')")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,6 +105,13 @@ def test_triton_teacher_and_student_nearly_agree(alpha, eps):
     case["teacher_hidden"] = case["hidden"] + eps * torch.randn(case["hidden"].shape, generator=g,
                                                                 dtype=torch.float64)
     assert_fp32_no_worse_than_naive(fused("triton", chunk_size=7), case, to_device=_on_device, alpha=alpha)
+
+
+@pytest.mark.parametrize("side,alpha", FAR_APART)
+def test_triton_one_side_far_sharper_than_the_other(side, alpha):
+    """tests/test_edges.py's rows where one side's logits are in the hundreds and the other's a few units."""
+    assert_fp32_no_worse_than_naive(fused("triton", chunk_size=5), far_apart_case(side), to_device=_on_device,
+                                    alpha=alpha, entropy_beta=0.0)
 
 
 def test_triton_top_k_tail_holding_most_of_the_mass():

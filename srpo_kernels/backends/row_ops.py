@@ -55,16 +55,18 @@ class VocabPasses(Protocol):
         from the pass's own sums (support.log_s_entropy): callers round them where they store them, except the
         teacher entropy (set_teacher_entropy)."""
 
-    def full_divergence(self, z, u, norm_z, norm_u, alpha: float,
+    def full_divergence(self, z, u, norm_z, norm_u, gap, alpha: float,
                         shift: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per row: D_alpha(softmax z, softmax u) over the full vocabulary, and the sum its gradient needs, taken
-        relative to `shift` (support.full_vocab_shift; any per-row constant gives the same gradient)."""
+        relative to `shift` (support.full_vocab_shift; any per-row constant gives the same gradient). log q - log p
+        as support.log_ratio takes it from `gap`, the pair (hi, lo) of lse_z - lse_u (support.lse_gap_pair)."""
 
     def fill_student_grad(self, z, norm, entropy, c_logp, c_ent) -> None:
         """z <- -c_logp p - c_ent p (log p + H), in place."""
 
-    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha: float, shift) -> None:
-        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place."""
+    def fill_distill_grad(self, z, u, norm_z, norm_u, gap, aux, c_logp, c_div, alpha: float, shift) -> None:
+        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place (`gap`, `shift` as full_divergence took
+        them)."""
 
     def fill_tail_grad(self, z, norm_z, g_tail, norm_tail, c_logp) -> None:
         """z <- g_tail exp((z - m_t) - log s_t) - c_logp exp((z - m) - log s), (m, log s) = norm_z, (m_t, log s_t)

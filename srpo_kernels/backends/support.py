@@ -120,18 +120,54 @@ def lse_gap(norm_z, norm_u):
     return (norm_z[0] - norm_u[0]) + (norm_z[1] - norm_u[1])
 
 
-def full_vocab_shift(z, u, norm_z, norm_u, alpha):
+def lse_gap_pair(norm_z, norm_u, dtype):
+    """lse_gap as an unevaluated pair (hi, lo) in `dtype`, hi + lo from fp64 (the maxima's difference is exact
+    there, and log s are given in fp64): log_ratio's gap."""
+    wide = (norm_z[0].double() - norm_u[0].double()) + (norm_z[1].double() - norm_u[1].double())
+    hi = wide.to(dtype)
+    return hi, (wide - hi.double()).to(dtype)
+
+
+def exact_difference(a, b):
+    """a - b as (s, e) with s + e == a - b exactly: s = fl(a - b) and e its rounding error (Knuth's TwoSum); e = 0
+    where s is not finite (-inf logits), whose error would be NaN."""
+    s = a - b
+    av = s + b
+    bv = s - av
+    e = torch.sub(a, av, out=av).sub_(bv.add_(b))
+    return s, e.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def log_ratio(u, z, gap):
+    """log q - log p = (u - z) + lse_gap per entry of full rows, rounded about once: u - z kept exactly
+    (exact_difference) and the gap as the pair (hi, lo) of lse_gap_pair, each ``[C]``. The plain (u - z) + gap
+    rounds at |u - z| and |gap|, which is exact where the rows nearly agree (there the difference of two log-probs
+    would keep only the digits of a small delta) but not where one side's logits are far larger than the other's
+    (a teacher 100x as sharp: dh 2e-4 from fp64, the naive 6e-7)."""
+    s, e = exact_difference(u, z)
+    return s.add_(gap[0][:, None]).add_(e.add_(gap[1][:, None]))
+
+
+def relative_difference(z, u, shift):
+    """(z - u) - shift per entry, ``shift`` ``[C]``, with z - u exact (exact_difference): rounds once, at the size of
+    the result, where it is small beside z - u (the reverse KL's t near the row's argmax)."""
+    s, e = exact_difference(z, u)
+    return s.sub_(shift[:, None]).add_(e)
+
+
+def full_vocab_shift(z, u, gap, alpha):
     """Per row, the full-vocabulary gradient's per-entry term (z - u for reverse KL, d of jsd_terms for the JSD) at
     the student's argmax, which the passes subtract from every entry: p (t - sum p t) then keeps its digits where
     tied entries share the top (twin vocabulary rows) at a large divergence, where t - sum p t of the unshifted
-    terms is a difference of nearly equal large numbers. Zeros for forward KL (no such term)."""
+    terms is a difference of nearly equal large numbers. Zeros for forward KL (no such term). `gap` as in
+    log_ratio."""
     if alpha == 0.0:
-        return torch.zeros_like(norm_z[0])
+        return torch.zeros_like(gap[0])
     top = z.argmax(1, keepdim=True)
-    zt, ut = z.gather(1, top).squeeze(1), u.gather(1, top).squeeze(1)
+    zt, ut = z.gather(1, top), u.gather(1, top)
     if alpha == 1.0:
-        return zt - ut
-    return jsd_terms((ut - zt) + lse_gap(norm_z, norm_u), alpha)[0]
+        return (zt - ut).squeeze(1)
+    return jsd_terms(log_ratio(ut, zt, gap), alpha)[0].squeeze(1)
 
 
 def divergence_and_aux(lp, lq, delta, alpha):
@@ -179,12 +215,13 @@ def divergence_grad(lp, lq, delta, aux, alpha):
 # Private columns of the tensor-op backends' stats: the row max and log-sum of shifted exps (lse = m + log s) after
 # the student stats; in the distill stats, both sides', the student's tail log-prob before its floor at LOG_TINY
 # (the tail gradient spreads by p_j / p_tail), the full vocabulary's shift (full_vocab_shift), which the
-# gradient pass must take as the stats pass did, and the top-K support's lse_gap from fp64 log-sums (an fp32 log s
-# rounds at its own size, 2.4e-7 at log s ~ 4, which every delta of a near-agreeing support would carry), then
-# the student's tail's own (max, log s): its members' p_j / p_tail is a softmax over the tail, which (z - m) would
-# round at |z - m| (2e-5 relative for a tail 200 below the max holding the teacher's mass).
+# gradient pass must take as the stats pass did, and the lse_gap from fp64 log-sums (an fp32 log s rounds at its own
+# size, 2.4e-7 at log s ~ 4, which every delta of near-agreeing rows would carry): the top-K support's, or the full
+# vocabulary's as the pair GAP + GAP_LO (lse_gap_pair), then the student's tail's own (max, log s): its members'
+# p_j / p_tail is a softmax over the tail, which (z - m) would round at |z - m| (2e-5 relative for a tail 200 below
+# the max holding the teacher's mass).
 STUDENT_M = S.N_STUDENT_STATS
-M_Z, LS_Z, M_U, LS_U, TAIL_Z, SHIFT, GAP, TAIL_M, TAIL_LS = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 9)
+M_Z, LS_Z, M_U, LS_U, TAIL_Z, SHIFT, GAP, GAP_LO, TAIL_M, TAIL_LS = range(S.N_DISTILL_STATS, S.N_DISTILL_STATS + 10)
 N_TENSOR_DISTILL_STATS = TAIL_LS + 1
 
 

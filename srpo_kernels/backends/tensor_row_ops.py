@@ -10,9 +10,9 @@ import torch
 
 from . import row_ops as S
 from .row_ops import VocabPasses
-from .support import (LS_U, LS_Z, M_U, M_Z, N_TENSOR_DISTILL_STATS, SHIFT, STUDENT_M, TAIL_M, bucket_logprobs,
-                      divergence_grad, effective_topk, fill_support_stats, full_vocab_shift, heavy_entries, norm_of,
-                      rebalance_, shifted_logp, topk_ids)
+from .support import (GAP, GAP_LO, LS_U, LS_Z, M_U, M_Z, N_TENSOR_DISTILL_STATS, SHIFT, STUDENT_M, TAIL_M,
+                      bucket_logprobs, divergence_grad, effective_topk, fill_support_stats, full_vocab_shift,
+                      heavy_entries, lse_gap_pair, norm_of, rebalance_, shifted_logp, topk_ids)
 
 
 class TensorRowOps:
@@ -60,10 +60,11 @@ class TensorRowOps:
         topk = effective_topk(topk, z.shape[1])
         if topk is None:
             S.set_teacher_entropy(stats, ent_u)
-            norms = norm_of(stats, M_Z), norm_of(stats, M_U)
-            stats[:, SHIFT] = full_vocab_shift(z, u, *norms, alpha)
-            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.passes.full_divergence(z, u, *norms, alpha,
-                                                                                      stats[:, SHIFT])
+            stats[:, GAP], stats[:, GAP_LO] = lse_gap_pair(norm_z, (m_u, ls_u), stats.dtype)
+            gap = norm_of(stats, GAP)
+            stats[:, SHIFT] = full_vocab_shift(z, u, gap, alpha)
+            stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.passes.full_divergence(
+                z, u, norm_of(stats, M_Z), norm_of(stats, M_U), gap, alpha, stats[:, SHIFT])
             return stats, None
         ids = topk_ids(z, topk)
         zk, uk = z.gather(1, ids), u.gather(1, ids)
@@ -75,8 +76,8 @@ class TensorRowOps:
         lse_z = stats[:, S.LSE]
         heavy = heavy_entries(z, lse_z)
         if topk_ids is None:
-            self.passes.fill_distill_grad(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), stats[:, S.AUX_KL],
-                                          c_logp, c_div, alpha, stats[:, SHIFT])
+            self.passes.fill_distill_grad(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), norm_of(stats, GAP),
+                                          stats[:, S.AUX_KL], c_logp, c_div, alpha, stats[:, SHIFT])
         else:
             zk, uk = z.gather(1, topk_ids), u.gather(1, topk_ids)
             lp, lq, delta = bucket_logprobs(zk, uk, stats, topk_tail)

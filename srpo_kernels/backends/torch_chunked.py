@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .support import (jsd_terms, jsd_value_and_aux, log_s_entropy, lse_gap, phi_terms,
+from .support import (jsd_terms, jsd_value_and_aux, log_ratio, log_s_entropy, phi_terms, relative_difference,
                       reverse_kl, shifted_logp, xlogy_diff)
 from .tensor_row_ops import TensorRowOps
 
@@ -29,18 +29,18 @@ class TorchPasses:
         # s = 1 + r and log s = log1p(r): on a sharp row fp32 cannot hold 1 + r, so log(s) and H would lose r.
         return (m.squeeze(-1),) + log_s_entropy(r, t)
 
-    def full_divergence(self, z, u, norm_z, norm_u, alpha, shift):
+    def full_divergence(self, z, u, norm_z, norm_u, gap, alpha, shift):
         """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side.
-        log q - log p is taken as (u - z) + support.lse_gap; aux is a sum over the row, which vocabulary blocks add up
-        (see row_ops.VocabPasses for `shift`)."""
+        log q - log p is taken as support.log_ratio (`gap` its pair); aux is a sum over the row, which vocabulary
+        blocks add up (see row_ops.VocabPasses for `shift`)."""
+        delta = log_ratio(u, z, gap)
         lp, lq = shifted_logp(z, norm_z), shifted_logp(u, norm_u)
         if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
-            d = phi_terms(lq.exp(), (u - z) + lse_gap(norm_z, norm_u)[:, None], lp.exp()).sum(-1)
+            d = phi_terms(lq.exp(), delta, lp.exp()).sum(-1)
             return d, torch.zeros_like(d)
         if alpha == 1.0:
-            diff = z - u
-            return reverse_kl(lp, lq.exp(), diff - lse_gap(norm_z, norm_u)[:, None], diff - shift[:, None])
-        return jsd_value_and_aux(lp, lq, (u - z) + lse_gap(norm_z, norm_u)[:, None], alpha, shift)
+            return reverse_kl(lp, lq.exp(), delta.neg_(), relative_difference(z, u, shift))
+        return jsd_value_and_aux(lp, lq, delta, alpha, shift)
 
     def fill_student_grad(self, z, norm, entropy, c_logp, c_ent):
         """z <- -c_logp p - c_ent p (log p + H), in place; ``norm`` = (row max, log s)."""
@@ -51,15 +51,15 @@ class TorchPasses:
             grad -= c_ent[:, None] * xlogy_diff(p, log_p, -entropy[:, None])
         z.copy_(grad)
 
-    def fill_distill_grad(self, z, u, norm_z, norm_u, aux, c_logp, c_div, alpha, shift):
-        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place (``norm_*`` as in full_divergence)."""
+    def fill_distill_grad(self, z, u, norm_z, norm_u, gap, aux, c_logp, c_div, alpha, shift):
+        """z <- c_div dD/dz - c_logp p over the full vocabulary, in place (``norm_*``, `gap` as in full_divergence)."""
         log_p = shifted_logp(z, norm_z)
         if alpha == 1.0:  # p (t - aux) with t = z - u - shift, as full_divergence took it
-            grad = c_div[:, None] * xlogy_diff(log_p.exp(), (z - u) - shift[:, None], aux[:, None])
+            grad = c_div[:, None] * xlogy_diff(log_p.exp(), relative_difference(z, u, shift), aux[:, None])
         elif alpha == 0.0:
             grad = c_div[:, None] * (log_p.exp() - shifted_logp(u, norm_u).exp())  # p - q, as the kernels take it
         else:  # (1-a) p (d - aux), d from delta as full_divergence took it
-            d, _ = jsd_terms((u - z) + lse_gap(norm_z, norm_u)[:, None], alpha)
+            d, _ = jsd_terms(log_ratio(u, z, gap), alpha)
             grad = c_div[:, None] * (1 - alpha) * xlogy_diff(log_p.exp(), d - shift[:, None], aux[:, None])
         grad -= c_logp[:, None] * log_p.exp()
         z.copy_(grad)

@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 
 from . import row_ops as S
-from .support import (LS_U, LS_Z, M_U, M_Z, N_TENSOR_DISTILL_STATS, SHARP_LOG_PROB, STUDENT_M, TAIL_Z,
-                      bucket_logprobs, divergence_grad, effective_topk, fill_support_stats, log_s_entropy, norm_of,
-                      shifted_logp, topk_ids)
+from .support import (GAP, GAP_LO, LS_U, LS_Z, M_U, M_Z, N_TENSOR_DISTILL_STATS, SHARP_LOG_PROB, STUDENT_M,
+                      TAIL_Z, bucket_logprobs, divergence_grad, effective_topk, fill_support_stats, log_s_entropy,
+                      lse_gap_pair, norm_of, shifted_logp, topk_ids)
 from .torch_chunked import TORCH_TEMPORARIES, TorchPasses
 
 
@@ -231,12 +231,13 @@ class VocabParallelRowOps:
             r_z, t_z = _moments(z, m_z, mine, top_z)
             r_u, t_u = _moments(u, m_u, mine_u, top_u)
             sums = self.vocab_shard.sum_(torch.stack([r_z, t_z, r_u, t_u, self._target_shifted(z, targets, m_z)], 1))
-            ent_u = self._fill_norms(stats, sums, m_z, m_u, mine)[1]
+            norms, ent_u = self._fill_norms(stats, sums, m_z, m_u, mine)
             S.set_teacher_entropy(stats, ent_u)
+            stats[:, GAP], stats[:, GAP_LO] = lse_gap_pair(*norms, stats.dtype)
             # This block's share; shift 0: the row's argmax lives on one rank (twins tied at the top of a row with a
             # large divergence keep the unshifted terms' rounding here).
-            d_aux = self.passes.full_divergence(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), alpha,
-                                                torch.zeros_like(stats[:, 0]))
+            d_aux = self.passes.full_divergence(z, u, norm_of(stats, M_Z), norm_of(stats, M_U), norm_of(stats, GAP),
+                                                alpha, torch.zeros_like(stats[:, 0]))
             stats[:, S.DIVERGENCE], stats[:, S.AUX_KL] = self.vocab_shard.sum_(torch.stack(d_aux, 1)).unbind(1)
             return stats, None
         ids, zk, uk = self._global_topk(z, u, k)
@@ -269,8 +270,8 @@ class VocabParallelRowOps:
         norm_z = norm_of(stats, M_Z)
         mine = stats[:, _MINE_Z] > 0
         if topk_ids is None:
-            self.passes.fill_distill_grad(z, u, norm_z, norm_of(stats, M_U), stats[:, S.AUX_KL], c_logp, c_div, alpha,
-                                          torch.zeros_like(lse_z))
+            self.passes.fill_distill_grad(z, u, norm_z, norm_of(stats, M_U), norm_of(stats, GAP), stats[:, S.AUX_KL],
+                                          c_logp, c_div, alpha, torch.zeros_like(lse_z))
         else:
             k = topk_ids.shape[1]
             zk, uk = stats[:, _SUPPORT:_SUPPORT + k], stats[:, _SUPPORT + k:]

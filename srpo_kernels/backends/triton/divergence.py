@@ -6,13 +6,13 @@ import math
 import triton
 import triton.language as tl
 
-from .jsd_math import jsd_terms, phi_term
+from .jsd_math import jsd_terms, log_ratio, phi_term
 from .launch import Launcher
 
 
 @triton.jit
-def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, shift_ptr, d_ptr, aux_ptr, stride, n_cols,
-                      alpha, om, log_beta, c0, c1, MODE: tl.constexpr, BLOCK: tl.constexpr):
+def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, gap_hi_ptr, gap_lo_ptr, shift_ptr, d_ptr,
+                      aux_ptr, stride, n_cols, alpha, om, log_beta, c0, c1, MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     shift = tl.load(shift_ptr + row)  # the gradient's term at the row's argmax (support.full_vocab_shift)
     m_z, ls_z = tl.load(m_z_ptr + row), tl.load(ls_z_ptr + row)
@@ -20,8 +20,7 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, shift_
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     acc3 = tl.zeros([BLOCK], tl.float32)
-    # log q - log p = (u - z) + lse_gap: exact where the rows nearly agree (see support.lse_gap).
-    lse_gap = (m_z - m_u) + (ls_z - ls_u)
+    gap_hi, gap_lo = tl.load(gap_hi_ptr + row), tl.load(gap_lo_ptr + row)  # support.lse_gap_pair
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -33,14 +32,15 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, shift_
         q = tl.exp(lq)
         # Entries of zero probability add 0: with masked vocabulary (-inf logits) their log terms are NaN.
         live_p = mask & (p > 0)
+        # log q - log p as support.log_ratio, with u - z exactly as s + e
+        delta, s, e = log_ratio(uv, zv, gap_hi, gap_lo)
         if MODE == 0:  # KL(q||p) = sum q phi(log q - log p)
-            acc1 += tl.where(mask, phi_term(q, (uv - zv) + lse_gap, p), 0.0)
+            acc1 += tl.where(mask, phi_term(q, delta, p), 0.0)
         elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = z - u - shift
-            diff = tl.where(live_p, zv - uv, 0.0)
-            acc1 += tl.where(mask, phi_term(p, diff - lse_gap, q), 0.0)
-            acc3 += tl.where(live_p, p * (diff - shift), 0.0)
+            acc1 += tl.where(mask, phi_term(p, tl.where(live_p, -delta, 0.0), q), 0.0)
+            acc3 += tl.where(live_p, p * ((-s - shift) - e), 0.0)
         else:
-            d, e = jsd_terms((uv - zv) + lse_gap, log_beta, c0, c1)
+            d, e = jsd_terms(delta, log_beta, c0, c1)
             m = om * p + alpha * q  # KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
             acc1 += tl.where(mask, phi_term(p, d, m), 0.0)
             acc2 += tl.where(mask, phi_term(q, e, m), 0.0)
@@ -71,9 +71,9 @@ def alpha_constants(alpha: float):
     return 1.0 - alpha, math.log(alpha / (1 - alpha)), -math.log1p(-alpha), -math.log(alpha)
 
 
-def full_divergence(z, u, norm_z, norm_u, alpha, shift):
+def full_divergence(z, u, norm_z, norm_u, gap, alpha, shift):
     d = z.new_empty(z.shape[0])
     aux = z.new_empty(z.shape[0])
-    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u, shift)), d, aux, z.stride(0), z.shape[1],
-            float(alpha), *alpha_constants(alpha), MODE=divergence_mode(alpha))
+    _launch(z.shape[0], z, u, *(t.contiguous() for t in (*norm_z, *norm_u, *gap, shift)), d, aux, z.stride(0),
+            z.shape[1], float(alpha), *alpha_constants(alpha), MODE=divergence_mode(alpha))
     return d, aux

@@ -34,3 +34,14 @@ def jsd_terms(delta, log_beta, c0, c1):
     d = tl.where(pos, -(delta + (soft - c1)), c0 - soft)
     e = tl.where(pos, c1 - soft, delta + (c0 - soft))
     return d, e
+
+
+@triton.jit
+def log_ratio(uv, zv, gap_hi, gap_lo):
+    """log q - log p = (u - z) + gap as support.log_ratio takes it; also returns u - z exactly as (s, e)."""
+    s = uv - zv
+    av = s + zv
+    bv = s - av
+    e = (uv - av) - (zv + bv)
+    e = tl.where(e == e, e, 0.0)  # NaN where s is not finite (-inf logits)
+    return (s + gap_hi) + (e + gap_lo), s, e
