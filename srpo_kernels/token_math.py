@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .backends.support import phi_terms
 from .config import SRPOLossConfig
 
 
@@ -69,7 +70,11 @@ def log_weight_sum(teacher_entropy, cfg: SRPOLossConfig) -> float:
 
 
 def k3_penalty(logp, ref_logp):
-    """``k3 = exp(r) - r - 1`` with ``r = ref - logp``, and its derivative wrt logp."""
+    """``k3 = exp(r) - r - 1`` with ``r = ref - logp``, and its derivative ``1 - exp(r)`` wrt logp.
+
+    Where the policy is near its reference (|r| small, early in training) that formula cancels to r^2 / 2 from terms
+    of size 1: in fp32 the loss's penalty was 2% off at |r| ~ 1e-3 and all of it at 1e-4, as the naive loss's is. k3
+    is phi(-r) of support.phi_terms, which takes it from its series there, and the derivative is -expm1(r)."""
     r = ref_logp - logp
     er = torch.exp(r)
-    return er - r - 1.0, 1.0 - er
+    return phi_terms(torch.ones_like(r), -r, er), -torch.expm1(r)
