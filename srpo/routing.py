@@ -25,14 +25,17 @@ class Routing:
 def advantages(rewards: torch.Tensor, std_normalize: bool = False) -> torch.Tensor:
     """Dr.GRPO: ``r - mean_group(r)``; optionally divided by the group std (0 where the std is 0). A NaN reward
     (unscorable) stays out of the mean and the std, and its advantage is 0, as in TRL."""
-    scored = rewards[~rewards.isnan()]
+    scored = rewards[~rewards.isnan()].double()
     if not scored.numel():
         return torch.zeros_like(rewards)
-    adv = rewards - scored.mean()
+    adv = rewards.double() - scored.mean()
     if std_normalize:
-        std = scored.std(unbiased=False) if scored.numel() > 1 else rewards.new_tensor(0.0)
-        adv = adv / std if std > 0 else torch.zeros_like(adv)
-    return adv.nan_to_num(nan=0.0)
+        std = float(scored.std(unbiased=False)) if scored.numel() > 1 else 0.0
+        # Equal rewards have std 0, but their rounded mean does not: seven fp32 rewards of 0.3 had a std of 3e-8, and
+        # every advantage came out +1. A std within the rewards' own rounding is 0.
+        noise = 4 * torch.finfo(rewards.dtype).eps * float(scored.abs().max())
+        adv = adv / std if std > noise else torch.zeros_like(adv)
+    return adv.to(rewards.dtype).nan_to_num(nan=0.0)
 
 
 def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -> Routing:

@@ -41,6 +41,17 @@ def test_advantages_dr_grpo_and_std():
     assert advantages(torch.ones(4), std_normalize=True).tolist() == [0.0] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 1 / 3])
+def test_equal_partial_rewards_have_no_advantage(dtype, value):
+    """A group whose rollouts all scored the same partial reward: its std is 0, but the mean of seven 0.3s rounds,
+    and std normalisation turned that rounding into an advantage of +1 for every rollout."""
+    for size in (3, 7, 8, 16):
+        rewards = torch.full((size,), value, dtype=dtype)
+        assert advantages(rewards, std_normalize=True).tolist() == [0.0] * size
+        assert advantages(rewards).abs().max() <= torch.finfo(dtype).eps
+
+
 @pytest.mark.parametrize("algo", ["srpo", "sdpo"])
 def test_unscorable_rollouts_are_never_distilled_and_have_no_advantage(algo):
     """TRL marks a rollout no reward function could score with a NaN reward and gives it advantage 0. Counted as a
