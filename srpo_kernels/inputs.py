@@ -67,6 +67,8 @@ class FlatInputs:
 def _tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:  # sparse or MKL-DNN: torch's own errors named an op, not the argument
+        raise TypeError(f"{name} must be a dense tensor, got layout {value.layout} (pass {name}.to_dense())")
     return value
 
 

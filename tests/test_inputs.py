@@ -105,6 +105,15 @@ BAD["hidden_nan_says_how_to_zero_padding"] = (dict(hidden=_poisoned("hidden", ma
 # Uninitialised padding (torch.empty) can hold finite values whose logits pass fp32's range: the same advice.
 BAD["hidden_huge_says_how_to_zero_padding"] = (dict(hidden=_poisoned("hidden", 1e38)), ValueError,
                                               "beyond torch.float32's range .* e.g. hidden.masked_fill")
+# Sparse or MKL-DNN tensors ended in torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU'
+# backend", which names an op, not the argument.
+for _name in ("hidden", "weight", "token_ids", "advantages", "route", "teacher_hidden"):
+    BAD[f"{_name}_sparse"] = (dict(**{_name: _args()[_name].to_sparse()}), TypeError,
+                              f"{_name} must be a dense tensor, got layout torch.sparse_coo")
+BAD["weight_mkldnn"] = (dict(weight=_args()["weight"].to_mkldnn()), TypeError, "weight must be a dense tensor")
+BAD["bias_sparse"] = (dict(bias=torch.zeros(31).to_sparse()), TypeError, "bias must be a dense tensor")
+BAD["mask_sparse"] = (dict(loss_mask=torch.ones(12, dtype=torch.bool).to_sparse()), TypeError,
+                      "loss_mask must be a dense tensor")
 for _label, _value in (("nan", math.nan), ("inf", math.inf)):
     _bias = torch.zeros(31)
     _bias[4] = _value
