@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import srpo_kernels as sk
-from cases import (FAR_APART, assert_agree, assert_fp32_no_worse_than_naive, far_apart_case, fused, low_precision_errors,
-                   make_case, max_rel_err, naive_fp32, ref_loss, run)
+from cases import (FAR_APART, assert_agree, assert_fp32_no_worse_than_naive, far_apart_case, fused,
+                   low_precision_errors, make_case, max_rel_err, naive_fp32, ref_loss, run)
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'srpo-kernels[triton]')")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +85,21 @@ def test_package_imports_and_works_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert "torch.Size([3])" in out and "error: backend='triton' is unavailable" in out
+
+
+def test_kernels_compile_for_an_h100_without_one():
+    """The interpreter runs the kernels as Python: one that does not type-check or lower for a GPU passed here and
+    would fail there. tests/compile_triton.py compiles each vocabulary-pass kernel, every constexpr variant, to
+    sm_90 code with the ptxas that triton's wheel ships (no GPU needed)."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no CUDA backend with ptxas to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_triton.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("bytes of sm_90 code") == 10, out.stdout
 
 
 @pytest.mark.parametrize("options", [dict(), dict(alpha=1.0), dict(alpha=0.0), dict(alpha=1 - 1e-8)], ids=str)
