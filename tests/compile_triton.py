@@ -1,7 +1,8 @@
 """Compiles the Triton backend's vocabulary-pass kernels for an H100 (sm_90) without a GPU: the interpreter that runs
 them in CI executes Python, so a kernel that does not type-check or lower would only fail on a GPU. Run as a script
 (TRITON_INTERPRET unset: under it the kernels are not JIT functions); tests/test_triton.py does. Prints one line per
-compiled variant. (linear_stats.py's on-chip kernel, off by default, is not covered.)"""
+compiled variant, linear_stats.py's on-chip GEMM kernel included (bf16 and fp32 operands; the interpreter runs it
+only on widened operands, its bf16 tl.dot being wrong there)."""
 import importlib
 import itertools
 import os
@@ -29,6 +30,19 @@ def variants(kernel):
         yield {**base, **{n: "constexpr" for n in fixed}}, dict(zip(fixed, values))
 
 
+def linear_stats_variants():
+    """linear_stats_kernel as linear_student_stats launches it on a GPU, with the first autotune config."""
+    ints = {"n_rows": "i32", "n_cols": "i32", "n_hidden": "i32", "stride_h": "i32", "stride_w": "i32",
+            "n_spans": "i32", "cols_per_program": "i32", "inv_t": "fp32"}
+    for operand, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        for has_bias in (False, True):
+            signature = {"h_ptr": f"*{operand}", "w_ptr": f"*{operand}", "b_ptr": "*fp32", "y_ptr": "*i64", **ints,
+                         **{n: "*fp32" for n in ("m_ptr", "s_ptr", "t_ptr", "zy_ptr")}}
+            constexprs = dict(HAS_BIAS=has_bias, PRECISION=precision, UPCAST=False, GROUP_M=16, BM=128, BN=128,
+                              BK=64)
+            yield {**signature, **{n: "constexpr" for n in constexprs}}, constexprs
+
+
 def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_triton.py: unset TRITON_INTERPRET (under it the kernels are not JIT functions)")
@@ -39,6 +53,12 @@ def main():
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
             assert compiled.asm.get("cubin"), name
             print(f"{name} {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
+    kernel = importlib.import_module("srpo_kernels.backends.triton.linear_stats").linear_stats_kernel
+    for signature, constexprs in linear_stats_variants():
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=target, options=dict(num_warps=8, num_stages=3))
+        assert compiled.asm.get("cubin"), "linear_stats_kernel"
+        print(f"linear_stats_kernel {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
 
 
 if __name__ == "__main__":
