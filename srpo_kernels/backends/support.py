@@ -143,7 +143,7 @@ def log_ratio(u, z, gap):
     (exact_difference) and the gap as the pair (hi, lo) of lse_gap_pair, each ``[C]``. The plain (u - z) + gap
     rounds at |u - z| and |gap|, which is exact where the rows nearly agree (there the difference of two log-probs
     would keep only the digits of a small delta) but not where one side's logits are far larger than the other's
-    (a teacher 100x as sharp: dh 2e-4 from fp64, the naive 6e-7)."""
+    (a teacher 300x as sharp: dh 2e-5 from fp64, the naive 6e-7)."""
     s, e = exact_difference(u, z)
     return s.add_(gap[0][:, None]).add_(e.add_(gap[1][:, None]))
 

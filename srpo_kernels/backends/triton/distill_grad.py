@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .divergence import alpha_constants, divergence_mode
-from .jsd_math import jsd_terms, log_ratio
+from .jsd_math import exact_difference, jsd_terms, log_ratio
 from .launch import Launcher
 
 
@@ -29,11 +29,10 @@ def distill_grad_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, gap_
         if MODE == 0:
             g = p - tl.exp(uv - m_u - ls_u)
         elif MODE == 1:  # t = (z - u) - shift with z - u exact, as divergence_kernel takes it
-            _delta, s, e = log_ratio(uv, zv, gap_hi, gap_lo)
-            g = tl.where(p > 0, p * (((-s - shift) - e) - aux), 0.0)  # 0, not NaN, on masked vocabulary
+            s, e = exact_difference(zv, uv)
+            g = tl.where(p > 0, p * (((s - shift) + e) - aux), 0.0)  # 0, not NaN, on masked vocabulary
         else:
-            delta, _s, _e = log_ratio(uv, zv, gap_hi, gap_lo)
-            d, _e = jsd_terms(delta, log_beta, c0, c1)
+            d, _e = jsd_terms(log_ratio(uv, zv, gap_hi, gap_lo), log_beta, c0, c1)
             g = tl.where(p > 0, om * p * ((d - shift) - aux), 0.0)
         tl.store(ptr, c * g - a * p, mask=mask)
 

@@ -37,11 +37,17 @@ def jsd_terms(delta, log_beta, c0, c1):
 
 
 @triton.jit
-def log_ratio(uv, zv, gap_hi, gap_lo):
-    """log q - log p = (u - z) + gap as support.log_ratio takes it; also returns u - z exactly as (s, e)."""
-    s = uv - zv
-    av = s + zv
+def exact_difference(a, b):
+    """a - b as (s, e), s + e exact, as support.exact_difference (0 for e where s is not finite)."""
+    s = a - b
+    av = s + b
     bv = s - av
-    e = (uv - av) - (zv + bv)
-    e = tl.where(e == e, e, 0.0)  # NaN where s is not finite (-inf logits)
-    return (s + gap_hi) + (e + gap_lo), s, e
+    e = (a - av) - (b + bv)
+    return s, tl.where(e == e, e, 0.0)
+
+
+@triton.jit
+def log_ratio(uv, zv, gap_hi, gap_lo):
+    """log q - log p = (u - z) + gap as support.log_ratio takes it."""
+    s, e = exact_difference(uv, zv)
+    return (s + gap_hi) + (e + gap_lo)
