@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .support import (jsd_terms, jsd_value_and_aux, log_ratio, log_s_entropy, phi_terms, relative_difference,
-                      reverse_kl, shifted_logp, xlogy_diff)
+from .support import (exact_difference, jsd_terms, jsd_value_and_aux, log_ratio, log_s_entropy, phi_terms,
+                      relative_difference, reverse_kl, shifted_logp, xlogy_diff)
 from .tensor_row_ops import TensorRowOps
 
 
@@ -33,13 +33,16 @@ class TorchPasses:
         """(D, aux) over the full vocabulary, see divergence_and_aux; ``norm_*`` = (row max, log s) of each side.
         log q - log p is taken as support.log_ratio (`gap` its pair); aux is a sum over the row, which vocabulary
         blocks add up (see row_ops.VocabPasses for `shift`)."""
+        if alpha == 1.0:  # g = log p - log q (-log_ratio, bit for bit) and t = (z - u) - shift from one exact z - u
+            s, e = exact_difference(z, u)
+            g = (s - gap[0][:, None]).add_(e - gap[1][:, None])
+            t = s.sub_(shift[:, None]).add_(e)
+            return reverse_kl(shifted_logp(z, norm_z), shifted_logp(u, norm_u).exp(), g, t)
         delta = log_ratio(u, z, gap)
         lp, lq = shifted_logp(z, norm_z), shifted_logp(u, norm_u)
         if alpha == 0.0:  # KL(q||p) = sum q phi(log q - log p)
             d = phi_terms(lq.exp(), delta, lp.exp()).sum(-1)
             return d, torch.zeros_like(d)
-        if alpha == 1.0:
-            return reverse_kl(lp, lq.exp(), delta.neg_(), relative_difference(z, u, shift))
         return jsd_value_and_aux(lp, lq, delta, alpha, shift)
 
     def fill_student_grad(self, z, norm, entropy, c_logp, c_ent):

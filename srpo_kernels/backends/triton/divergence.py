@@ -32,15 +32,15 @@ def divergence_kernel(z_ptr, u_ptr, m_z_ptr, ls_z_ptr, m_u_ptr, ls_u_ptr, gap_hi
         q = tl.exp(lq)
         # Entries of zero probability add 0: with masked vocabulary (-inf logits) their log terms are NaN.
         live_p = mask & (p > 0)
-        delta = log_ratio(uv, zv, gap_hi, gap_lo)  # log q - log p, as support.log_ratio
-        if MODE == 0:  # KL(q||p) = sum q phi(log q - log p)
-            acc1 += tl.where(mask, phi_term(q, delta, p), 0.0)
-        elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = z - u - shift (z - u exact)
-            acc1 += tl.where(mask, phi_term(p, tl.where(live_p, -delta, 0.0), q), 0.0)
+        if MODE == 0:  # KL(q||p) = sum q phi(log q - log p), log q - log p as support.log_ratio
+            acc1 += tl.where(mask, phi_term(q, log_ratio(uv, zv, gap_hi, gap_lo), p), 0.0)
+        elif MODE == 1:  # KL(p||q) = sum p phi(g); the gradient's sum p t, t = (z - u) - shift; one exact z - u
             s, e = exact_difference(zv, uv)
+            g = (s - gap_hi) + (e - gap_lo)  # -log_ratio, bit for bit
+            acc1 += tl.where(mask, phi_term(p, tl.where(live_p, g, 0.0), q), 0.0)
             acc3 += tl.where(live_p, p * ((s - shift) + e), 0.0)
         else:
-            d, e = jsd_terms(delta, log_beta, c0, c1)
+            d, e = jsd_terms(log_ratio(uv, zv, gap_hi, gap_lo), log_beta, c0, c1)
             m = om * p + alpha * q  # KL(p||m) = sum p phi(d), KL(q||m) = sum q phi(e)
             acc1 += tl.where(mask, phi_term(p, d, m), 0.0)
             acc2 += tl.where(mask, phi_term(q, e, m), 0.0)
