@@ -25,6 +25,9 @@ class Routing:
 def advantages(rewards: torch.Tensor, std_normalize: bool = False) -> torch.Tensor:
     """Dr.GRPO: ``r - mean_group(r)``; optionally divided by the group std (0 where the std is 0). A NaN reward
     (unscorable) stays out of the mean and the std, and its advantage is 0, as in TRL."""
+    if rewards.isinf().any():  # one inf made every other advantage -inf, which nan_to_num turned into -3.4e38
+        raise ValueError(f"rewards must be finite (NaN marks an unscorable rollout), got inf at index "
+                         f"{rewards.isinf().nonzero().flatten().tolist()}")
     scored = rewards[~rewards.isnan()].double()
     if not scored.numel():
         return torch.zeros_like(rewards)
@@ -35,7 +38,11 @@ def advantages(rewards: torch.Tensor, std_normalize: bool = False) -> torch.Tens
         # every advantage came out +1. A std within the rewards' own rounding is 0.
         noise = 4 * torch.finfo(rewards.dtype).eps * float(scored.abs().max())
         adv = adv / std if std > noise else torch.zeros_like(adv)
-    return adv.to(rewards.dtype).nan_to_num(nan=0.0)
+    out = adv.to(rewards.dtype)
+    if out.isinf().any():  # finite rewards whose differences from the mean pass the dtype's range
+        raise ValueError(f"advantages of these rewards overflow {rewards.dtype} (rewards up to "
+                         f"{float(scored.abs().max()):.3g}): pass the rewards in float64 or scale them down")
+    return out.nan_to_num(nan=0.0)
 
 
 def route_group(rewards: torch.Tensor, algo: str, std_normalize: bool = False) -> Routing:

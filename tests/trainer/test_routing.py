@@ -64,6 +64,19 @@ def test_unscorable_rollouts_are_never_distilled_and_have_no_advantage(algo):
     assert advantages(torch.full((3,), float("nan"))).tolist() == [0.0] * 3
 
 
+def test_infinite_rewards_are_refused():
+    """An inf reward (a broken reward function) made every other advantage of its group -inf, silently clamped to
+    -3.4e38; fp16 rewards far apart overflowed the advantages' dtype."""
+    with pytest.raises(ValueError, match=r"rewards must be finite .* index \[2\]"):
+        route_group(torch.tensor([1.0, 0.0, float("inf"), 0.0]), "srpo")
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        advantages(torch.tensor([float("-inf"), 0.0]), std_normalize=True)
+    with pytest.raises(ValueError, match="overflow torch.float16"):
+        advantages(torch.tensor([65504.0, -65504.0, -65504.0], dtype=torch.float16))
+    assert advantages(torch.tensor([65504.0, -65504.0, -65504.0])).tolist() == pytest.approx([87338.67, -43669.33,
+                                                                                               -43669.33])
+
+
 def test_unknown_algo():
     with pytest.raises(ValueError, match="algo"):
         route_group(torch.zeros(2), "ppo")
