@@ -2,7 +2,8 @@
 them in CI executes Python, so a kernel that does not type-check or lower would only fail on a GPU. Run as a script
 (TRITON_INTERPRET unset: under it the kernels are not JIT functions); tests/test_triton.py does. Prints one line per
 compiled variant, linear_stats.py's on-chip GEMM kernel included (bf16 and fp32 operands; the interpreter runs it
-only on widened operands, its bf16 tl.dot being wrong there)."""
+only on widened operands, its bf16 tl.dot being wrong there). Each is compiled with the options the launches pin
+(launch.COMPILE_OPTIONS), and the divergence kernel once more without FP fusion, to show the pin is what decides."""
 import importlib
 import itertools
 import os
@@ -46,17 +47,24 @@ def linear_stats_variants():
 def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_triton.py: unset TRITON_INTERPRET (under it the kernels are not JIT functions)")
+    from srpo_kernels.backends.triton.launch import COMPILE_OPTIONS
+
     target = GPUTarget("cuda", 90, 32)
     for module, name in KERNELS.items():
         kernel = getattr(importlib.import_module(f"srpo_kernels.backends.triton.{module}"), name)
         for signature, constexprs in variants(kernel):
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            compiled = triton.compile(source, target=target, options=COMPILE_OPTIONS)
             assert compiled.asm.get("cubin"), name
             print(f"{name} {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
+            if name == "divergence_kernel" and constexprs == {"BLOCK": 1024, "MODE": 2}:
+                unfused = triton.compile(source, target=target, options={**COMPILE_OPTIONS, "enable_fp_fusion": False})
+                print(f"fma.rn.f32 in the JSD divergence kernel: {compiled.asm['ptx'].count('fma.rn.f32')} pinned, "
+                      f"{unfused.asm['ptx'].count('fma.rn.f32')} without FP fusion")
     kernel = importlib.import_module("srpo_kernels.backends.triton.linear_stats").linear_stats_kernel
     for signature, constexprs in linear_stats_variants():
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=target, options=dict(num_warps=8, num_stages=3))
+        compiled = triton.compile(source, target=target, options=dict(num_warps=8, num_stages=3, **COMPILE_OPTIONS))
         assert compiled.asm.get("cubin"), "linear_stats_kernel"
         print(f"linear_stats_kernel {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
 

@@ -1,5 +1,6 @@
 """The Triton backend against the reference: on CUDA when present, else under TRITON_INTERPRET=1 (see conftest)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -90,16 +91,22 @@ def test_package_imports_and_works_without_triton():
 def test_kernels_compile_for_an_h100_without_one():
     """The interpreter runs the kernels as Python: one that does not type-check or lower for a GPU passed here and
     would fail there. tests/compile_triton.py compiles each vocabulary-pass kernel, every constexpr variant, to
-    sm_90 code with the ptxas that triton's wheel ships (no GPU needed), the on-chip GEMM kernel too."""
+    sm_90 code with the ptxas that triton's wheel ships (no GPU needed), the on-chip GEMM kernel too.
+
+    With the options the launches pin: FP fusion on. Left unset, Triton 3.9 warned that its default turns off in 3.10,
+    and without it the JSD kernel's polynomials lose every FMA."""
     import triton
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton has no CUDA backend with ptxas to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     script = os.path.join(os.path.dirname(__file__), "compile_triton.py")
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("bytes of sm_90 code") == 14, out.stdout
+    assert "FP_FUSION" not in out.stderr, out.stderr[-3000:]
+    pinned, unfused = map(int, re.search(r"JSD divergence kernel: (\d+) pinned, (\d+) without", out.stdout).groups())
+    assert pinned > unfused, out.stdout
 
 
 @pytest.mark.parametrize("options", [dict(), dict(alpha=1.0), dict(alpha=0.0), dict(alpha=1 - 1e-8)], ids=str)

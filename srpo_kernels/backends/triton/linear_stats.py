@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting
+from .launch import COMPILE_OPTIONS, interpreting
 
 # A multiple of every BN below; 1024 gives 149 spans at V = 151 936, so even one row block fills an H100's SMs.
 COLS_PER_PROGRAM = 1024
@@ -118,6 +118,6 @@ def linear_student_stats(h: torch.Tensor, weight: torch.Tensor, bias, targets: t
     if _tuned is None:
         linear_stats_kernel[(triton.cdiv(n, _INTERPRET["BM"]) * spans,)](*args, **flags, **_INTERPRET)
     else:
-        _tuned[lambda meta: (triton.cdiv(n, meta["BM"]) * spans,)](*args, **flags, GROUP_M=GROUP_M)
+        _tuned[lambda meta: (triton.cdiv(n, meta["BM"]) * spans,)](*args, **flags, GROUP_M=GROUP_M, **COMPILE_OPTIONS)
     top, log_s, entropy = _combine(m, s, t)
     return top + log_s, (zy - top) - log_s, entropy
