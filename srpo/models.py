@@ -53,6 +53,39 @@ def tiny_model(tokenizer, seed: int = 0, vocab_size: Optional[int] = None):
         return Qwen3ForCausalLM(config)
 
 
+def logit_scale(model) -> float:
+    """The factor `model` (a causal LM, possibly wrapped by DDP or PEFT) applies to its lm_head's output before the
+    softmax: 1.0 for most; Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, ``output_multiplier``, and
+    ``1 / logits_scaling`` for Granite and MiniCPM3 (HyperCLOVA X multiplies by it), as TRL reads them. The losses,
+    which take hidden states and the lm_head weight, fold it into their temperature: softmax(s z / T) =
+    softmax(z / (T / s)); left out, a Granite model's loss scored other logits than the model samples from. A final
+    soft-cap (``final_logit_softcapping``: c tanh(z / c), Gemma 2) is no scale, and is refused."""
+    while hasattr(model, "module"):  # DDP / accelerate wrappers
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = type(model).__name__
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"{name} soft-caps its logits (final_logit_softcapping={text.final_logit_softcapping}), which "
+                         f"the fused SRPO loss does not implement: it would score other logits than the model's")
+    scale, source = 1.0, None
+    for attribute in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text, attribute, None) is not None:
+            scale, source = float(getattr(text, attribute)), attribute
+            break
+    else:
+        if getattr(text, "logits_scaling", None) is not None:
+            source = "logits_scaling"
+            value = float(text.logits_scaling)
+            scale = value if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / value if value else math.inf
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"{name} scales its logits by {scale} ({source} in its config): the loss needs a positive "
+                         f"finite scale")
+    return scale
+
+
 def _attention(device: torch.device) -> str:
     """flash-attention 2 only for a model that will run on CUDA (and only where it is installed)."""
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

@@ -207,6 +207,9 @@ class Trainer:
         # the mass: log p of the sampled tokens was up to 7 below the sampler's).
         self.unsampled_rows = models.unsampled_rows(self.model, self.tokenizer, self.device)
         self.logits_processor = models.adding_bias(self.unsampled_rows)
+        # The losses see lm_head(h) / T; the sampler sees the model's logits / T, which some models scale (Granite,
+        # Cohere): the loss's temperature takes the scale in, so both score one distribution.
+        self.loss_temperature = cfg.temperature / models.logit_scale(self.model)
         # An unavailable --backend (triton without CUDA, cpu without a compiler) is an error now, not at the first
         # loss call, which waits for rows that change the gradient (steps of generation, maybe many).
         try:
@@ -386,7 +389,7 @@ class Trainer:
         """fused_logprobs of the sampled tokens of `rows` from their hidden states; `head` is _lm_head()."""
         weight, bias = head
         return srpo_kernels.fused_logprobs(hidden.to(weight.dtype), weight, self._token_ids(rows, responses),
-                                           bias=bias, temperature=self.cfg.temperature, with_entropy=with_entropy,
+                                           bias=bias, temperature=self.loss_temperature, with_entropy=with_entropy,
                                            backend=self.cfg.backend)
 
     @torch.no_grad()
@@ -418,7 +421,7 @@ class Trainer:
                 ids = self._token_ids(mb, responses)
                 out = srpo_kernels.fused_srpo_loss(
                     hidden.to(weight.dtype), weight, ids, 0.0, torch.ones_like(ids, dtype=torch.bool),
-                    torch.cat([teacher[i] for i in mb]), bias=bias, temperature=cfg.temperature, topk=cfg.topk,
+                    torch.cat([teacher[i] for i in mb]), bias=bias, temperature=self.loss_temperature, topk=cfg.topk,
                     topk_tail=cfg.topk_tail, backend=cfg.backend)
                 parts.append(out.teacher_entropy)
             h_t = torch.cat(parts)
@@ -451,7 +454,8 @@ class Trainer:
         if len(micro) > 1 and sd_rows and cfg.entropy_beta > 0:
             # One entropy-weight normaliser for the mini-batch, not one per micro-batch (with top-K each had its own).
             weight_normalizer = self.weight_normalizer(teacher, sd_rows, responses, batch.roll.prompts)
-        options = dict(cfg.loss_options(), normalizer=n_tokens, weight_normalizer=weight_normalizer)
+        options = dict(cfg.loss_options(), temperature=self.loss_temperature, normalizer=n_tokens,
+                       weight_normalizer=weight_normalizer)
         loss_inputs = {}
         weight, bias = self._lm_head()
         for mb in micro:

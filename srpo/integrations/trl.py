@@ -22,6 +22,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import srpo_kernels
 
+from ..models import logit_scale
 from ..routing import check_algo, route_rollouts
 from ..teacher import EMATeacher, check_ema_rate, check_teacher, teacher_user_turn
 
@@ -157,6 +158,12 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     kernel_backend = "auto"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The loss takes lm_head(h) / T; TRL samples and scores the model's logits / T, which some models scale
+        # (Granite, Cohere): the loss's temperature takes the scale in. A soft-capping model is refused here.
+        self.loss_temperature = self.temperature / logit_scale(self.model)
+
     def _compute_loss(self, model, inputs):
         _check_supported(self)
         mask = _policy_tokens(inputs)
@@ -168,7 +175,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             out = srpo_kernels.fused_srpo_loss(
                 hidden, weight, inputs["completion_ids"], advantages, old_logprobs=inputs.get("old_per_token_logps"),
                 ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0 else None, ref_beta=self.beta,
-                loss_mask=mask.bool(), bias=bias, temperature=self.temperature, eps_low=self.epsilon_low,
+                loss_mask=mask.bool(), bias=bias, temperature=self.loss_temperature, eps_low=self.epsilon_low,
                 eps_high=self.epsilon_high, dual_clip=None, reduction="none", backend=self.kernel_backend)
         self._log_fused(out, mask)
         return aggregate(self, out.loss, mask, inputs)
@@ -361,7 +368,7 @@ class SRPOTrainer(FusedGRPOTrainer):
                 hidden, weight, inputs["completion_ids"], advantages, route, teacher_hidden,
                 old_logprobs=inputs.get("old_per_token_logps"),
                 ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0 else None, ref_beta=self.beta,
-                loss_mask=mask, bias=bias, temperature=self.temperature, eps_low=self.epsilon_low,
+                loss_mask=mask, bias=bias, temperature=self.loss_temperature, eps_low=self.epsilon_low,
                 eps_high=self.epsilon_high, dual_clip=cfg.dual_clip, alpha=cfg.alpha, topk=cfg.topk,
                 topk_tail=cfg.topk_tail, is_clip=cfg.is_clip, entropy_beta=cfg.entropy_beta, reduction="none",
                 backend=self.kernel_backend)

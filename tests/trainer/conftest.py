@@ -22,3 +22,17 @@ def tiny_config(tmp_path, **over):
                progress=False, eval_prompts=2, lr=1e-3)
     cfg.update(over)
     return TrainConfig(**cfg)
+
+
+def tiny_granite(tokenizer, logits_scaling=8.0):
+    """A random 2-layer Granite, which divides its logits by `logits_scaling` (see models.logit_scale)."""
+    import torch
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=logits_scaling,
+                           tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return GraniteForCausalLM(config)

@@ -8,6 +8,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from coin_verifier import coin  # noqa: E402
+from conftest import tiny_granite  # noqa: E402
 from processes import spawn_within  # noqa: E402
 from srpo.integrations.trl import EMA_CHECKPOINT, FusedGRPOTrainer, SRPOConfig, SRPOTrainer  # noqa: E402
 from srpo.models import tiny_model, tiny_tokenizer  # noqa: E402
@@ -42,7 +43,28 @@ def _args(cls, tmp_path, **over):
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_fused_grpo_loss_equals_trl(tmp_path, loss_type, off_policy):
-    model = tiny_model(tiny_tokenizer(), seed=1)
+    _assert_fused_loss_equals_trl(tmp_path, tiny_model(tiny_tokenizer(), seed=1), loss_type, off_policy)
+
+
+def test_fused_loss_of_a_model_that_scales_its_logits_equals_trl(tmp_path):
+    """Granite divides its logits by logits_scaling, which TRL's log-probs apply: the fused loss, from lm_head(h),
+    gave 0.0646 against TRL's 0.0460 before its temperature took the scale in (models.logit_scale)."""
+    _assert_fused_loss_equals_trl(tmp_path, tiny_granite(tiny_tokenizer()), "bnpo", off_policy=True)
+
+
+def test_a_model_that_soft_caps_its_logits_is_refused_at_construction(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tok = tiny_tokenizer()
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model = Gemma2ForCausalLM(config)
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        _trainer(FusedGRPOTrainer, tmp_path, model)
+
+
+def _assert_fused_loss_equals_trl(tmp_path, model, loss_type, off_policy):
     trainer = _trainer(FusedGRPOTrainer, tmp_path, model, loss_type=loss_type, epsilon_high=0.28)
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(list(_dataset()))

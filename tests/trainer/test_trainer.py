@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import srpo_kernels
-from conftest import tiny_config
+from conftest import tiny_config, tiny_granite
 from srpo import Trainer
 from srpo.checkpoint import load as load_checkpoint
 
@@ -397,7 +397,25 @@ def test_rollouts_ignore_the_models_own_sampling_settings(tmp_path):
 def test_the_loss_scores_the_distribution_rollouts_are_sampled_from(tmp_path):
     """tiny-qwen3-vocab's lm_head has 151 936 rows for a tokenizer of 105: generation never samples the others
     (models.adding_bias), and the loss scored a softmax over all of them (log p up to 7.3 off the sampler's)."""
-    trainer = Trainer(tiny_config(tmp_path, model="tiny-qwen3-vocab", task="parity", max_new_tokens=4))
+    _assert_scored_as_sampled(Trainer(tiny_config(tmp_path, model="tiny-qwen3-vocab", task="parity", max_new_tokens=4)))
+
+
+def test_the_loss_scores_the_logits_of_a_model_that_scales_them(tmp_path):
+    """Granite divides its logits by logits_scaling: the loss, which takes lm_head(h), scored logits 8x the
+    sampler's (every log-prob off) until its temperature took the scale in (models.logit_scale)."""
+    from srpo.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_granite(tok).save_pretrained(tmp_path / "granite")
+    tok.save_pretrained(tmp_path / "granite")
+    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "granite"), task="parity", max_new_tokens=4,
+                                  temperature=0.7))
+    assert trainer.loss_temperature == pytest.approx(0.7 * 8.0)
+    _assert_scored_as_sampled(trainer)
+
+
+def _assert_scored_as_sampled(trainer):
+    """The fused log-probs of sampled responses are those of the distribution generate() sampled them from."""
     torch.manual_seed(0)
     roll = trainer.generate(trainer.task.sample(1), 2)
     rows = [i for i, r in enumerate(roll.responses) if r]

@@ -1,0 +1,53 @@
+"""srpo.models: the logit scale a model applies after its lm_head, read from its config, against its own forward."""
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers not installed (pip install 'srpo-kernels[trainer]')")
+import transformers  # noqa: E402
+
+from srpo.models import logit_scale  # noqa: E402
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False)
+# family -> (config overrides, expected scale): each family keeps the factor under another name, or in the hidden
+# states (MiniCPM3: hidden_size / dim_model_base).
+FAMILIES = {
+    "Qwen3": ({}, 1.0),
+    "Granite": (dict(logits_scaling=8.0), 1 / 8),
+    "Cohere": (dict(logit_scale=0.0625), 0.0625),
+    "MiniCPM3": (dict(dim_model_base=16, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                      v_head_dim=8, head_dim=8, num_key_value_heads=4), 0.25),
+    "HyperCLOVAX": (dict(logits_scaling=0.5), 0.5),
+    "FalconH1": (dict(lm_head_multiplier=0.3), 0.3),
+}
+
+
+def _model(family, **over):
+    if not hasattr(transformers, f"{family}ForCausalLM"):
+        pytest.skip(f"this transformers has no {family}ForCausalLM")
+    config = getattr(transformers, f"{family}Config")(**{**SMALL, **over})
+    torch.manual_seed(0)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logit_scale_is_what_the_model_applies_after_its_lm_head(family):
+    over, expected = FAMILIES[family]
+    model = _model(family, **over)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        head = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
+    assert logit_scale(model) == pytest.approx(expected)
+    torch.testing.assert_close(head * logit_scale(model), logits, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_that_soft_caps_its_logits_is_refused():
+    """Gemma 2's c tanh(z / c) is no scale: the fused losses would score other logits than the model's."""
+    with pytest.raises(ValueError, match="soft-caps its logits .*final_logit_softcapping=30.0"):
+        logit_scale(_model("Gemma2", head_dim=16))
+
+
+def test_a_scale_that_is_not_positive_is_refused():
+    with pytest.raises(ValueError, match="scales its logits by 0.0 .logit_scale"):
+        logit_scale(_model("Cohere", logit_scale=0.0))
