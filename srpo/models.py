@@ -6,7 +6,7 @@ import math
 import os
 import pathlib
 import string
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -84,6 +84,17 @@ def logit_scale(model) -> float:
         raise ValueError(f"{name} scales its logits by {scale} ({source} in its config): the loss needs a positive "
                          f"finite scale")
     return scale
+
+
+def stop_token_ids(model, tokenizer) -> List[int]:
+    """The ids that end a response: the tokenizer's EOS, then those of the model's own generation_config (Qwen2.5's
+    <|endoftext|> beside <|im_end|>, Llama 3.1's <|eom_id|> and <|end_of_text|> beside <|eot_id|>), in that order."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [own] if isinstance(own, int) else list(own or []):
+        if i not in ids:
+            ids.append(i)
+    return ids
 
 
 def _attention(device: torch.device) -> str:

@@ -201,6 +201,9 @@ class Trainer:
         # which made them off-policy without a word.
         from transformers import GenerationConfig
 
+        # Where a response ends is no sampling setting: the config's EOS ids are kept (a Qwen2.5-Instruct rollout that
+        # sampled <|endoftext|> ran on past it to max_new_tokens, and was verified and trained on as one response).
+        self.stop_ids = models.stop_token_ids(self.model, self.tokenizer)
         self.model.generation_config = GenerationConfig()
         # Generation never samples the lm_head rows the tokenizer lacks, and the loss scores that distribution too,
         # with the same -inf bias (scored over every row, tiny-qwen3-vocab's 151 831 random extra rows held nearly all
@@ -299,15 +302,16 @@ class Trainer:
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                                       do_sample=not greedy, temperature=cfg.temperature if not greedy else None,
                                       top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                                      num_return_sequences=n, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                                      num_return_sequences=n, pad_token_id=pad, eos_token_id=self.stop_ids or None,
                                       logits_processor=self.logits_processor)
         self.model.train()
         responses, texts, per_prompts, per_examples = [], [], [], []
         for row, seq in enumerate(out[:, width:].tolist()):
             # Only a row that ended (EOS, kept: ending is part of the answer) is padded after it; one that did not ran
             # to max_new_tokens and every token is a sample, the pad id too (dropping it scored another sequence).
-            if tok.eos_token_id in seq:
-                seq = seq[:seq.index(tok.eos_token_id) + 1]
+            end = next((j for j, t in enumerate(seq) if t in self.stop_ids), None)
+            if end is not None:
+                seq = seq[:end + 1]
             responses.append(seq)
             texts.append(tok.decode(seq, skip_special_tokens=True))
             per_prompts.append(prompts[row // n])

@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed (pip install 'srpo-kernels[trainer]')")
 import transformers  # noqa: E402
 
-from srpo.models import logit_scale  # noqa: E402
+from srpo.models import logit_scale, stop_token_ids  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=False)
@@ -51,3 +51,15 @@ def test_a_model_that_soft_caps_its_logits_is_refused():
 def test_a_scale_that_is_not_positive_is_refused():
     with pytest.raises(ValueError, match="scales its logits by 0.0 .logit_scale"):
         logit_scale(_model("Cohere", logit_scale=0.0))
+
+
+@pytest.mark.parametrize("own,expected", [([151645, 151643], [151645, 151643]), (151643, [151645, 151643]),
+                                          (None, [151645]), ([151643, 151645], [151645, 151643])])
+def test_stop_token_ids_are_the_tokenizers_eos_then_the_models_own(own, expected):
+    """Qwen2.5-Instruct: its tokenizer's EOS is <|im_end|> (151645); its generation_config adds <|endoftext|>."""
+    class Tokenizer:
+        eos_token_id = 151645
+
+    model = _model("Qwen3")
+    model.generation_config.eos_token_id = own
+    assert stop_token_ids(model, Tokenizer()) == expected

@@ -450,6 +450,34 @@ def test_a_sampled_pad_token_stays_in_its_response(tmp_path):
     assert roll.responses == [[a, pad, b, a], [a, eos]]
 
 
+def test_a_response_ends_at_any_eos_of_the_models_generation_config(tmp_path):
+    """The trainer replaces the model's generation_config (its sampling settings are not the loss's distribution) and
+    stopped only at the tokenizer's EOS: a Qwen2.5-Instruct rollout that sampled <|endoftext|>, an EOS of its config,
+    ran on to max_new_tokens and was verified and trained on whole."""
+    from srpo.models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    eos, end, a, b = tok.eos_token_id, tok.convert_tokens_to_ids("<|system|>"), tok.convert_tokens_to_ids("a"), \
+        tok.convert_tokens_to_ids("b")
+    model = tiny_model(tok)
+    model.generation_config.eos_token_id = [eos, end]
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "model"), task="parity", max_new_tokens=4))
+    assert trainer.stop_ids == [eos, end]
+    asked = {}
+
+    def generate(input_ids, num_return_sequences, eos_token_id, **_):
+        asked["eos"] = eos_token_id
+        prompt = input_ids.repeat_interleave(num_return_sequences, 0)
+        return torch.cat([prompt, torch.tensor([[a, end, b, a], [b, eos, end, a]] * (len(prompt) // 2))], 1)
+
+    trainer.model.generate = generate
+    roll = trainer.generate(trainer.task.sample(1), 2)
+    assert asked["eos"] == [eos, end]
+    assert roll.responses == [[a, end], [b, eos]]
+
+
 def test_a_non_finite_gradient_stops_before_the_optimiser_step(tmp_path):
     """Stepped, a NaN gradient filled the weights (and the checkpoint), and the next step died in generate() with
     "probability tensor contains either inf, nan or element < 0"."""
