@@ -90,6 +90,17 @@ def gathered_lm_head(trainer):
         yield _full(head.weight), None if head.bias is None else _full(head.bias)
 
 
+@contextlib.contextmanager
+def head_precision(trainer, *states):
+    """The hidden states as the lm_head takes them: under TRL's ``cast_lm_head_to_fp32`` (ScaleRL's fp32 head: an
+    fp32 lm_head on a bf16 model) in fp32 and outside autocast, as TRL's head computes its logits; else as given."""
+    if not getattr(trainer.args, "cast_lm_head_to_fp32", False):
+        yield states
+        return
+    with torch.autocast(states[0].device.type, enabled=False):
+        yield tuple(None if s is None else s.float() for s in states)
+
+
 def _check_supported(trainer):
     args = trainer.args
     if trainer.loss_type not in FUSED_LOSS_TYPES:
@@ -171,7 +182,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages[:, None]
-        with gathered_lm_head(self) as (weight, bias):
+        with gathered_lm_head(self) as (weight, bias), head_precision(self, hidden) as (hidden,):
             out = srpo_kernels.fused_srpo_loss(
                 hidden, weight, inputs["completion_ids"], advantages, old_logprobs=inputs.get("old_per_token_logps"),
                 ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0 else None, ref_beta=self.beta,
@@ -275,6 +286,14 @@ class SRPOTrainer(FusedGRPOTrainer):
         self.ema = None
         if cfg.teacher == "ema" and cfg.algo != "grpo":
             _check_unsharded(self)
+            model = _unwrap(self.model)
+            tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+            if cfg.cast_lm_head_to_fp32 and tied:
+                # TRL's fp32 head on tied embeddings keeps the decoder's inputs bf16 by a hook on the policy's
+                # embedding, which the EMA copy (rebuilt from the config) lacks: its forward failed on a dtype error
+                raise ValueError("cast_lm_head_to_fp32 with tied word embeddings (which TRL documents for untied "
+                                 "models only) has no EMA teacher here: use teacher='live', or a model with an untied "
+                                 "lm_head")
             self.ema = EMATeacher(_unwrap(self.model), cfg.ema_rate)
         self.add_callback(_EMACallback(self))
 
@@ -363,7 +382,8 @@ class SRPOTrainer(FusedGRPOTrainer):
         if advantages.dim() == 1:
             advantages = advantages[:, None]
         route = route_rows[:, None].expand_as(mask)
-        with gathered_lm_head(self) as (weight, bias):
+        with gathered_lm_head(self) as (weight, bias), \
+                head_precision(self, hidden, teacher_hidden) as (hidden, teacher_hidden):
             out = srpo_kernels.fused_srpo_loss(
                 hidden, weight, inputs["completion_ids"], advantages, route, teacher_hidden,
                 old_logprobs=inputs.get("old_per_token_logps"),

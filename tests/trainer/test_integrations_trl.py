@@ -64,8 +64,29 @@ def test_a_model_that_soft_caps_its_logits_is_refused_at_construction(tmp_path):
         _trainer(FusedGRPOTrainer, tmp_path, model)
 
 
-def _assert_fused_loss_equals_trl(tmp_path, model, loss_type, off_policy):
-    trainer = _trainer(FusedGRPOTrainer, tmp_path, model, loss_type=loss_type, epsilon_high=0.28)
+def test_fused_loss_with_trls_fp32_lm_head_equals_trl(tmp_path):
+    """cast_lm_head_to_fp32 (ScaleRL's recipe): TRL gives a bf16 model an fp32 lm_head and computes the logits in fp32
+    from fp32 hidden states. The fused loss refused the two dtypes ("weight must have hidden's dtype")."""
+    model = tiny_model(tiny_tokenizer(), seed=1).to(torch.bfloat16)
+    _assert_fused_loss_equals_trl(tmp_path, model, "bnpo", off_policy=True, cast_lm_head_to_fp32=True)
+    assert model.lm_head.weight.dtype == torch.float32 and model.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_fp32_lm_head_on_tied_embeddings_has_no_ema_teacher(tmp_path):
+    with pytest.raises(ValueError, match="cast_lm_head_to_fp32 with tied word embeddings .* teacher='live'"):
+        _trainer(SRPOTrainer, tmp_path, tiny_model(tiny_tokenizer(), seed=1).to(torch.bfloat16),
+                 cast_lm_head_to_fp32=True)
+
+
+def _untie(model):
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def _assert_fused_loss_equals_trl(tmp_path, model, loss_type, off_policy, **config):
+    """The fused loss against TRL's (to the 2e-3 of its log-probs) and against TRL's loss code fed exact log-probs
+    (value and every gradient to 1e-5)."""
+    trainer = _trainer(FusedGRPOTrainer, tmp_path, model, loss_type=loss_type, epsilon_high=0.28, **config)
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(list(_dataset()))
     if off_policy:
@@ -110,11 +131,15 @@ def _materialised_logps(trainer):
     return logps
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_srpo_trainer_runs_two_steps(tmp_path, dtype):
-    """bf16: a model loaded in bf16 (TRL's usual) got an fp32 EMA teacher whose first update raised a dtype error."""
-    model = tiny_model(tiny_tokenizer(), seed=1).to(dtype)
-    trainer = _trainer(SRPOTrainer, tmp_path, model, loss_type="bnpo")
+@pytest.mark.parametrize("dtype,fp32_head", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_srpo_trainer_runs_two_steps(tmp_path, dtype, fp32_head):
+    """bf16: a model loaded in bf16 (TRL's usual) got an fp32 EMA teacher whose first update raised a dtype error.
+    With cast_lm_head_to_fp32 (untied, as TRL documents it), the teacher's bf16 hidden states meet an fp32 lm_head."""
+    model = tiny_model(tiny_tokenizer(), seed=1)
+    if fp32_head:
+        _untie(model)
+    model = model.to(dtype)
+    trainer = _trainer(SRPOTrainer, tmp_path, model, loss_type="bnpo", cast_lm_head_to_fp32=fp32_head)
     before = [p.clone() for p in trainer.ema.model.parameters()]
     result = trainer.train()
     assert result.global_step == 2
