@@ -77,9 +77,11 @@ def logit_scale(model) -> float:
             break
     else:
         if getattr(text, "logits_scaling", None) is not None:
-            source = "logits_scaling"
-            value = float(text.logits_scaling)
-            scale = value if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / value if value else math.inf
+            source, value = "logits_scaling", float(text.logits_scaling)
+            if getattr(text, "model_type", None) == "hyperclovax":
+                scale = value
+            else:
+                scale = 1.0 / value if value else math.inf
     if not 0.0 < scale < math.inf:
         raise ValueError(f"{name} scales its logits by {scale} ({source} in its config): the loss needs a positive "
                          f"finite scale")

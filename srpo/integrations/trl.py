@@ -294,7 +294,7 @@ class SRPOTrainer(FusedGRPOTrainer):
                 raise ValueError("cast_lm_head_to_fp32 with tied word embeddings (which TRL documents for untied "
                                  "models only) has no EMA teacher here: use teacher='live', or a model with an untied "
                                  "lm_head")
-            self.ema = EMATeacher(_unwrap(self.model), cfg.ema_rate)
+            self.ema = EMATeacher(model, cfg.ema_rate)
         self.add_callback(_EMACallback(self))
 
     def _save_checkpoint(self, model, trial):
