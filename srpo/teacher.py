@@ -32,6 +32,11 @@ def teacher_prompt_ids(tokenizer, prompt: str, sibling_solution: str) -> List[in
 
 
 def chat_prompt_ids(tokenizer, user_turn: str) -> List[int]:
+    """`user_turn` as one chat-templated user turn ending where the assistant's response begins; for a tokenizer with
+    no chat template (a base model's), the plain text, as TRL keeps a plain-text prompt (apply_chat_template raised
+    at the first rollout)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return list(tokenizer(user_turn)["input_ids"])
     ids = tokenizer.apply_chat_template([{"role": "user", "content": user_turn}], add_generation_prompt=True,
                                         tokenize=True)
     if not isinstance(ids, list):  # newer transformers return a BatchEncoding

@@ -16,6 +16,15 @@ def test_teacher_input_layout_is_token_exact_on_tiny():
     assert tok.decode(ids) == expected
 
 
+def test_a_tokenizer_without_chat_template_gets_plain_text_prompts():
+    """A base model's tokenizer has no chat template: apply_chat_template raised at the first rollout."""
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    ids = teacher_prompt_ids(tok, "What is 2 + 3?", "The answer is 5.")
+    assert tok.decode(ids) == ("What is 2 + 3?\n\nCorrect solution:\n\nThe answer is 5.\n\n"
+                               "Correctly solve the original question.")
+
+
 def test_strip_thinking():
     assert strip_thinking("<think>a\nb</think> x <think>c</think>y") == "x y"
     assert strip_thinking("opened in the prompt\n</think>\n\nThe answer is 5.") == "The answer is 5."

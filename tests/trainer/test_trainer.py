@@ -478,6 +478,22 @@ def test_a_response_ends_at_any_eos_of_the_models_generation_config(tmp_path):
     assert roll.responses == [[a, end], [b, eos]]
 
 
+def test_a_base_model_without_chat_template_trains_on_plain_text_prompts(tmp_path):
+    """`--model DIR` of a base model: its tokenizer has no chat template, and the first rollout raised
+    transformers' "Cannot use chat template functions"."""
+    from srpo.models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    tiny_model(tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "base"), task="parity", steps=1))
+    trainer.train()
+    assert trainer.step == 1
+    examples = trainer.task.sample(1)
+    assert tok.decode(trainer.generate(examples, 1).prompts[0]) == examples[0].prompt
+
+
 def test_a_non_finite_gradient_stops_before_the_optimiser_step(tmp_path):
     """Stepped, a NaN gradient filled the weights (and the checkpoint), and the next step died in generate() with
     "probability tensor contains either inf, nan or element < 0"."""
