@@ -366,7 +366,7 @@ class SRPOTrainer(FusedGRPOTrainer):
         mask = _policy_tokens(inputs).bool() & inputs["srpo_in_loss"][:, None]
         hidden = _completion_hidden(model, inputs, inputs["prompt_ids"], inputs["prompt_mask"])
         route_rows = inputs["srpo_route"]
-        teacher_hidden = None
+        teacher_hidden, teacher_ran = None, 0.0
         distilled = bool(route_rows.any())
         # Every forward of a sharded model gathers parameters with the other ranks: a rank with no distilled row that
         # skipped the teacher left the ranks running theirs waiting for it. It runs one row, unused.
@@ -378,6 +378,7 @@ class SRPOTrainer(FusedGRPOTrainer):
                 teacher_hidden = _completion_hidden(teacher, sub, inputs["teacher_prompt_ids"][teacher_rows],
                                                     inputs["teacher_prompt_mask"][teacher_rows], through_wrapper=False)
             teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if distilled else None
+            teacher_ran = float(teacher_rows.sum())
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages[:, None]
@@ -394,6 +395,6 @@ class SRPOTrainer(FusedGRPOTrainer):
                 backend=self.kernel_backend)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["srpo/sdpo_rollouts"].append(float(route_rows.sum()))
-        self._metrics[mode]["srpo/teacher_rows"].append(float(route_rows.sum()))
+        self._metrics[mode]["srpo/teacher_rows"].append(teacher_ran)  # what the teacher ran, not what was routed
         self._log_fused(out, mask)
         return aggregate(self, out.loss, mask.to(out.loss.dtype), inputs)
