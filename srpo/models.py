@@ -99,11 +99,12 @@ def stop_token_ids(model, tokenizer) -> List[int]:
     return ids
 
 
-def _attention(device: torch.device) -> str:
-    """flash-attention 2 only for a model that will run on CUDA (and only where it is installed)."""
+def _attention(device: torch.device) -> Optional[str]:
+    """flash-attention 2 for a model that will run on CUDA (where it is installed); else transformers' own choice,
+    sdpa where the architecture supports it and eager where not (asking for sdpa refused Gemma 2 outright)."""
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return None
 
 
 def unsampled_rows(model, tokenizer, device) -> Optional[torch.Tensor]:

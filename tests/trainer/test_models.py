@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed (pip install 'srpo-kernels[trainer]')")
 import transformers  # noqa: E402
 
-from srpo.models import logit_scale, stop_token_ids  # noqa: E402
+from srpo.models import load, logit_scale, stop_token_ids, tiny_tokenizer  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=False)
@@ -63,3 +63,16 @@ def test_stop_token_ids_are_the_tokenizers_eos_then_the_models_own(own, expected
     model = _model("Qwen3")
     model.generation_config.eos_token_id = own
     assert stop_token_ids(model, Tokenizer()) == expected
+
+
+def test_a_model_without_sdpa_loads_and_is_judged_on_its_logits(tmp_path):
+    """Gemma 2 has no sdpa attention: load() asked for it and transformers refused the model before anything could
+    say what the trainer thinks of it (its soft-capped logits)."""
+    tok = tiny_tokenizer()
+    model = _model("Gemma2", head_dim=16, vocab_size=len(tok))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, _ = load(str(tmp_path))
+    assert type(loaded).__name__ == "Gemma2ForCausalLM"
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        logit_scale(loaded)
