@@ -88,6 +88,34 @@ def logit_scale(model) -> float:
     return scale
 
 
+@torch.no_grad()
+def check_head(model, scale: float, backbone=None, tokens: int = 8) -> None:
+    """Refuse `model` unless its logits are ``scale * lm_head(backbone(ids))``, which is what the losses compute from
+    the backbone's hidden states and the lm_head weight: a head with a transform before its projection (BERT-style
+    decoders) or a multiplier under a name logit_scale does not know (Inkling's logits_mup_width_multiplier) made them
+    score logits the model never samples from, without a word. Two forwards of `tokens` ids, in eval mode.
+    `backbone` defaults to ``model.base_model``; to 1e-3 of the largest logit for fp32 weights, 5e-2 for bf16/fp16."""
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    ids = (torch.arange(tokens, device=device) * 7919 % head.weight.shape[0])[None]  # spread over the vocabulary
+    training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids).logits.float()
+        out = (backbone or model.base_model)(input_ids=ids)
+    finally:
+        model.train(training)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    bias = None if getattr(head, "bias", None) is None else head.bias.float()
+    ours = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias) * scale
+    err = float((ours - logits).abs().max() / logits.abs().max().clamp_min(1e-30)) if ours.shape == logits.shape \
+        else math.inf
+    if not err <= (1e-3 if head.weight.dtype == torch.float32 else 5e-2):
+        raise ValueError(f"{type(model).__name__}'s logits are not {scale:g} x lm_head(hidden states) (relative "
+                         f"error {err:.2g} on {tokens} tokens): the fused loss, which takes the hidden states and the "
+                         f"lm_head weight, would score other logits than the model's own")
+
+
 def stop_token_ids(model, tokenizer) -> List[int]:
     """The ids that end a response: the tokenizer's EOS, then those of the model's own generation_config (Qwen2.5's
     <|endoftext|> beside <|im_end|>, Llama 3.1's <|eom_id|> and <|end_of_text|> beside <|eot_id|>), in that order."""

@@ -212,7 +212,9 @@ class Trainer:
         self.logits_processor = models.adding_bias(self.unsampled_rows)
         # The losses see lm_head(h) / T; the sampler sees the model's logits / T, which some models scale (Granite,
         # Cohere): the loss's temperature takes the scale in, so both score one distribution.
-        self.loss_temperature = cfg.temperature / models.logit_scale(self.model)
+        scale = models.logit_scale(self.model)
+        models.check_head(self.model, scale)
+        self.loss_temperature = cfg.temperature / scale
         # An unavailable --backend (triton without CUDA, cpu without a compiler) is an error now, not at the first
         # loss call, which waits for rows that change the gradient (steps of generation, maybe many).
         try:

@@ -22,7 +22,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import srpo_kernels
 
-from ..models import logit_scale
+from ..models import check_head, logit_scale
 from ..routing import check_algo, route_rollouts
 from ..teacher import EMATeacher, check_ema_rate, check_teacher, teacher_user_turn
 
@@ -173,7 +173,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         # The loss takes lm_head(h) / T; TRL samples and scores the model's logits / T, which some models scale
         # (Granite, Cohere): the loss's temperature takes the scale in. A soft-capping model is refused here.
-        self.loss_temperature = self.temperature / logit_scale(self.model)
+        scale = logit_scale(self.model)
+        model = _unwrap(self.model)
+        if _sharding(self) is None:  # a sharded model's forward would gather with ranks that are not here yet
+            check_head(model, scale, backbone=_backbone(model))
+        self.loss_temperature = self.temperature / scale
 
     def _compute_loss(self, model, inputs):
         _check_supported(self)

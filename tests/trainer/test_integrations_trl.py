@@ -193,6 +193,21 @@ def test_unscorable_rollouts_are_not_distilled(tmp_path):
     assert batch["advantages"][::4].abs().max() == 0
 
 
+def test_a_lora_adapter_on_the_lm_head_is_refused(tmp_path):
+    """The loss takes the lm_head's weight: an adapter on the lm_head would be left out of its logits and get no
+    gradient (its B starts at 0, so check_head cannot see it). TRL >= 1.16 refuses it for its own fused head.
+    modules_to_save's full copy is what the loss takes, and is accepted."""
+    peft = pytest.importorskip("peft", reason="peft not installed (pip install peft)")
+    model = tiny_model(tiny_tokenizer(), seed=1)
+    _untie(model)
+    with pytest.raises(ValueError, match="PEFT adapter to `lm_head` is not supported"):
+        _trainer(FusedGRPOTrainer, tmp_path, model, peft_config=peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    model = tiny_model(tiny_tokenizer(), seed=1)
+    _untie(model)
+    _trainer(FusedGRPOTrainer, tmp_path, model,
+             peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+
+
 def test_lora_model_through_both_trainers(tmp_path):
     """A PEFT (LoRA) model, TRL's usual way to train big models: the drop-in took PEFT's tuner for the backbone (the
     hidden-state hook never fired) and SRPOTrainer could not copy it for the EMA teacher. The fused loss equals

@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed (pip install 'srpo-kernels[trainer]')")
 import transformers  # noqa: E402
 
-from srpo.models import load, logit_scale, stop_token_ids, tiny_tokenizer  # noqa: E402
+from srpo.models import check_head, load, logit_scale, stop_token_ids, tiny_tokenizer  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=False)
@@ -40,6 +40,18 @@ def test_logit_scale_is_what_the_model_applies_after_its_lm_head(family):
         head = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
     assert logit_scale(model) == pytest.approx(expected)
     torch.testing.assert_close(head * logit_scale(model), logits, rtol=1e-6, atol=1e-6)
+    check_head(model, logit_scale(model))
+
+
+def test_check_head_refuses_logits_that_are_not_the_scaled_lm_head():
+    """A BERT-style decoder transforms the hidden states before its projection, and a scale under a name
+    logit_scale does not read is a scale missed: either way the loss would score other logits."""
+    with pytest.raises(ValueError, match="BertLMHeadModel's logits are not 1 x lm_head"):
+        check_head(transformers.BertLMHeadModel(transformers.BertConfig(
+            vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            is_decoder=True)), 1.0)
+    with pytest.raises(ValueError, match="GraniteForCausalLM's logits are not 1 x lm_head"):
+        check_head(_model("Granite", logits_scaling=8.0), 1.0)
 
 
 def test_a_model_that_soft_caps_its_logits_is_refused():
