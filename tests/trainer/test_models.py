@@ -1,4 +1,5 @@
-"""srpo.models: the logit scale a model applies after its lm_head, read from its config, against its own forward."""
+"""srpo.models: the logit scale a model applies after its lm_head (read from its config) and check_head, each against
+the model's own forward; the ids that end a response; loading a model whose attention transformers must choose."""
 import pytest
 import torch
 
