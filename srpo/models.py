@@ -59,7 +59,8 @@ def logit_scale(model) -> float:
     ``1 / logits_scaling`` for Granite and MiniCPM3 (HyperCLOVA X multiplies by it), as TRL reads them. The losses,
     which take hidden states and the lm_head weight, fold it into their temperature: softmax(s z / T) =
     softmax(z / (T / s)); left out, a Granite model's loss scored other logits than the model samples from. A final
-    soft-cap (``final_logit_softcapping``: c tanh(z / c), Gemma 2) is no scale, and is refused."""
+    soft-cap (``final_logit_softcapping``: c tanh(z / c), Gemma 2; xLSTM's ``output_logit_soft_cap``) is no scale, and
+    is refused."""
     while hasattr(model, "module"):  # DDP / accelerate wrappers
         model = model.module
     if hasattr(model, "get_base_model"):  # PEFT
@@ -67,9 +68,10 @@ def logit_scale(model) -> float:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     name = type(model).__name__
-    if getattr(text, "final_logit_softcapping", None) is not None:
-        raise ValueError(f"{name} soft-caps its logits (final_logit_softcapping={text.final_logit_softcapping}), which "
-                         f"the fused SRPO loss does not implement: it would score other logits than the model's")
+    for cap in ("final_logit_softcapping", "output_logit_soft_cap"):  # Gemma 2 and others; xLSTM
+        if getattr(text, cap, None) is not None:
+            raise ValueError(f"{name} soft-caps its logits ({cap}={getattr(text, cap)}), which the fused SRPO loss "
+                             f"does not implement: it would score other logits than the model's")
     scale, source = 1.0, None
     for attribute in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         if getattr(text, attribute, None) is not None:
@@ -88,28 +90,41 @@ def logit_scale(model) -> float:
     return scale
 
 
+def backbone(model):
+    """The decoder of the causal LM `model` whose last hidden state feeds its lm_head: ``model.base_model``, or
+    ``model.model`` where the class names a prefix it does not have (Llama4ForCausalLM's is "language_model", so its
+    base_model was the whole LM, whose output is logits)."""
+    base = model.base_model
+    if base is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        return model.model
+    return base
+
+
 @torch.no_grad()
-def check_head(model, scale: float, backbone=None, tokens: int = 8) -> None:
+def check_head(model, scale: float, decoder=None, tokens: int = 8) -> None:
     """Refuse `model` unless its logits are ``scale * lm_head(backbone(ids))``, which is what the losses compute from
     the backbone's hidden states and the lm_head weight: a head with a transform before its projection (BERT-style
     decoders) or a multiplier under a name logit_scale does not know (Inkling's logits_mup_width_multiplier) made them
     score logits the model never samples from, without a word. Two forwards of `tokens` ids, in eval mode.
-    `backbone` defaults to ``model.base_model``; to 1e-3 of the largest logit for fp32 weights, 5e-2 for bf16/fp16."""
+    `decoder` defaults to ``backbone(model)``; to 1e-3 of the largest logit for fp32 weights, 5e-2 for bf16/fp16."""
     head = model.get_output_embeddings()
     device = head.weight.device
     ids = (torch.arange(tokens, device=device) * 7919 % head.weight.shape[0])[None]  # spread over the vocabulary
     training = model.training
     model.eval()
     try:
-        logits = model(input_ids=ids).logits.float()
-        out = (backbone or model.base_model)(input_ids=ids)
+        # No generation cache (a hybrid model of linear-attention layers alone refused to build one here).
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        out = (decoder or backbone(model))(input_ids=ids, use_cache=False)
     finally:
         model.train(training)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    bias = None if getattr(head, "bias", None) is None else head.bias.float()
-    ours = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias) * scale
-    err = float((ours - logits).abs().max() / logits.abs().max().clamp_min(1e-30)) if ours.shape == logits.shape \
-        else math.inf
+    err = math.inf  # also where the head does not take the backbone's states (ELECTRA's projects them first)
+    if hidden.shape[-1] == head.weight.shape[1]:
+        bias = None if getattr(head, "bias", None) is None else head.bias.float()
+        ours = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias) * scale
+        if ours.shape == logits.shape:
+            err = float((ours - logits).abs().max() / logits.abs().max().clamp_min(1e-30))
     if not err <= (1e-3 if head.weight.dtype == torch.float32 else 5e-2):
         raise ValueError(f"{type(model).__name__}'s logits are not {scale:g} x lm_head(hidden states) (relative "
                          f"error {err:.2g} on {tokens} tokens): the fused loss, which takes the hidden states and the "

@@ -351,8 +351,8 @@ class Trainer:
         width = max(map(len, seqs))
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        with self._autocast():
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with self._autocast():  # a training forward: no generation cache to build
+            hidden = models.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         rows = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(r)) + i * width
                           for i, (p, r) in enumerate(zip(prompts, responses))]).to(self.device)
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)

@@ -22,7 +22,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import srpo_kernels
 
-from ..models import check_head, logit_scale
+from ..models import backbone, check_head, logit_scale
 from ..routing import check_algo, route_rollouts
 from ..teacher import EMATeacher, check_ema_rate, check_teacher, teacher_user_turn
 
@@ -42,7 +42,7 @@ def _backbone(model):
     model = _unwrap(model)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    return model.base_model
+    return backbone(model)
 
 
 def backbone_hidden(model, input_ids, attention_mask):
@@ -176,7 +176,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         scale = logit_scale(self.model)
         model = _unwrap(self.model)
         if _sharding(self) is None:  # a sharded model's forward would gather with ranks that are not here yet
-            check_head(model, scale, backbone=_backbone(model))
+            check_head(model, scale, decoder=_backbone(model))
         self.loss_temperature = self.temperature / scale
 
     def _compute_loss(self, model, inputs):

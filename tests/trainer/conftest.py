@@ -36,3 +36,19 @@ def tiny_granite(tokenizer, logits_scaling=8.0):
     with torch.random.fork_rng():
         torch.manual_seed(1)
         return GraniteForCausalLM(config)
+
+
+def tiny_qwen3_next(tokenizer):
+    """A random 2-layer Qwen3-Next: one linear-attention layer, one full-attention layer, MoE."""
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4,
+                             linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             layer_types=["linear_attention", "full_attention"], tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return Qwen3NextForCausalLM(config)

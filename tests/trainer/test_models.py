@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed (pip install 'srpo-kernels[trainer]')")
 import transformers  # noqa: E402
 
-from srpo.models import check_head, load, logit_scale, stop_token_ids, tiny_tokenizer  # noqa: E402
+from srpo.models import backbone, check_head, load, logit_scale, stop_token_ids, tiny_tokenizer  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=False)
@@ -53,12 +53,34 @@ def test_check_head_refuses_logits_that_are_not_the_scaled_lm_head():
             is_decoder=True)), 1.0)
     with pytest.raises(ValueError, match="GraniteForCausalLM's logits are not 1 x lm_head"):
         check_head(_model("Granite", logits_scaling=8.0), 1.0)
+    # ELECTRA's head projects the hidden states to another size first: a refusal, not a shape error from F.linear
+    with pytest.raises(ValueError, match="ElectraForCausalLM's logits are not 1 x lm_head.*relative error inf"):
+        check_head(transformers.ElectraForCausalLM(transformers.ElectraConfig(
+            vocab_size=97, embedding_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=4, is_decoder=True)), 1.0)
 
 
 def test_a_model_that_soft_caps_its_logits_is_refused():
-    """Gemma 2's c tanh(z / c) is no scale: the fused losses would score other logits than the model's."""
+    """Gemma 2's c tanh(z / c) is no scale: the fused losses would score other logits than the model's. xLSTM caps
+    its logits too, under another name."""
     with pytest.raises(ValueError, match="soft-caps its logits .*final_logit_softcapping=30.0"):
         logit_scale(_model("Gemma2", head_dim=16))
+    if hasattr(transformers, "xLSTMConfig"):
+        config = transformers.xLSTMConfig(vocab_size=97, hidden_size=64, num_hidden_layers=1, num_heads=4)
+        with pytest.raises(ValueError, match="soft-caps its logits .*output_logit_soft_cap=30.0"):
+            logit_scale(transformers.xLSTMForCausalLM(config))
+
+
+def test_backbone_of_a_class_that_lacks_its_own_prefix():
+    """Llama4ForCausalLM names "language_model" as its base-model prefix but keeps its decoder in `model`: its
+    base_model was the whole LM, whose output is logits, not hidden states."""
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama4ForCausalLM")
+    config = transformers.Llama4TextConfig(**SMALL, head_dim=16, num_local_experts=2, intermediate_size_mlp=128)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(config).eval()
+    assert model.base_model is model and backbone(model) is model.model
+    check_head(model, logit_scale(model))
 
 
 def test_a_scale_that_is_not_positive_is_refused():

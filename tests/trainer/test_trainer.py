@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import srpo_kernels
-from conftest import tiny_config, tiny_granite
+from conftest import tiny_config, tiny_granite, tiny_qwen3_next
 from srpo import Trainer
 from srpo.checkpoint import load as load_checkpoint
 
@@ -492,6 +492,22 @@ def test_a_base_model_without_chat_template_trains_on_plain_text_prompts(tmp_pat
     assert trainer.step == 1
     examples = trainer.task.sample(1)
     assert tok.decode(trainer.generate(examples, 1).prompts[0]) == examples[0].prompt
+
+
+def test_a_hybrid_model_trains(tmp_path):
+    """Qwen3-Next (linear and full attention layers, MoE): the trainer takes its hidden states, lm_head and head
+    check as any other causal LM's."""
+    from srpo.models import tiny_tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3NextForCausalLM"):
+        pytest.skip("this transformers has no Qwen3NextForCausalLM")
+    tok = tiny_tokenizer()
+    tiny_qwen3_next(tok).save_pretrained(tmp_path / "hybrid")
+    tok.save_pretrained(tmp_path / "hybrid")
+    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "hybrid"), task="parity", steps=1))
+    trainer.train()
+    assert trainer.step == 1
 
 
 def test_a_non_finite_gradient_stops_before_the_optimiser_step(tmp_path):
