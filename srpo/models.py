@@ -115,7 +115,7 @@ def check_head(model, scale: float, decoder=None, tokens: int = 8) -> None:
     try:
         # No generation cache (a hybrid model of linear-attention layers alone refused to build one here).
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        out = (decoder or backbone(model))(input_ids=ids, use_cache=False)
+        out = (backbone(model) if decoder is None else decoder)(input_ids=ids, use_cache=False)
     finally:
         model.train(training)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
