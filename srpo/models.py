@@ -54,17 +54,13 @@ def tiny_model(tokenizer, seed: int = 0, vocab_size: Optional[int] = None):
 
 
 def logit_scale(model) -> float:
-    """The factor `model` (a causal LM, possibly wrapped by DDP or PEFT) applies to its lm_head's output before the
-    softmax: 1.0 for most; Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, ``output_multiplier``, and
+    """The factor `model` (a Hugging Face causal LM, unwrapped) applies to its lm_head's output before the softmax:
+    1.0 for most; Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, ``output_multiplier``, and
     ``1 / logits_scaling`` for Granite and MiniCPM3 (HyperCLOVA X multiplies by it), as TRL reads them. The losses,
     which take hidden states and the lm_head weight, fold it into their temperature: softmax(s z / T) =
     softmax(z / (T / s)); left out, a Granite model's loss scored other logits than the model samples from. A final
     soft-cap (``final_logit_softcapping``: c tanh(z / c), Gemma 2; xLSTM's ``output_logit_soft_cap``) is no scale, and
     is refused."""
-    while hasattr(model, "module"):  # DDP / accelerate wrappers
-        model = model.module
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     name = type(model).__name__
@@ -101,12 +97,12 @@ def backbone(model):
 
 
 @torch.no_grad()
-def check_head(model, scale: float, decoder=None, tokens: int = 8) -> None:
+def check_head(model, scale: float, tokens: int = 8) -> None:
     """Refuse `model` unless its logits are ``scale * lm_head(backbone(ids))``, which is what the losses compute from
     the backbone's hidden states and the lm_head weight: a head with a transform before its projection (BERT-style
     decoders) or a multiplier under a name logit_scale does not know (Inkling's logits_mup_width_multiplier) made them
-    score logits the model never samples from, without a word. Two forwards of `tokens` ids, in eval mode.
-    `decoder` defaults to ``backbone(model)``; to 1e-3 of the largest logit for fp32 weights, 5e-2 for bf16/fp16."""
+    score logits the model never samples from, without a word. Two forwards of `tokens` ids, in eval mode; to 1e-3 of
+    the largest logit for fp32 weights, 5e-2 for bf16/fp16."""
     head = model.get_output_embeddings()
     device = head.weight.device
     ids = (torch.arange(tokens, device=device) * 7919 % head.weight.shape[0])[None]  # spread over the vocabulary
@@ -115,7 +111,7 @@ def check_head(model, scale: float, decoder=None, tokens: int = 8) -> None:
     try:
         # No generation cache (a hybrid model of linear-attention layers alone refused to build one here).
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        out = (backbone(model) if decoder is None else decoder)(input_ids=ids, use_cache=False)
+        out = backbone(model)(input_ids=ids, use_cache=False)
     finally:
         model.train(training)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -36,13 +36,16 @@ def _unwrap(model):
     return model
 
 
-def _backbone(model):
-    """The decoder of the causal LM under DDP/accelerate wrappers (``.module``) and a PEFT model (whose LoRA layers
-    sit in the base model's modules): ``PeftModel.base_model`` is PEFT's tuner, whose output is the LM's logits."""
+def _causal_lm(model):
+    """The Hugging Face causal LM under DDP/accelerate wrappers (``.module``) and a PEFT model (whose LoRA layers sit
+    in the base model's modules): ``PeftModel.base_model`` is PEFT's tuner, whose output is the LM's logits."""
     model = _unwrap(model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return backbone(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _backbone(model):
+    """The decoder of the causal LM (models.backbone) under any of _causal_lm's wrappers."""
+    return backbone(_causal_lm(model))
 
 
 def backbone_hidden(model, input_ids, attention_mask):
@@ -173,10 +176,10 @@ class FusedGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         # The loss takes lm_head(h) / T; TRL samples and scores the model's logits / T, which some models scale
         # (Granite, Cohere): the loss's temperature takes the scale in. A soft-capping model is refused here.
-        scale = logit_scale(self.model)
-        model = _unwrap(self.model)
+        lm = _causal_lm(self.model)
+        scale = logit_scale(lm)
         if _sharding(self) is None:  # a sharded model's forward would gather with ranks that are not here yet
-            check_head(model, scale, decoder=_backbone(model))
+            check_head(lm, scale)
         self.loss_temperature = self.temperature / scale
 
     def _compute_loss(self, model, inputs):
