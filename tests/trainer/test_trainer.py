@@ -19,6 +19,13 @@ from srpo.checkpoint import load as load_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _trainer_on(directory, model, tokenizer, **over):
+    """A Trainer on `model` and `tokenizer` saved as a local model directory (`--model DIR`), its run inside it."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Trainer(tiny_config(directory / "run", model=str(directory), **over))
+
+
 def _records(path):
     return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
 
@@ -385,10 +392,7 @@ def test_rollouts_ignore_the_models_own_sampling_settings(tmp_path):
     for name, penalty in (("plain", None), ("tuned", 50.0)):
         model.generation_config.repetition_penalty = penalty
         model.generation_config.no_repeat_ngram_size = None if penalty is None else 1
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        trainer = Trainer(tiny_config(tmp_path / name / "run", model=str(tmp_path / name), task="parity",
-                                      max_new_tokens=12))
+        trainer = _trainer_on(tmp_path / name, model, tok, task="parity", max_new_tokens=12)
         torch.manual_seed(0)
         samples.append(trainer.generate(trainer.task.sample(2), 4).responses)
     assert samples[0] == samples[1]
@@ -406,10 +410,8 @@ def test_the_loss_scores_the_logits_of_a_model_that_scales_them(tmp_path):
     from srpo.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    tiny_granite(tok).save_pretrained(tmp_path / "granite")
-    tok.save_pretrained(tmp_path / "granite")
-    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "granite"), task="parity", max_new_tokens=4,
-                                  temperature=0.7))
+    trainer = _trainer_on(tmp_path / "granite", tiny_granite(tok), tok, task="parity", max_new_tokens=4,
+                          temperature=0.7)
     assert trainer.loss_temperature == pytest.approx(0.7 * 8.0)
     _assert_scored_as_sampled(trainer)
 
@@ -461,9 +463,7 @@ def test_a_response_ends_at_any_eos_of_the_models_generation_config(tmp_path):
         tok.convert_tokens_to_ids("b")
     model = tiny_model(tok)
     model.generation_config.eos_token_id = [eos, end]
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "model"), task="parity", max_new_tokens=4))
+    trainer = _trainer_on(tmp_path / "model", model, tok, task="parity", max_new_tokens=4)
     assert trainer.stop_ids == [eos, end]
     asked = {}
 
@@ -485,9 +485,7 @@ def test_a_base_model_without_chat_template_trains_on_plain_text_prompts(tmp_pat
 
     tok = tiny_tokenizer()
     tok.chat_template = None
-    tiny_model(tok).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "base"), task="parity", steps=1))
+    trainer = _trainer_on(tmp_path / "base", tiny_model(tok), tok, task="parity", steps=1)
     trainer.train()
     assert trainer.step == 1
     examples = trainer.task.sample(1)
@@ -503,9 +501,7 @@ def test_a_hybrid_model_trains(tmp_path):
     if not hasattr(transformers, "Qwen3NextForCausalLM"):
         pytest.skip("this transformers has no Qwen3NextForCausalLM")
     tok = tiny_tokenizer()
-    tiny_qwen3_next(tok).save_pretrained(tmp_path / "hybrid")
-    tok.save_pretrained(tmp_path / "hybrid")
-    trainer = Trainer(tiny_config(tmp_path / "run", model=str(tmp_path / "hybrid"), task="parity", steps=1))
+    trainer = _trainer_on(tmp_path / "hybrid", tiny_qwen3_next(tok), tok, task="parity", steps=1)
     trainer.train()
     assert trainer.step == 1
 
