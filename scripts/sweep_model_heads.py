@@ -9,6 +9,7 @@ that architecture: not judged). A few minutes on 2 CPU cores. Run it after a tra
 scales its logits under a new name shows up as refused, not as a silently wrong loss.
 """
 import argparse
+import collections
 import signal
 import warnings
 
@@ -58,7 +59,7 @@ def main():
         raise TimeoutError
 
     signal.signal(signal.SIGALRM, too_long)
-    counts = {}
+    counts = collections.Counter()
     for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         signal.alarm(args.seconds)
         try:
@@ -67,9 +68,9 @@ def main():
             verdict = f"not built (over {args.seconds} s)"
         finally:
             signal.alarm(0)
-        counts[verdict.split(" ")[0].rstrip(":")] = counts.get(verdict.split(" ")[0].rstrip(":"), 0) + 1
+        counts[verdict.split(" (")[0].split(":")[0]] += 1  # ok, refused, not built
         print(f"{model_type:32s} {verdict}", flush=True)
-    print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    print(", ".join(f"{n} {kind}" for kind, n in counts.items()))
 
 
 if __name__ == "__main__":
